@@ -1,0 +1,41 @@
+"""Evaluates a task file on a dataset's test split; prints one JSON line.
+
+python scripts/evaluate.py --backbone=digits --task=runs/demo/upper/piggyback/task.npz \
+    --dataset=digits:upper
+"""
+
+import json
+
+from absl import app, flags
+
+import tf_piggyback as pb
+from tf_piggyback.cli import user_errors
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("backbone", None, "digits, a keras.applications name, or a .keras file.")
+    flags.DEFINE_string("weights", "imagenet", "keras.applications weights: imagenet, none or a path.")
+    flags.DEFINE_integer("image_size", None, "keras.applications input size (default 224).")
+    flags.DEFINE_string("task", None, "A task file written by training (task.npz).")
+    flags.DEFINE_string("dataset", None, "Dataset spec, e.g. digits:upper.")
+    flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
+    for name in ("backbone", "task", "dataset"):
+        flags.mark_flag_as_required(name)
+
+
+@user_errors
+def main(argv):
+    del argv
+    backbone = pb.load_backbone(FLAGS.backbone, FLAGS.weights, FLAGS.image_size)
+    model = pb.load_task(FLAGS.task, backbone)
+    _, (x_test, y_test), _ = pb.load_dataset(FLAGS.dataset)
+    accuracy = pb.evaluate(model, x_test, y_test, FLAGS.batch_size)
+    print(json.dumps({"task": FLAGS.task, "dataset": FLAGS.dataset, "accuracy": accuracy,
+                      "top1_error": 1.0 - accuracy, "examples": int(len(y_test))}))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,38 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+
+
+def tiny_backbone(name="tiny"):
+    """A small functional backbone with every supported layer type and BatchNormalization.
+
+    Seeded: every call gives the same weights, as reloading one backbone would.
+    """
+    keras.utils.set_random_seed(1234)
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.DepthwiseConv2D(3, name="dw")(x)
+    x = keras.layers.SeparableConv2D(8, 3, name="sep")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(16, activation="relu", name="fc")(x)
+    model = keras.Model(inputs, x, name=name)
+    # Non-trivial BatchNormalization statistics, so inference vs training mode differ.
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            mean, var = layer.moving_mean, layer.moving_variance
+            mean.assign(keras.random.normal(mean.shape) * 0.1)
+            var.assign(keras.random.uniform(var.shape, 0.5, 1.5))
+    return model

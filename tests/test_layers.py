@@ -1,0 +1,100 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from tf_piggyback.layers import (
+    MaskedConv,
+    MaskedDense,
+    MaskedDepthwiseConv2D,
+    MaskedSeparableConv2D,
+    wrapper_for,
+)
+
+CASES = [
+    (lambda: keras.layers.Dense(7, activation="tanh"), (5, 6)),
+    (lambda: keras.layers.Dense(4), (2, 3, 6)),
+    (lambda: keras.layers.Conv1D(4, 3, strides=2, padding="same"), (2, 11, 3)),
+    (lambda: keras.layers.Conv2D(6, 3, dilation_rate=2, activation="relu"), (2, 13, 13, 3)),
+    (lambda: keras.layers.Conv2D(6, 3, groups=2, padding="same", use_bias=False), (2, 8, 8, 4)),
+    (lambda: keras.layers.Conv3D(2, 2), (1, 5, 5, 5, 2)),
+    (lambda: keras.layers.DepthwiseConv2D(3, depth_multiplier=2, strides=2, padding="same"), (2, 9, 9, 3)),
+    (lambda: keras.layers.SeparableConv2D(5, 3, depth_multiplier=2, activation="relu"), (2, 9, 9, 3)),
+]
+
+
+@pytest.mark.parametrize("make,shape", CASES)
+def test_all_ones_mask_equals_plain_layer(make, shape):
+    plain = make()
+    x = np.random.default_rng(0).normal(size=shape).astype("float32")
+    expected = plain(x).numpy()
+    if plain.use_bias:
+        plain.bias.assign(np.random.default_rng(1).normal(size=plain.bias.shape))
+        expected = plain(x).numpy()
+    wrapped = wrapper_for(plain)(plain)
+    np.testing.assert_allclose(wrapped(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert wrapped.thresholded_masks()[0].min() == 1
+    assert not plain.trainable and all("mask" in w.path for w in wrapped.trainable_weights)
+
+
+def test_zero_mask_entries_remove_weights():
+    dense = keras.layers.Dense(3, use_bias=False)
+    wrapped = MaskedDense(dense)
+    x = np.ones((1, 4), "float32")
+    wrapped(x)
+    mask = np.random.default_rng(0).random((4, 3)) > 0.5
+    wrapped.masks[0].assign(np.where(mask, 1.0, 0.0))
+    np.testing.assert_allclose(wrapped(x).numpy(), x @ (dense.kernel.numpy() * mask), rtol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [MaskedConv, MaskedDense, MaskedDepthwiseConv2D, MaskedSeparableConv2D])
+def test_keras_round_trip(cls, tmp_path):
+    layer = {
+        MaskedConv: lambda: keras.layers.Conv2D(3, 3),
+        MaskedDense: lambda: keras.layers.Dense(3),
+        MaskedDepthwiseConv2D: lambda: keras.layers.DepthwiseConv2D(3),
+        MaskedSeparableConv2D: lambda: keras.layers.SeparableConv2D(3, 3),
+    }[cls]()
+    inputs = keras.Input((8, 8, 2))
+    wrapped = cls(layer, threshold=1e-3, mask_init="uniform", mask_scale=0.5, mask_type="ternary")
+    model = keras.Model(inputs, wrapped(inputs))
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 2)).astype("float32")
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+    again = loaded.layers[-1]
+    assert type(again) is cls
+    assert (again.threshold, again.mask_init, again.mask_scale, again.mask_type) == (1e-3, "uniform", 0.5, "ternary")
+    assert not again.layer.trainable
+
+
+def test_mask_inits():
+    dense = keras.layers.Dense(50)
+    dense.build((None, 40))
+    constant = MaskedDense(dense, mask_scale=0.02)
+    constant.build((None, 40))
+    assert np.all(constant.masks[0].numpy() == np.float32(0.02))
+    uniform = MaskedDense(dense, mask_init="uniform", mask_scale=0.3)
+    uniform.build((None, 40))
+    values = uniform.masks[0].numpy()
+    assert values.min() >= -0.3 and values.max() <= 0.3 and values.std() > 0.1
+    weight_based = MaskedDense(dense, mask_init="weight_based")
+    weight_based.build((None, 40))
+    np.testing.assert_allclose(weight_based.masks[0].numpy(), np.mean(np.abs(dense.kernel.numpy())), rtol=1e-6)
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"threshold must be a number > 0.*threshold=-1"):
+        MaskedDense(keras.layers.Dense(2), threshold=-1)
+    with pytest.raises(ValueError, match=r"mask_init must be one of constant, uniform, weight_based.*'ones'"):
+        MaskedDense(keras.layers.Dense(2), mask_init="ones")
+    with pytest.raises(ValueError, match=r"mask_type must be one of binary, ternary"):
+        MaskedDense(keras.layers.Dense(2), mask_type="quaternary")
+    with pytest.raises(ValueError, match=r"mask_scale must be a number > 0"):
+        MaskedDense(keras.layers.Dense(2), mask_scale=0)
+    with pytest.raises(ValueError, match=r"MaskedDense wraps Dense.*Conv2D"):
+        MaskedDense(keras.layers.Conv2D(2, 3))
+    assert wrapper_for(keras.layers.Conv2DTranspose(2, 3)) is None
+    assert wrapper_for(keras.layers.Conv1D(2, 3, padding="causal")) is None

@@ -1,0 +1,112 @@
+import keras
+import numpy as np
+import pytest
+
+from conftest import tiny_backbone
+from tf_piggyback import bake, classifier_only, finetune, fingerprint, masked_layers, piggyback
+from tf_piggyback.layers import MaskedWrapper
+from tf_piggyback.trainer import TrainConfig, numpy_dataset, train
+
+APPLICATIONS = [
+    ("ResNet50", 32),
+    ("VGG16", 32),
+    ("DenseNet121", 32),
+    ("MobileNetV2", 32),
+    ("EfficientNetB0", 32),
+]
+
+
+def features_of(model):
+    """The task model without its head: the masked backbone's output."""
+    return keras.Model(model.inputs, model.get_layer("head").input)
+
+
+@pytest.mark.parametrize("name,size", APPLICATIONS)
+def test_surgery_on_keras_applications(name, size):
+    backbone = getattr(keras.applications, name)(
+        weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3))
+    model = piggyback(backbone, num_classes=3)
+    kernels = [layer for layer in backbone.layers if any(w.path.endswith("kernel") for w in layer.weights)]
+    assert len(masked_layers(model)) == len(kernels) > 0
+    trainable = {w.path.rsplit("/", 1)[-1] for w in model.trainable_weights}
+    assert trainable <= {"mask", "depthwise_kernel_mask", "pointwise_kernel_mask", "kernel", "bias"}
+    assert sum(1 for w in model.trainable_weights if not w.path.endswith("mask")) == 2  # head only
+    x = np.random.default_rng(0).uniform(0, 255, size=(2, size, size, 3)).astype("float32")
+    # The constant init (1e-2 >= tau) gives all-ones masks: the first forward equals the backbone.
+    np.testing.assert_allclose(features_of(model)(x), backbone(x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bake(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_bit_identical_after_training():
+    backbone = tiny_backbone()
+    before = [w.numpy().copy() for w in backbone.weights]
+    fp = fingerprint(backbone)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (64, 12, 12, 3)).astype("float32")
+    y = rng.integers(0, 3, 64)
+    for method, build, kwargs in [("piggyback", piggyback, {}), ("piggyback", piggyback, {"train_bn": True}),
+                                  ("classifier", classifier_only, {}), ("finetune", finetune, {})]:
+        model = build(backbone, 3, **kwargs)
+        config = TrainConfig(method=method, epochs=2, batch_size=16, mask_lr=1e-2, head_lr=1e-2)
+        train(model, numpy_dataset(x, y, 16, shuffle=True), config, log=lambda line: None)
+        if method == "piggyback":  # the masks did learn something
+            assert any(m.min() == 0 for layer in masked_layers(model) for m in layer.thresholded_masks())
+    for a, b in zip(before, backbone.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+    assert fingerprint(backbone) == fp
+
+
+def test_train_bn_gives_the_task_its_own_batchnorm():
+    backbone = tiny_backbone()
+    shared = piggyback(backbone, 3)
+    own = piggyback(backbone, 3, train_bn=True)
+    assert shared.get_layer("bn1") is backbone.get_layer("bn1") and not shared.get_layer("bn1").trainable
+    bn = own.get_layer("bn1")
+    assert bn is not backbone.get_layer("bn1") and bn.trainable
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), backbone.get_layer("bn1").moving_variance.numpy())
+    assert {"bn1/gamma", "bn1/beta", "bn2/gamma", "bn2/beta"} <= {w.path for w in own.trainable_weights}
+
+
+def test_tasks_share_backbone_weights():
+    backbone = tiny_backbone()
+    a, b = piggyback(backbone, 3), piggyback(backbone, 4)
+    assert a.get_layer("c1").layer.kernel is b.get_layer("c1").layer.kernel is backbone.get_layer("c1").kernel
+    assert a.get_layer("c1").masks[0] is not b.get_layer("c1").masks[0]
+
+
+@pytest.mark.parametrize("mask_type", ["binary", "ternary"])
+def test_bake_equals_masked_model_and_has_no_masks(mask_type):
+    backbone = tiny_backbone()
+    model = piggyback(backbone, 3, mask_type=mask_type, mask_init="uniform", mask_scale=0.02)
+    x = np.random.default_rng(0).normal(size=(4, 12, 12, 3)).astype("float32")
+    plain = bake(model)
+    np.testing.assert_allclose(plain(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(layer, MaskedWrapper) for layer in plain.layers)
+    assert not any("mask" in w.path for w in plain.weights)
+
+
+def test_unsupported_layers_are_listed_by_name():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="ok")(inputs)
+    x = keras.layers.Conv2DTranspose(4, 3, name="up")(x)
+    x = keras.layers.Conv1D(2, 3, padding="causal", name="causal")(keras.layers.Reshape((-1, 4))(x))
+    backbone = keras.Model(inputs, x)
+    with pytest.raises(ValueError, match=r"up \(Conv2DTranspose\), causal \(Conv1D\).*skip_unsupported=True"):
+        piggyback(backbone, 2)
+    model = piggyback(backbone, 2, skip_unsupported=True)
+    assert [layer.name for layer in masked_layers(model)] == ["ok"]
+
+
+def test_classifier_backbone_is_refused_with_the_fix():
+    backbone = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=4)
+    with pytest.raises(ValueError, match="include_top=False"):
+        piggyback(backbone, 3)
+    model = piggyback(backbone, 3, feature_layer=backbone.layers[-2].name)  # the pooling
+    assert model.output.shape == (None, 3)
+    with pytest.raises(ValueError, match="feature_layer 'nope' is not a layer"):
+        piggyback(backbone, 3, feature_layer="nope")
+
+
+def test_num_classes_validated():
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+        piggyback(tiny_backbone(), 1)

@@ -1,0 +1,157 @@
+import io
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import tiny_backbone
+from tf_piggyback import TaskFileError, classifier_only, load_task, masked_layers, piggyback, read_manifest, save_task
+from tf_piggyback import coding
+
+
+def trained_like(model, sparsity=0.2, seed=0):
+    """Sets random masks (and a random head) as if the model had been trained."""
+    rng = np.random.default_rng(seed)
+    for layer in masked_layers(model):
+        for m in layer.masks:  # below sparsity/2: -1 (ternary) or 0; up to sparsity: 0; else 1
+            r = rng.random(m.shape)
+            m.assign(np.where(r < sparsity / 2, -0.01, np.where(r < sparsity, 0.0, 0.01)))
+    for w in model.get_layer("head").weights:
+        w.assign(rng.normal(size=w.shape))
+    return model
+
+
+X = np.random.default_rng(1).normal(size=(5, 12, 12, 3)).astype("float32")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"mask_type": "ternary"}, {"train_bn": True}])
+def test_round_trip_gives_identical_outputs(tmp_path, kwargs):
+    backbone = tiny_backbone()
+    model = trained_like(piggyback(backbone, 3, **kwargs))
+    if kwargs.get("train_bn"):
+        model.get_layer("bn1").moving_mean.assign(np.full(8, 0.7, "float32"))
+    path = os.path.join(tmp_path, "task.npz")
+    save_task(model, path, class_names=["a", "b", "c"], metrics={"accuracy": 0.5})
+    loaded = load_task(path, tiny_backbone())
+    np.testing.assert_array_equal(loaded(X).numpy(), model(X).numpy())
+    for a, b in zip(masked_layers(model), masked_layers(loaded)):
+        for ma, mb in zip(a.thresholded_masks(), b.thresholded_masks()):
+            np.testing.assert_array_equal(ma, mb)
+    manifest = loaded.manifest
+    assert manifest["class_names"] == ["a", "b", "c"] and manifest["metrics"] == {"accuracy": 0.5}
+    assert manifest["image_size"] == [12, 12, 3]
+    assert [entry["name"] for entry in manifest["layers"]] == [
+        "c1/kernel", "dw/kernel", "sep/depthwise_kernel", "sep/pointwise_kernel", "fc/kernel"]
+    assert 0.05 < manifest["sparsity"] < 0.3
+
+
+def test_classifier_round_trip(tmp_path):
+    model = classifier_only(tiny_backbone(), 3)
+    trained_like(model)
+    path = os.path.join(tmp_path, "task.npz")
+    save_task(model, path)
+    np.testing.assert_array_equal(load_task(path, tiny_backbone())(X).numpy(), model(X).numpy())
+
+
+def test_file_is_pickle_free_npz(tmp_path):
+    path = os.path.join(tmp_path, "task.npz")
+    save_task(trained_like(piggyback(tiny_backbone(), 3)), path)
+    with np.load(path, allow_pickle=False) as data:
+        assert {"manifest", "masks", "w0", "w1"} == set(data.files)
+        manifest = json.loads(data["manifest"].tobytes().decode("utf-8"))
+        assert all(data[key].dtype != object for key in data.files)
+    assert manifest["format"] == "tf_piggyback.task" and manifest["version"] == 1
+    assert len(manifest["backbone"]["fingerprint"]) == 64
+
+
+def test_planted_pickle_is_refused(tmp_path):
+    path = os.path.join(tmp_path, "task.npz")
+    save_task(trained_like(piggyback(tiny_backbone(), 3)), path)
+    evil = os.path.join(tmp_path, "evil.npz")
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(evil, "w") as dst:
+        for name in src.namelist():
+            if name == "w0.npy":
+                buffer = io.BytesIO()
+                np.save(buffer, np.array([os.system], dtype=object), allow_pickle=True)
+                dst.writestr(name, buffer.getvalue())
+            else:
+                dst.writestr(name, src.read(name))
+    with pytest.raises(TaskFileError, match="not a readable tf_piggyback task file"):
+        load_task(evil, tiny_backbone())
+
+
+def test_other_backbone_is_refused_with_the_fix(tmp_path):
+    path = os.path.join(tmp_path, "task.npz")
+    save_task(trained_like(piggyback(tiny_backbone(), 3)), path)
+    other = tiny_backbone()
+    other.get_layer("c1").kernel.assign(other.get_layer("c1").kernel * 2)
+    with pytest.raises(TaskFileError, match=r"trained on backbone 'tiny' \(fingerprint .*load it with the backbone"):
+        load_task(path, other)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "text"])
+def test_damaged_file_is_a_clear_error(tmp_path, damage):
+    path = os.path.join(tmp_path, "task.npz")
+    save_task(trained_like(piggyback(tiny_backbone(), 3)), path)
+    data = open(path, "rb").read()
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        offset = data.index(b"masks.npy") + 200
+        data = data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1:]
+    elif damage == "empty":
+        data = b""
+    else:
+        data = b"hello, not a task"
+    open(path, "wb").write(data)
+    with pytest.raises(TaskFileError, match=r"task\.npz"):
+        load_task(path, tiny_backbone())
+
+
+def test_missing_file_and_wrong_version(tmp_path):
+    with pytest.raises(TaskFileError, match="does not exist"):
+        read_manifest(os.path.join(tmp_path, "nope.npz"))
+    path = os.path.join(tmp_path, "task.npz")
+    save_task(trained_like(piggyback(tiny_backbone(), 3)), path)
+    with np.load(path) as data:
+        arrays = dict(data)
+    manifest = json.loads(arrays["manifest"].tobytes())
+    manifest["version"] = 99
+    arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(TaskFileError, match="version 99.*reads version 1"):
+        read_manifest(path)
+
+
+def test_save_refuses_models_not_made_here(tmp_path):
+    import keras
+    with pytest.raises(ValueError, match="was not made by tf_piggyback.piggyback"):
+        save_task(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]), os.path.join(tmp_path, "t.npz"))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.04, 0.1, 0.2, 0.34, 0.5, 0.66, 0.96])
+def test_mask_coding_near_entropy_bound(sparsity):
+    rng = np.random.default_rng(0)
+    mask = (rng.random((3, 3, 64, 128)) >= sparsity).astype(np.int8)
+    payload, info = coding.encode(mask, "binary")
+    np.testing.assert_array_equal(coding.decode(payload, info, mask.shape), mask)
+    assert len(payload) <= max(1.10 * coding.entropy_bits(mask) / 8, 1) or info["coding"] == "bits"
+    assert len(payload) <= mask.size / 8
+    if sparsity not in (0.0, 0.5) and 0.04 <= sparsity <= 0.34 or sparsity in (0.66, 0.96):
+        assert len(payload) < mask.size / 8
+
+
+def test_task_file_size_bounds(tmp_path):
+    model = trained_like(piggyback(tiny_backbone(), 3), sparsity=0.1)
+    path = os.path.join(tmp_path, "task.npz")
+    manifest = save_task(model, path)
+    masks = [m for layer in masked_layers(model) for m in layer.thresholded_masks()]
+    bound = sum(coding.entropy_bits(m) for m in masks) / 8
+    mask_bytes = sum(entry["nbytes"] for entry in manifest["layers"])
+    assert mask_bytes <= 1.10 * bound + len(masks)  # at most one padding byte per layer
+    n = sum(m.size for m in masks)
+    head = sum(w.numpy().nbytes for w in model.get_layer("head").weights)
+    assert os.path.getsize(path) <= n / 8 + head + 4096

@@ -1,0 +1,30 @@
+"""tf_piggyback: Piggyback (Mallya, Davis, Lazebnik, ECCV 2018) for Keras 3 / TensorFlow.
+
+One frozen backbone serves many tasks; each task learns a binary mask over the backbone's
+weights (1 bit per parameter) and a small head.
+
+Example:
+>>> import tf_piggyback as pb
+>>> backbone = pb.digits_backbone()
+>>> model = pb.piggyback(backbone, num_classes=5)
+>>> # ... train model (pb.train), then:
+>>> pb.save_task(model, "upper/task.npz")
+>>> same = pb.load_task("upper/task.npz", pb.digits_backbone())
+>>> plain = pb.bake(same)
+"""
+
+from tf_piggyback.backbones import digits_backbone, load_backbone
+from tf_piggyback.binarizers import binarize, ternarize
+from tf_piggyback.datasets import load_dataset, load_digits_variant
+from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.layers import MaskedConv, MaskedDense, MaskedDepthwiseConv2D, MaskedSeparableConv2D, MaskedWrapper
+from tf_piggyback.surgery import bake, classifier_only, finetune, masked_layers, piggyback
+from tf_piggyback.taskfile import TaskFileError, load_task, read_manifest, save_task
+from tf_piggyback.trainer import TrainConfig, evaluate, train
+
+__all__ = [
+    "MaskedConv", "MaskedDense", "MaskedDepthwiseConv2D", "MaskedSeparableConv2D", "MaskedWrapper",
+    "TaskFileError", "TrainConfig", "bake", "binarize", "classifier_only", "digits_backbone",
+    "evaluate", "fingerprint", "finetune", "load_backbone", "load_dataset", "load_digits_variant",
+    "load_task", "masked_layers", "piggyback", "read_manifest", "save_task", "ternarize", "train",
+]

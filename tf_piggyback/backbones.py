@@ -1,0 +1,96 @@
+"""Backbones: the embedded digits CNN (pretrained weights shipped with the package).
+
+The digits backbone plays the role of the paper's ImageNet-trained VGG/ResNet at laptop scale:
+four conv+BN blocks and a fully-connected layer, trained on digits 0-4 (`digits:base`). Its
+weights are shipped, so every process and machine sees the same backbone and fingerprint;
+`pretrain_digits_backbone` regenerates them (`python -m tf_piggyback.backbones`).
+"""
+
+import os
+
+import keras
+import numpy as np
+
+from tf_piggyback.datasets import DIGITS_IMAGE_SIZE, load_digits_variant
+
+DIGITS_WEIGHTS = os.path.join(os.path.dirname(__file__), "assets", "digits_backbone.weights.h5")
+DIGITS_FEATURES = 128
+
+
+def build_digits_backbone():
+    """The digits backbone's architecture, untrained: raw 0-255 pixels in, 128 features out."""
+    inputs = keras.Input((DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE, 1), name="image")
+    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    for i, filters in enumerate((32, 32, 64, 128), start=1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.ReLU(name=f"relu{i}")(x)
+        if i < 4:
+            x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dense(DIGITS_FEATURES, activation="relu", name="fc")(x)
+    return keras.Model(inputs, x, name="digits")
+
+
+def digits_backbone(weights="pretrained"):
+    """The digits backbone, with the shipped pretrained weights or (`weights=None`) random ones.
+
+    Example:
+    >>> backbone = digits_backbone()
+    >>> model = tf_piggyback.piggyback(backbone, num_classes=5)
+    """
+    model = build_digits_backbone()
+    if weights == "pretrained":
+        model.load_weights(DIGITS_WEIGHTS)
+    elif weights is not None:
+        raise ValueError(f"weights must be 'pretrained' or None. Received: weights={weights!r}")
+    return model
+
+
+def pretrain_digits_backbone(epochs=30, seed=0, log=print):
+    """Trains a fresh digits backbone on `digits:base`; returns `(backbone, test accuracy)`."""
+    keras.utils.set_random_seed(seed)
+    backbone = build_digits_backbone()
+    model = keras.Sequential([backbone, keras.layers.Dense(5, name="base_head")])
+    (x, y), (xt, yt), _ = load_digits_variant("base")
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(x, y, batch_size=32, epochs=epochs, shuffle=True, verbose=0)
+    accuracy = float(np.mean(np.argmax(model.predict(xt, verbose=0), -1) == yt))
+    log(f"digits backbone pretrained on digits:base for {epochs} epochs: test accuracy {accuracy:.4f}")
+    return backbone, accuracy
+
+
+def load_backbone(name, weights="imagenet", image_size=None):
+    """A headless backbone from a name: `digits`, a `keras.applications` model, or a `.keras` file.
+
+    Args:
+        name: `"digits"`, e.g. `"ResNet50"` (any `keras.applications` callable), or a path
+            ending in `.keras`.
+        weights: for `keras.applications`: `"imagenet"`, `"none"` or a weights file path.
+        image_size: for `keras.applications`: input height and width (default 224).
+
+    Example:
+    >>> backbone = load_backbone("MobileNetV2", weights="none", image_size=96)
+    """
+    if name == "digits":
+        return digits_backbone()
+    if name.endswith(".keras"):
+        if not os.path.isfile(name):
+            raise ValueError(f"backbone file {name!r} does not exist")
+        return keras.models.load_model(name, safe_mode=True, compile=False)
+    factory = getattr(keras.applications, name, None)
+    if not callable(factory):
+        raise ValueError(
+            f"unknown backbone {name!r}; use 'digits', a keras.applications name such as "
+            "'ResNet50' or 'MobileNetV2', or a path to a .keras file"
+        )
+    size = image_size or 224
+    weights = None if weights in (None, "none") else weights
+    return factory(weights=weights, include_top=False, pooling="avg", input_shape=(size, size, 3))
+
+
+if __name__ == "__main__":
+    trained, _ = pretrain_digits_backbone()
+    trained.save_weights(DIGITS_WEIGHTS)
+    print(f"wrote {DIGITS_WEIGHTS}")

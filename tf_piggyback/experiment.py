@@ -1,0 +1,92 @@
+"""One training run, end to end: backbone + dataset + method -> trained task on disk.
+
+This is what `scripts/train.py` and the demo call; everything it writes goes to `model_dir`:
+`task.npz` (piggyback, classifier) or `model.keras` (finetune), `metrics.json`, `config.json`.
+"""
+
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+
+from tf_piggyback.backbones import load_backbone
+from tf_piggyback.binarizers import DEFAULT_THRESHOLD
+from tf_piggyback.datasets import load_dataset
+from tf_piggyback.layers import DEFAULT_MASK_SCALE
+from tf_piggyback.surgery import classifier_only, finetune, masked_layers, piggyback
+from tf_piggyback.taskfile import save_task, task_weights, write_atomic
+from tf_piggyback.trainer import TrainConfig, evaluate, numpy_dataset, train
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything one run depends on; written to `model_dir/config.json`."""
+
+    backbone: str = "digits"
+    weights: str = "imagenet"
+    image_size: int = None
+    dataset: str = "digits:upper"
+    threshold: float = DEFAULT_THRESHOLD
+    mask_init: str = "constant"
+    mask_scale: float = DEFAULT_MASK_SCALE
+    mask_type: str = "binary"
+    train_bn: bool = False
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def build_model(config, backbone, num_classes):
+    """The task model for `config.train.method` over `backbone`."""
+    method = config.train.method
+    if method == "piggyback":
+        return piggyback(backbone, num_classes, threshold=config.threshold, mask_init=config.mask_init,
+                         mask_scale=config.mask_scale, mask_type=config.mask_type, train_bn=config.train_bn)
+    if method == "classifier":
+        return classifier_only(backbone, num_classes)
+    return finetune(backbone, num_classes)
+
+
+def _stored_params(model, masks):
+    """Parameters the task stores besides the shared backbone: masks (1 bit each) and its own
+    weights — the head, per-task BatchNormalization, or for finetune the whole network."""
+    return int(sum(m.size for m in masks) + sum(int(np.prod(w.shape)) for w in task_weights(model)))
+
+
+def run(config, model_dir, log=print):
+    """Trains one task as `config` says and writes it to `model_dir`; returns the metrics dict."""
+    backbone = load_backbone(config.backbone, config.weights, config.image_size)
+    (x, y), (x_test, y_test), class_names = load_dataset(config.dataset)
+    keras.utils.set_random_seed(config.train.seed)
+    model = build_model(config, backbone, len(class_names))
+    data = numpy_dataset(x, y, config.train.batch_size, shuffle=True, seed=config.train.seed)
+    history = train(model, data, config.train, log=log)
+    accuracy = evaluate(model, x_test, y_test)
+    masks = [m for layer in masked_layers(model) for m in layer.thresholded_masks()]
+    metrics = {
+        "method": config.train.method,
+        "dataset": config.dataset,
+        "accuracy": accuracy,
+        "top1_error": 1.0 - accuracy,
+        "train_accuracy": history[-1]["accuracy"],
+        "sparsity": float(np.mean(np.concatenate([m.ravel() == 0 for m in masks]))) if masks else 0.0,
+        "params": _stored_params(model, masks),
+        "train_seconds": float(sum(h["seconds"] for h in history)),
+    }
+    if config.train.method == "finetune":
+        path = os.path.join(model_dir, "model.keras")
+        tmp = os.path.join(model_dir, ".model.tmp.keras")
+        os.makedirs(model_dir, exist_ok=True)
+        model.save(tmp)
+        os.replace(tmp, path)
+    else:
+        path = os.path.join(model_dir, "task.npz")
+        save_task(model, path, class_names=class_names, metrics=dict(metrics))
+    metrics["task_bytes"] = os.path.getsize(path)
+    metrics["config"] = dataclasses.asdict(config)
+    write_atomic(os.path.join(model_dir, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    write_atomic(os.path.join(model_dir, "config.json"), lambda f: f.write(config.to_json().encode()))
+    return metrics

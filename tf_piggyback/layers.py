@@ -1,0 +1,213 @@
+"""Masked wrappers: a frozen, shared Keras layer whose kernels are multiplied by a learned mask.
+
+Reference: Mallya et al., "Piggyback", ECCV 2018, §3 and Fig. 1: `y = (W ⊙ m) x`, with `W`
+fixed and only the real-valued mask `m_r` trained through the thresholding of Eq. 4.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from tf_piggyback.binarizers import (
+    DEFAULT_THRESHOLD,
+    threshold_mask,
+    threshold_mask_numpy,
+    validate_mask_type,
+    validate_threshold,
+)
+
+MASK_INITS = ("constant", "uniform", "weight_based")
+DEFAULT_MASK_SCALE = 1e-2
+
+
+class MaskedWrapper(keras.layers.Wrapper):
+    """Base class: wraps `layer`, freezes it and learns one mask per kernel.
+
+    The wrapped layer's weights stay the layer's own variables (so several task models
+    share one backbone); the wrapper adds a trainable `m_r` of each kernel's shape,
+    made in `build`. Subclasses say which kernels are masked and how the op is run.
+
+    Args:
+        layer: the Keras layer to wrap; it is set to `trainable=False`.
+        threshold: `tau` of Eq. 4, > 0. Default 5e-3 as in §3.
+        mask_init: `"constant"` (every `m_r` = `mask_scale`, §3 approach 2, the paper's
+            choice), `"uniform"` (U(-mask_scale, mask_scale)) or `"weight_based"`
+            (every `m_r` = mean |W| of the layer, §3 approach 1; the mask then starts
+            all-ones only where that mean is >= `threshold`).
+        mask_scale: the constant for `"constant"`, the range for `"uniform"`. Default 1e-2.
+        mask_type: `"binary"` ({0, 1}, Eq. 4) or `"ternary"` ({-1, 0, 1}, end of §3).
+
+    Reference: §3, Eq. 4-7.
+    """
+
+    wrapped_types = ()
+    kernel_names = ("kernel",)
+
+    def __init__(
+        self,
+        layer,
+        threshold=DEFAULT_THRESHOLD,
+        mask_init="constant",
+        mask_scale=DEFAULT_MASK_SCALE,
+        mask_type="binary",
+        **kwargs,
+    ):
+        if not isinstance(layer, self.wrapped_types):
+            raise ValueError(
+                f"{type(self).__name__} wraps {', '.join(t.__name__ for t in self.wrapped_types)}. "
+                f"Received: layer={layer.name!r} of type {type(layer).__name__}"
+            )
+        kwargs.setdefault("name", layer.name)
+        super().__init__(layer, **kwargs)
+        self.threshold = validate_threshold(threshold)
+        if mask_init not in MASK_INITS:
+            raise ValueError(
+                f"mask_init must be one of {', '.join(MASK_INITS)}. Received: mask_init={mask_init!r}"
+            )
+        self.mask_init = mask_init
+        if isinstance(mask_scale, bool) or not isinstance(mask_scale, (int, float)) or not mask_scale > 0:
+            raise ValueError(f"mask_scale must be a number > 0. Received: mask_scale={mask_scale!r}")
+        self.mask_scale = float(mask_scale)
+        self.mask_type = validate_mask_type(mask_type)
+        self.layer.trainable = False
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        self.masks = []
+        for kernel_name in self.kernel_names:
+            kernel = getattr(self.layer, kernel_name)
+            mask_name = "mask" if len(self.kernel_names) == 1 else f"{kernel_name}_mask"
+            self.masks.append(
+                self.add_weight(
+                    name=mask_name,
+                    shape=tuple(kernel.shape),
+                    initializer=self._mask_initializer(kernel),
+                    trainable=True,
+                )
+            )
+        self.built = True
+
+    def _mask_initializer(self, kernel):
+        if self.mask_init == "constant":
+            return keras.initializers.Constant(self.mask_scale)
+        if self.mask_init == "uniform":
+            return keras.initializers.RandomUniform(-self.mask_scale, self.mask_scale)
+        return keras.initializers.Constant(float(np.mean(np.abs(ops.convert_to_numpy(kernel)))))
+
+    @property
+    def kernels(self):
+        """The wrapped layer's frozen kernels, in the order of `masks`."""
+        return [getattr(self.layer, name) for name in self.kernel_names]
+
+    def masked_kernels(self):
+        """`W ⊙ m` for each kernel, differentiable in `m_r` (straight-through)."""
+        return [
+            ops.convert_to_tensor(kernel) * threshold_mask(mask, self.threshold, self.mask_type)
+            for kernel, mask in zip(self.kernels, self.masks)
+        ]
+
+    def thresholded_masks(self):
+        """The current masks as int8 NumPy arrays with values in {0, 1} (or {-1, 0, 1})."""
+        return [
+            threshold_mask_numpy(ops.convert_to_numpy(m), self.threshold, self.mask_type)
+            for m in self.masks
+        ]
+
+    def call(self, inputs):
+        outputs = self.apply_kernels(inputs, *self.masked_kernels())
+        if self.layer.use_bias:
+            outputs = _add_bias(outputs, self.layer.bias, getattr(self.layer, "data_format", None))
+        if self.layer.activation is not None:
+            outputs = self.layer.activation(outputs)
+        return outputs
+
+    def apply_kernels(self, inputs, *kernels):
+        raise NotImplementedError
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "threshold": self.threshold,
+            "mask_init": self.mask_init,
+            "mask_scale": self.mask_scale,
+            "mask_type": self.mask_type,
+        }
+
+
+def _add_bias(outputs, bias, data_format):
+    if data_format == "channels_first":
+        bias = ops.reshape(bias, (1, -1) + (1,) * (len(outputs.shape) - 2))
+    return outputs + bias
+
+
+def _conv_args(layer):
+    return dict(
+        strides=layer.strides,
+        padding=layer.padding,
+        data_format=layer.data_format,
+        dilation_rate=layer.dilation_rate,
+    )
+
+
+@keras.saving.register_keras_serializable(package="tf_piggyback")
+class MaskedDense(MaskedWrapper):
+    """A `keras.layers.Dense` with a learned mask on its kernel. See `MaskedWrapper`."""
+
+    wrapped_types = (keras.layers.Dense,)
+
+    def apply_kernels(self, inputs, kernel):
+        return ops.matmul(inputs, kernel)
+
+
+@keras.saving.register_keras_serializable(package="tf_piggyback")
+class MaskedConv(MaskedWrapper):
+    """A `Conv1D` / `Conv2D` / `Conv3D` (any groups) with a learned mask. See `MaskedWrapper`."""
+
+    wrapped_types = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+    def __init__(self, layer, **kwargs):
+        if getattr(layer, "padding", None) == "causal":
+            raise ValueError(
+                f"Causal padding is not supported for masking. Received: layer={layer.name!r}"
+            )
+        super().__init__(layer, **kwargs)
+
+    def apply_kernels(self, inputs, kernel):
+        return ops.conv(inputs, kernel, **_conv_args(self.layer))
+
+
+@keras.saving.register_keras_serializable(package="tf_piggyback")
+class MaskedDepthwiseConv2D(MaskedWrapper):
+    """A `keras.layers.DepthwiseConv2D` with a learned mask. See `MaskedWrapper`."""
+
+    wrapped_types = (keras.layers.DepthwiseConv2D,)
+
+    def apply_kernels(self, inputs, kernel):
+        return ops.depthwise_conv(inputs, kernel, **_conv_args(self.layer))
+
+
+@keras.saving.register_keras_serializable(package="tf_piggyback")
+class MaskedSeparableConv2D(MaskedWrapper):
+    """A `keras.layers.SeparableConv2D`, both kernels masked. See `MaskedWrapper`."""
+
+    wrapped_types = (keras.layers.SeparableConv2D,)
+    kernel_names = ("depthwise_kernel", "pointwise_kernel")
+
+    def apply_kernels(self, inputs, depthwise_kernel, pointwise_kernel):
+        return ops.separable_conv(inputs, depthwise_kernel, pointwise_kernel, **_conv_args(self.layer))
+
+
+# Most specific class first: SeparableConv2D and DepthwiseConv2D are not Conv2D subclasses in
+# Keras 3, but user subclasses of any of these are matched by isinstance.
+WRAPPERS = (MaskedSeparableConv2D, MaskedDepthwiseConv2D, MaskedConv, MaskedDense)
+
+
+def wrapper_for(layer):
+    """The masked wrapper class for `layer`, or None when its type is not supported."""
+    for cls in WRAPPERS:
+        if isinstance(layer, cls.wrapped_types) and getattr(layer, "padding", None) != "causal":
+            return cls
+    return None

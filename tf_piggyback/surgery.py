@@ -1,0 +1,224 @@
+"""Model surgery: turn any functional Keras backbone into a task model.
+
+`piggyback` is the paper's method; `classifier_only` and `finetune` are the two baselines of
+§4 (Table 2's "Classifier Only" and "Individual Networks"); `bake` folds the masks back into
+plain layers for deployment.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from tf_piggyback.binarizers import DEFAULT_THRESHOLD
+from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.layers import DEFAULT_MASK_SCALE, MaskedWrapper, wrapper_for
+
+HEAD_NAME = "head"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """How a task model was made from its backbone: what a task file needs to rebuild it.
+
+    `piggyback` and `classifier_only` attach one to the model as `model.task_spec`.
+    """
+
+    method: str
+    backbone_name: str
+    backbone_fingerprint: str
+    num_classes: int
+    options: dict
+
+
+def iter_layers(model):
+    """Every layer of `model`, descending into nested models."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from iter_layers(layer)
+        else:
+            yield layer
+
+
+def masked_layers(model):
+    """The `MaskedWrapper` layers of a task model, in graph order."""
+    return [layer for layer in iter_layers(model) if isinstance(layer, MaskedWrapper)]
+
+
+def _has_kernel(layer):
+    return any(w.path.rsplit("/", 1)[-1].endswith("kernel") for w in layer.weights)
+
+
+def feature_model(backbone, feature_layer=None):
+    """The part of `backbone` whose output feeds the new head.
+
+    Args:
+        backbone: a functional or Sequential Keras model.
+        feature_layer: name of the layer whose output are the features; default the
+            backbone's output, which must not be an ImageNet-style softmax classifier.
+    """
+    if not isinstance(backbone, keras.Model) or isinstance(backbone, keras.Sequential) and not backbone.built:
+        raise ValueError(
+            f"backbone must be a built functional or Sequential keras.Model. Received: {type(backbone).__name__}"
+        )
+    if feature_layer is not None:
+        try:
+            layer = backbone.get_layer(feature_layer)
+        except ValueError:
+            raise ValueError(
+                f"feature_layer {feature_layer!r} is not a layer of backbone {backbone.name!r}"
+            ) from None
+        return keras.Model(backbone.inputs, layer.output, name=backbone.name)
+    last = backbone.layers[-1]
+    if isinstance(last, keras.layers.Dense) and getattr(last.activation, "__name__", "") == "softmax":
+        raise ValueError(
+            f"backbone {backbone.name!r} ends in the softmax classifier {last.name!r}; build it "
+            "headless (keras.applications: include_top=False, pooling='avg') or pass feature_layer=..."
+        )
+    return backbone
+
+
+def _add_head(body, num_classes, name):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2. Received: num_classes={num_classes!r}")
+    x = body.output
+    pooling = {3: keras.layers.GlobalAveragePooling1D, 4: keras.layers.GlobalAveragePooling2D,
+               5: keras.layers.GlobalAveragePooling3D}
+    if len(x.shape) in pooling:
+        x = pooling[len(x.shape)](name="head_pool")(x)
+    logits = keras.layers.Dense(int(num_classes), name=HEAD_NAME)(x)
+    return keras.Model(body.inputs, logits, name=name)
+
+
+def piggyback(
+    backbone,
+    num_classes,
+    *,
+    threshold=DEFAULT_THRESHOLD,
+    mask_init="constant",
+    mask_scale=DEFAULT_MASK_SCALE,
+    mask_type="binary",
+    train_bn=False,
+    feature_layer=None,
+    skip_unsupported=False,
+):
+    """Wraps every Conv / DepthwiseConv2D / SeparableConv2D / Dense kernel with a mask.
+
+    The backbone's layers are reused, not copied: their weights are shared by every task
+    model made from the backbone and set to `trainable=False`. Biases are frozen and
+    BatchNormalization runs in inference mode with frozen statistics, unless `train_bn`
+    gives the task its own BatchNormalization layers (§5.3). A new `Dense(num_classes)`
+    head named `"head"` outputs logits (after global average pooling for spatial features).
+
+    Args:
+        backbone: functional or Sequential Keras model, e.g. any `keras.applications`
+            model built with `include_top=False`, or `tf_piggyback.digits_backbone()`.
+        num_classes: classes of the new task.
+        threshold, mask_init, mask_scale, mask_type: see `MaskedWrapper`.
+        train_bn: learn per-task BatchNormalization parameters and statistics.
+        feature_layer: optional name of the backbone layer that feeds the head.
+        skip_unsupported: keep layers with kernels this library cannot mask (e.g.
+            `Conv2DTranspose`) frozen and unmasked instead of raising.
+
+    Returns:
+        An uncompiled `keras.Model` whose only trainable weights are the masks, the head
+        and, with `train_bn`, the BatchNormalization parameters.
+
+    Example:
+    >>> backbone = keras.applications.MobileNetV2(
+    ...     weights=None, include_top=False, pooling="avg", input_shape=(96, 96, 3))
+    >>> model = piggyback(backbone, num_classes=10)
+
+    Reference: §3 (masking), §5.3 (per-task batchnorm).
+    """
+    features = feature_model(backbone, feature_layer)
+    unsupported = [
+        f"{layer.name} ({type(layer).__name__})"
+        for layer in iter_layers(features)
+        if _has_kernel(layer) and wrapper_for(layer) is None
+    ]
+    if unsupported and not skip_unsupported:
+        raise ValueError(
+            "Cannot mask these layers, of unsupported types: " + ", ".join(unsupported)
+            + ". Pass skip_unsupported=True to keep them frozen and unmasked."
+        )
+    options = dict(threshold=threshold, mask_init=mask_init, mask_scale=mask_scale, mask_type=mask_type)
+    bn_copies = []
+
+    def clone(layer):
+        cls = wrapper_for(layer)
+        if cls is not None:
+            return cls(layer, **options)
+        if train_bn and isinstance(layer, keras.layers.BatchNormalization):
+            copy = type(layer).from_config({**layer.get_config(), "trainable": True})
+            bn_copies.append((copy, layer))
+            return copy
+        layer.trainable = False
+        return layer
+
+    body = keras.models.clone_model(features, clone_function=clone, recursive=True)
+    for copy, layer in bn_copies:
+        copy.set_weights(layer.get_weights())
+    model = _add_head(body, num_classes, name=f"piggyback_{backbone.name}")
+    options = {**options, "train_bn": bool(train_bn), "feature_layer": feature_layer,
+               "skip_unsupported": bool(skip_unsupported)}
+    model.task_spec = TaskSpec("piggyback", backbone.name, fingerprint(backbone), int(num_classes), options)
+    return model
+
+
+def classifier_only(backbone, num_classes, *, feature_layer=None):
+    """The "Classifier Only" baseline: the frozen, shared backbone and a new linear head.
+
+    Reference: §4, Table 2.
+    """
+    features = feature_model(backbone, feature_layer)
+    for layer in iter_layers(features):
+        layer.trainable = False
+    body = keras.models.clone_model(features, clone_function=lambda layer: layer, recursive=True)
+    model = _add_head(body, num_classes, name=f"classifier_{backbone.name}")
+    model.task_spec = TaskSpec("classifier", backbone.name, fingerprint(backbone), int(num_classes),
+                               {"feature_layer": feature_layer})
+    return model
+
+
+def finetune(backbone, num_classes, *, feature_layer=None):
+    """The "Individual Networks" baseline: a trainable copy of the whole backbone and a head.
+
+    The backbone itself is not touched. Reference: §4, Table 2 (SGD momentum, lr 1e-3).
+    """
+    features = feature_model(backbone, feature_layer)
+    body = keras.models.clone_model(features, recursive=True)
+    body.set_weights(features.get_weights())
+    for layer in iter_layers(body):
+        layer.trainable = True
+    return _add_head(body, num_classes, name=f"finetune_{backbone.name}")
+
+
+def bake(model):
+    """A plain Keras model with each `W ⊙ m` folded into an ordinary layer.
+
+    The result has no mask or binarizer ops, computes the same outputs as `model`
+    (the masks are exactly 0, 1 or -1, so the products are exact) and can be saved or
+    exported without this library. Unmasked layers are shared with `model`.
+
+    Example:
+    >>> plain = bake(piggyback(backbone, num_classes=10))
+
+    Reference: §3, last paragraph: after training only the thresholded masks are kept.
+    """
+    baked = []
+
+    def clone(layer):
+        if not isinstance(layer, MaskedWrapper):
+            return layer
+        inner = layer.layer
+        plain = type(inner).from_config(inner.get_config())
+        products = {k.path: k_m for k, k_m in zip(layer.kernels, layer.masked_kernels())}
+        values = [keras.ops.convert_to_numpy(products.get(w.path, w)) for w in inner.weights]
+        baked.append((plain, values))
+        return plain
+
+    result = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    for plain, values in baked:
+        plain.set_weights(values)
+    return result

@@ -1,0 +1,227 @@
+"""Task files: one task's masks (1 bit per parameter or less) and head in a pickle-free `.npz`.
+
+Layout (DESIGN 3.3), readable with `numpy.load(path, allow_pickle=False)`:
+- `manifest`: UTF-8 JSON as uint8 — format and version, the backbone's name and SHA-256
+  fingerprint, the options the task model was built with, per-layer names, shapes, sparsity
+  and coding, the class names, image size and metrics.
+- `masks`: uint8, every layer's mask payload one after another (see `tf_piggyback.coding`).
+- `w0`, `w1`, ...: the task's own weights (the head and, with `train_bn`, BatchNormalization).
+
+Reference: §3, last paragraph: only the thresholded masks are kept, 1 bit per parameter.
+"""
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+
+import keras
+import numpy as np
+
+from tf_piggyback import coding
+from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.surgery import classifier_only, iter_layers, masked_layers, piggyback
+
+FORMAT = "tf_piggyback.task"
+VERSION = 1
+
+
+class TaskFileError(ValueError):
+    """A task file that cannot be used: missing, corrupted, another format, another backbone."""
+
+
+def task_weights(model):
+    """The weights a task owns besides its masks: head, and BatchNormalization with `train_bn`.
+
+    Everything else in the model belongs to the shared backbone.
+    """
+    masks = {id(m) for layer in masked_layers(model) for m in layer.masks}
+    shared = {id(w) for layer in masked_layers(model) for w in layer.layer.weights}
+    owned = []
+    for layer in iter_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization) and not layer.trainable:
+            continue
+        owned += [w for w in layer.weights if w.trainable or isinstance(layer, keras.layers.BatchNormalization)]
+    return [w for w in owned if id(w) not in masks and id(w) not in shared]
+
+
+def save_task(model, path, *, class_names=None, metrics=None):
+    """Writes `model`'s task to `path` (a `.npz`), atomically.
+
+    Args:
+        model: a model made by `piggyback` or `classifier_only` (or returned by `load_task`).
+        path: destination; written to a temporary file in the same folder, then renamed.
+        class_names: optional list of `num_classes` strings.
+        metrics: optional JSON-serializable dict, e.g. `{"accuracy": 0.93}`.
+
+    Returns:
+        The manifest dict that was written.
+
+    Example:
+    >>> save_task(model, "birds/task.npz", class_names=names, metrics={"accuracy": acc})
+    """
+    spec = getattr(model, "task_spec", None)
+    if spec is None:
+        raise ValueError(
+            f"model {model.name!r} was not made by tf_piggyback.piggyback or classifier_only; "
+            "finetuned models are saved with model.save('model.keras')"
+        )
+    if class_names is not None and len(class_names) != spec.num_classes:
+        raise ValueError(
+            f"class_names has {len(class_names)} names but the model has {spec.num_classes} classes"
+        )
+    layers, payloads, offset = [], [], 0
+    for layer in masked_layers(model):
+        for kernel, mask in zip(layer.kernels, layer.thresholded_masks()):
+            payload, info = coding.encode(mask, layer.mask_type)
+            layers.append({
+                "name": kernel.path,
+                "shape": list(mask.shape),
+                "sparsity": float(np.mean(mask == 0)),
+                "offset": offset,
+                "nbytes": len(payload),
+                **info,
+            })
+            payloads.append(payload)
+            offset += len(payload)
+    masks = np.frombuffer(b"".join(payloads), dtype=np.uint8)
+    weights = task_weights(model)
+    input_shape = model.inputs[0].shape
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": spec.method,
+        "backbone": {"name": spec.backbone_name, "fingerprint": spec.backbone_fingerprint},
+        "num_classes": spec.num_classes,
+        "options": spec.options,
+        "class_names": list(class_names) if class_names is not None else [str(i) for i in range(spec.num_classes)],
+        "image_size": list(input_shape[1:]),
+        "params": int(sum(int(np.prod(entry["shape"])) for entry in layers)),
+        "sparsity": _overall_sparsity(layers),
+        "layers": layers,
+        "weights": [{"name": w.path, "shape": list(w.shape)} for w in weights],
+        "masks_sha256": hashlib.sha256(masks.tobytes()).hexdigest(),
+        "metrics": metrics or {},
+    }
+    arrays = {"manifest": np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8), "masks": masks}
+    arrays.update({f"w{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(weights)})
+    write_atomic(path, lambda f: np.savez(f, **arrays))
+    return manifest
+
+
+def _overall_sparsity(layers):
+    total = sum(int(np.prod(entry["shape"])) for entry in layers)
+    if not total:
+        return 0.0
+    return sum(entry["sparsity"] * int(np.prod(entry["shape"])) for entry in layers) / total
+
+
+def write_atomic(path, write):
+    """Calls `write(file)` on a temporary file beside `path`, then renames it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_task(path):
+    """Returns `(manifest, arrays)` of a task file, checked; raises `TaskFileError`."""
+    if not os.path.isfile(path):
+        raise TaskFileError(f"task file {path!r} does not exist; pass the task.npz that training wrote")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        manifest = json.loads(arrays.pop("manifest").tobytes().decode("utf-8"))
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as e:
+        raise TaskFileError(
+            f"{path!r} is not a readable tf_piggyback task file (truncated or corrupted: {e}); "
+            "save it again with save_task"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise TaskFileError(f"{path!r} is not a tf_piggyback task file (its manifest has no format {FORMAT!r})")
+    if manifest.get("version") != VERSION:
+        raise TaskFileError(
+            f"{path!r} has task file version {manifest.get('version')!r}; this tf_piggyback reads "
+            f"version {VERSION}: upgrade tf_piggyback or re-save the task"
+        )
+    if "masks" not in arrays or hashlib.sha256(arrays["masks"].tobytes()).hexdigest() != manifest.get("masks_sha256"):
+        raise TaskFileError(f"{path!r} is corrupted: its masks do not match the manifest's checksum")
+    return manifest, arrays
+
+
+def read_manifest(path):
+    """The manifest dict of a task file (checked like `load_task` does)."""
+    return read_task(path)[0]
+
+
+def load_task(path, backbone):
+    """Rebuilds a task model from a task file and the backbone it was trained on.
+
+    Args:
+        path: a file written by `save_task`.
+        backbone: the same backbone (weights are checked by SHA-256 fingerprint).
+
+    Returns:
+        The task model with `model.task_spec` set and `model.manifest` holding the manifest.
+        Its masks are the stored ones, so its outputs equal the saved model's.
+
+    Raises:
+        TaskFileError: missing, truncated, corrupted or foreign file, or another backbone.
+
+    Example:
+    >>> model = load_task("birds/task.npz", backbone)
+    """
+    manifest, arrays = read_task(path)
+    expected = manifest["backbone"]
+    if fingerprint(backbone) != expected["fingerprint"]:
+        raise TaskFileError(
+            f"{path!r} was trained on backbone {expected['name']!r} (fingerprint "
+            f"{expected['fingerprint'][:12]}), not on the given {backbone.name!r} (fingerprint "
+            f"{fingerprint(backbone)[:12]}); load it with the backbone and weights it was trained on"
+        )
+    try:
+        if manifest["method"] == "piggyback":
+            model = piggyback(backbone, manifest["num_classes"], **manifest["options"])
+        else:
+            model = classifier_only(backbone, manifest["num_classes"], **manifest["options"])
+        entries = iter(manifest["layers"])
+        for layer in masked_layers(model):
+            for mask_var in layer.masks:
+                entry = next(entries)
+                _check_shape(path, entry, mask_var.shape)
+                payload = arrays["masks"][entry["offset"]:entry["offset"] + entry["nbytes"]].tobytes()
+                mask_var.assign(coding.decode(payload, entry, tuple(entry["shape"])).astype("float32"))
+        if next(entries, None) is not None:
+            raise TaskFileError(f"{path!r} has more masks than the backbone has maskable layers")
+        weights = task_weights(model)
+        if len(weights) != len(manifest["weights"]):
+            raise TaskFileError(f"{path!r} holds {len(manifest['weights'])} task weights; the model has {len(weights)}")
+        for i, (w, entry) in enumerate(zip(weights, manifest["weights"])):
+            _check_shape(path, entry, w.shape)
+            w.assign(arrays[f"w{i}"])
+    except StopIteration:
+        raise TaskFileError(f"{path!r} has fewer masks than the backbone has maskable layers") from None
+    except (KeyError, ValueError, TypeError) as e:
+        if isinstance(e, TaskFileError):
+            raise
+        raise TaskFileError(f"{path!r} does not fit this backbone or is corrupted: {e}") from None
+    model.manifest = manifest
+    return model
+
+
+def _check_shape(path, entry, shape):
+    if tuple(entry["shape"]) != tuple(shape):
+        raise TaskFileError(
+            f"{path!r}: {entry['name']} has shape {tuple(entry['shape'])} but the backbone's is {tuple(shape)}"
+        )
