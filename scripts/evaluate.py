@@ -30,10 +30,10 @@ def main(argv):
     del argv
     backbone = pb.load_backbone(FLAGS.backbone, FLAGS.weights, FLAGS.image_size)
     model = pb.load_task(FLAGS.task, backbone)
-    _, (x_test, y_test), _ = pb.load_dataset(FLAGS.dataset)
-    accuracy = pb.evaluate(model, x_test, y_test, FLAGS.batch_size)
+    splits = pb.load_dataset(FLAGS.dataset, image_shape=backbone.inputs[0].shape[1:])
+    accuracy = pb.evaluate(model, splits.test, batch_size=FLAGS.batch_size)
     print(json.dumps({"task": FLAGS.task, "dataset": FLAGS.dataset, "accuracy": accuracy,
-                      "top1_error": 1.0 - accuracy, "examples": int(len(y_test))}))
+                      "top1_error": 1.0 - accuracy, "examples": splits.test_size}))
 
 
 if __name__ == "__main__":

@@ -92,16 +92,18 @@ def test_other_backbone_is_refused_with_the_fix(tmp_path):
         load_task(path, other)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "text"])
+@pytest.mark.parametrize("damage", ["truncate", "flip_masks", "flip_head", "empty", "text"])
 def test_damaged_file_is_a_clear_error(tmp_path, damage):
     path = os.path.join(tmp_path, "task.npz")
     save_task(trained_like(piggyback(tiny_backbone(), 3)), path)
     data = open(path, "rb").read()
     if damage == "truncate":
         data = data[: len(data) // 2]
-    elif damage == "flip":
-        offset = data.index(b"masks.npy") + 200
-        data = data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1:]
+    elif damage.startswith("flip"):
+        with np.load(path) as arrays:
+            payload = arrays["masks" if damage == "flip_masks" else "w0"].tobytes()
+        offset = data.index(payload) + len(payload) // 2
+        data = data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1:]
     elif damage == "empty":
         data = b""
     else:

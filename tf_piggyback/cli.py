@@ -1,8 +1,11 @@
 """What every absl driver shares: user mistakes end in one line and a non-zero exit."""
 
 import functools
+import logging
 import os
 import sys
+
+from absl import logging as absl_logging
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
@@ -15,6 +18,8 @@ def user_errors(main):
 
     @functools.wraps(main)
     def wrapped(argv):
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
+        absl_logging.set_verbosity(absl_logging.WARNING)
         try:
             return main(argv)
         except USER_ERRORS as e:

@@ -1,4 +1,13 @@
-"""Datasets: the embedded digits tasks (from scikit-learn's 8x8 digits, no download needed).
+"""Datasets: dataset specs resolved to `tf.data` splits of raw 0-255 images.
+
+Specs (DESIGN 3.4):
+- `digits:VARIANT` — embedded, from scikit-learn's 8x8 digits (no download needed);
+- `tfds:NAME[/CONFIG]` — any TensorFlow Datasets image classification set (e.g. the paper's
+  `caltech_birds2011`, `cars196`, `oxford_flowers102`, `visual_domain_decathlon/aircraft`);
+- `folder:PATH` — one sub-folder per class; `PATH/train` and `PATH/test` when present, else a
+  seeded split.
+
+The embedded digits tasks:
 
 Each variant is a task for the digits backbone, which is pretrained on `base`:
 - `base`: digits 0-4 (the backbone's own "ImageNet").
@@ -8,7 +17,9 @@ Each variant is a task for the digits backbone, which is pretrained on `base`:
 Images are upsampled to 32x32x1 and hold raw 0-255 pixel values; the split is fixed.
 """
 
+import dataclasses
 import functools
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -62,12 +73,135 @@ def load_digits_variant(variant):
     return (x[~is_test], y[~is_test]), (x[is_test], y[is_test]), names
 
 
-def load_dataset(spec):
-    """Resolves a dataset spec; returns `(x_train, y_train), (x_test, y_test), class_names`.
 
-    Specs: `digits:VARIANT` (embedded). Example: `load_dataset("digits:inverted")`.
+
+@dataclasses.dataclass
+class Splits:
+    """A dataset's train and test splits: unbatched `(image float32 HxWxC 0-255, label int64)`."""
+
+    train: tf.data.Dataset
+    test: tf.data.Dataset
+    class_names: list
+    train_size: int
+    test_size: int
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def load_dataset(spec, image_shape=None, seed=SPLIT_SEED):
+    """Resolves a dataset spec to `Splits` with images of `image_shape` (default: as stored).
+
+    Args:
+        spec: `digits:VARIANT`, `tfds:NAME[/CONFIG]` or `folder:PATH`.
+        image_shape: `(height, width, channels)` the backbone takes; images are resized
+            (bilinear) and converted between grayscale and RGB to fit.
+        seed: the seed of the train/test split where the data has none.
+
+    Example:
+    >>> splits = load_dataset("digits:inverted")
+    >>> splits.class_names[:3]
+    ['0', '1', '2']
     """
     kind, _, arg = spec.partition(":")
     if kind == "digits":
-        return load_digits_variant(arg)
-    raise ValueError(f"unknown dataset {spec!r}; use digits:VARIANT with VARIANT one of {', '.join(DIGITS_VARIANTS)}")
+        (x, y), (xt, yt), names = load_digits_variant(arg)
+        splits = Splits(tf.data.Dataset.from_tensor_slices((x, y)), tf.data.Dataset.from_tensor_slices((xt, yt)),
+                        names, len(x), len(xt))
+    elif kind == "folder":
+        splits = _folder(arg, seed)
+    elif kind == "tfds":
+        splits = _tfds(arg)
+    else:
+        raise ValueError(
+            f"unknown dataset {spec!r}; use digits:VARIANT (VARIANT one of {', '.join(DIGITS_VARIANTS)}), "
+            "tfds:NAME[/CONFIG] or folder:PATH"
+        )
+    if image_shape is not None:
+        fit = functools.partial(_fit_image, shape=tuple(image_shape))
+        splits.train = splits.train.map(fit, num_parallel_calls=tf.data.AUTOTUNE)
+        splits.test = splits.test.map(fit, num_parallel_calls=tf.data.AUTOTUNE)
+    return splits
+
+
+def _fit_image(image, label, shape):
+    image = tf.cast(image, tf.float32)
+    channels = image.shape[-1]
+    if channels == 1 and shape[-1] == 3:
+        image = tf.image.grayscale_to_rgb(image)
+    elif channels == 3 and shape[-1] == 1:
+        image = tf.image.rgb_to_grayscale(image)
+    if tuple(image.shape[:2]) != shape[:2]:
+        image = tf.image.resize(image, shape[:2], method="bilinear")
+    return tf.ensure_shape(image, shape), tf.cast(label, tf.int64)
+
+
+def _list_class_folders(root):
+    if not os.path.isdir(root):
+        raise ValueError(f"dataset folder {root!r} does not exist; pass folder:PATH with one sub-folder per class")
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    files, labels = [], []
+    for label, name in enumerate(names):
+        for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name))):
+            for filename in sorted(filenames):
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.join(dirpath, filename))
+                    labels.append(label)
+    if len(names) < 2:
+        raise ValueError(f"dataset folder {root!r} has {len(names)} class sub-folder(s); it needs at least 2")
+    empty = [n for i, n in enumerate(names) if i not in set(labels)]
+    if empty:
+        raise ValueError(f"dataset folder {root!r}: class folder(s) {', '.join(empty)} hold no images "
+                         f"({', '.join(IMAGE_EXTENSIONS)})")
+    return names, np.array(files), np.array(labels, dtype=np.int64)
+
+
+def _decode(path, label):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return tf.cast(image, tf.float32), label
+
+
+def _image_files(files, labels):
+    # Unreadable files are dropped with a warning rather than stopping a long run.
+    ds = tf.data.Dataset.from_tensor_slices((files, labels)).map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.ignore_errors(log_warning=True)
+
+
+def _folder(root, seed):
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+        names, files, labels = _list_class_folders(os.path.join(root, "train"))
+        test_names, test_files, test_labels = _list_class_folders(os.path.join(root, "test"))
+        if test_names != names:
+            raise ValueError(f"dataset folder {root!r}: train/ and test/ have different class folders")
+    else:
+        names, all_files, all_labels = _list_class_folders(root)
+        test = np.zeros(len(all_files), dtype=bool)
+        rng = np.random.default_rng(seed)
+        for label in range(len(names)):
+            idx = rng.permutation(np.flatnonzero(all_labels == label))
+            test[idx[: int(round(len(idx) * TEST_FRACTION))]] = True
+        files, labels, test_files, test_labels = all_files[~test], all_labels[~test], all_files[test], all_labels[test]
+    return Splits(_image_files(files, labels), _image_files(test_files, test_labels), names, len(files), len(test_files))
+
+
+def _tfds(name):
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name)
+    except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
+        raise ValueError(f"unknown TensorFlow Datasets name {name!r} ({type(e).__name__}); see tfds.list_builders()") from None
+    splits = list(builder.info.splits.keys()) or ["train", "test"]  # none listed before download
+    test_split = "test" if "test" in splits else "validation" if "validation" in splits else None
+    train_split, test_split = ("train", test_split) if test_split else ("train[:80%]", "train[80%:]")
+    try:
+        train, test = tfds.load(name, split=[train_split, test_split], as_supervised=True)
+    except Exception as e:
+        raise ValueError(f"could not load tfds:{name} ({type(e).__name__}: {e}); download it with "
+                         f"`tfds build {name}` or set TFDS_DATA_DIR") from None
+    return Splits(train, test, list(builder.info.features["label"].names), _size(train), _size(test))
+
+
+def _size(ds):
+    size = int(ds.cardinality())
+    return size if size >= 0 else int(ds.reduce(0, lambda count, _: count + 1))

@@ -10,6 +10,7 @@ import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tf_piggyback.backbones import load_backbone
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD
@@ -17,7 +18,7 @@ from tf_piggyback.datasets import load_dataset
 from tf_piggyback.layers import DEFAULT_MASK_SCALE
 from tf_piggyback.surgery import classifier_only, finetune, masked_layers, piggyback
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
-from tf_piggyback.trainer import TrainConfig, evaluate, numpy_dataset, train
+from tf_piggyback.trainer import TrainConfig, epoch_batches, evaluate, is_chief, train
 
 
 @dataclasses.dataclass
@@ -56,37 +57,71 @@ def _stored_params(model, masks):
     return int(sum(m.size for m in masks) + sum(int(np.prod(w.shape)) for w in task_weights(model)))
 
 
-def run(config, model_dir, log=print):
-    """Trains one task as `config` says and writes it to `model_dir`; returns the metrics dict."""
-    backbone = load_backbone(config.backbone, config.weights, config.image_size)
-    (x, y), (x_test, y_test), class_names = load_dataset(config.dataset)
-    keras.utils.set_random_seed(config.train.seed)
-    model = build_model(config, backbone, len(class_names))
-    data = numpy_dataset(x, y, config.train.batch_size, shuffle=True, seed=config.train.seed)
-    history = train(model, data, config.train, log=log)
-    accuracy = evaluate(model, x_test, y_test)
+def _check_same_run(config, model_dir):
+    """A model_dir holds one run: resuming it with other settings (bar epochs) is refused."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    current = json.loads(config.to_json())
+    previous.get("train", {}).pop("epochs", None)
+    current["train"].pop("epochs")
+    if previous != current:
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        raise ValueError(
+            f"{model_dir} holds a run with other settings ({', '.join(changed)} differ); "
+            "rerun with the same flags to resume, or use a new --model_dir"
+        )
+
+
+def run(config, model_dir, *, strategy=None, log=print, verbose=0):
+    """Trains one task as `config` says and writes it to `model_dir`; returns the metrics dict.
+
+    Rerunning the same call after a crash resumes from `model_dir/checkpoints`. Under a
+    multi-worker strategy every worker trains and only the chief writes the outputs.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    chief = is_chief(strategy)
+    _check_same_run(config, model_dir)
+    if chief:
+        os.makedirs(model_dir, exist_ok=True)
+        write_atomic(os.path.join(model_dir, "config.json"), lambda f: f.write(config.to_json().encode()))
+    with strategy.scope():
+        backbone = load_backbone(config.backbone, config.weights, config.image_size)
+        splits = load_dataset(config.dataset, image_shape=backbone.inputs[0].shape[1:], seed=config.train.seed)
+        keras.utils.set_random_seed(config.train.seed)
+        model = build_model(config, backbone, len(splits.class_names))
+    batches = epoch_batches(splits.train, config.train.batch_size, seed=config.train.seed)
+    history = train(model, batches, config.train, strategy=strategy,
+                    steps_per_epoch=-(-splits.train_size // config.train.batch_size),
+                    checkpoint_dir=os.path.join(model_dir, "checkpoints"),
+                    summary_dir=os.path.join(model_dir, "logs"), log=log, verbose=verbose)
+    accuracy = evaluate(model, splits.test)
     masks = [m for layer in masked_layers(model) for m in layer.thresholded_masks()]
     metrics = {
         "method": config.train.method,
         "dataset": config.dataset,
         "accuracy": accuracy,
         "top1_error": 1.0 - accuracy,
-        "train_accuracy": history[-1]["accuracy"],
+        "train_accuracy": history[-1]["accuracy"] if history else None,
         "sparsity": float(np.mean(np.concatenate([m.ravel() == 0 for m in masks]))) if masks else 0.0,
         "params": _stored_params(model, masks),
         "train_seconds": float(sum(h["seconds"] for h in history)),
     }
+    if not chief:
+        return metrics
     if config.train.method == "finetune":
         path = os.path.join(model_dir, "model.keras")
         tmp = os.path.join(model_dir, ".model.tmp.keras")
-        os.makedirs(model_dir, exist_ok=True)
         model.save(tmp)
         os.replace(tmp, path)
     else:
         path = os.path.join(model_dir, "task.npz")
-        save_task(model, path, class_names=class_names, metrics=dict(metrics))
+        # Only what the masks and head determine goes into the task file: reruns give the same bytes.
+        save_task(model, path, class_names=splits.class_names,
+                  metrics={k: metrics[k] for k in ("accuracy", "top1_error", "sparsity")})
     metrics["task_bytes"] = os.path.getsize(path)
     metrics["config"] = dataclasses.asdict(config)
     write_atomic(os.path.join(model_dir, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-    write_atomic(os.path.join(model_dir, "config.json"), lambda f: f.write(config.to_json().encode()))
     return metrics

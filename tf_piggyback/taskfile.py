@@ -102,13 +102,22 @@ def save_task(model, path, *, class_names=None, metrics=None):
         "sparsity": _overall_sparsity(layers),
         "layers": layers,
         "weights": [{"name": w.path, "shape": list(w.shape)} for w in weights],
-        "masks_sha256": hashlib.sha256(masks.tobytes()).hexdigest(),
         "metrics": metrics or {},
     }
-    arrays = {"manifest": np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8), "masks": masks}
-    arrays.update({f"w{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(weights)})
-    write_atomic(path, lambda f: np.savez(f, **arrays))
+    arrays = {"masks": masks, **{f"w{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(weights)}}
+    manifest["sha256"] = {name: _sha256(array) for name, array in arrays.items()}
+    arrays = {"manifest": np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8), **arrays}
+    write_atomic(path, lambda f: _write_npz(f, arrays))
     return manifest
+
+
+def _write_npz(file, arrays):
+    """`np.savez` with fixed zip timestamps, so the same task always gives the same bytes."""
+    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
 
 
 def _overall_sparsity(layers):
@@ -155,9 +164,14 @@ def read_task(path):
             f"{path!r} has task file version {manifest.get('version')!r}; this tf_piggyback reads "
             f"version {VERSION}: upgrade tf_piggyback or re-save the task"
         )
-    if "masks" not in arrays or hashlib.sha256(arrays["masks"].tobytes()).hexdigest() != manifest.get("masks_sha256"):
-        raise TaskFileError(f"{path!r} is corrupted: its masks do not match the manifest's checksum")
+    checksums = manifest.get("sha256") or {}
+    if set(checksums) != set(arrays) or any(_sha256(arrays[name]) != digest for name, digest in checksums.items()):
+        raise TaskFileError(f"{path!r} is corrupted: its arrays do not match the manifest's SHA-256 checksums")
     return manifest, arrays
+
+
+def _sha256(array):
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 def read_manifest(path):

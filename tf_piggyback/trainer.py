@@ -7,6 +7,7 @@ epochs, batch 32; the finetuning baseline uses SGD with momentum and lr 1e-3.
 """
 
 import dataclasses
+import os
 import time
 
 import keras
@@ -44,6 +45,27 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0. Received: {name}={getattr(self, name)!r}")
 
 
+def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=10_000):
+    """`epoch -> batched dataset`: a fixed shuffle per epoch, so a resumed run sees the same batches.
+
+    Args:
+        examples: an unbatched `tf.data.Dataset` of `(image, label)`.
+        batch_size: the global batch size.
+        seed: with the epoch number, seeds that epoch's shuffle.
+    """
+
+    def make(epoch):
+        ds = examples
+        if shuffle:
+            ds = ds.shuffle(buffer_size, seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
+        ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        return ds.with_options(options)
+
+    return make
+
+
 def numpy_dataset(x, y, batch_size, *, shuffle=False, seed=0):
     """A batched `tf.data.Dataset` of `(image, label)` from NumPy arrays."""
     ds = tf.data.Dataset.from_tensor_slices((x, y))
@@ -71,27 +93,65 @@ def make_optimizers(model, config, steps_per_epoch):
     return groups
 
 
-def train(model, dataset, config, *, strategy=None, log=print):
-    """Trains `model` on a batched `(image, label)` dataset for `config.epochs` epochs.
+def is_chief(strategy):
+    """Whether this process writes the run's outputs (always, except non-chief multi-workers)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
+
+
+def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkpoint_dir=None,
+          summary_dir=None, log=print, verbose=0):
+    """Trains `model` for `config.epochs` epochs, resuming from `checkpoint_dir` if it holds one.
 
     Args:
         model: a task model (`piggyback`, `classifier_only` or `finetune`), created under
             `strategy.scope()` when a strategy is given.
-        dataset: a `tf.data.Dataset` of global batches.
+        dataset: a `tf.data.Dataset` of global batches, or `epoch -> dataset` (see
+            `epoch_batches`; needed for a resumed run to repeat an uninterrupted one exactly).
         config: a `TrainConfig`.
         strategy: a `tf.distribute.Strategy`; default the current (single-device) one.
+        steps_per_epoch: batches per epoch, for the learning-rate decay; default the
+            dataset's cardinality.
+        checkpoint_dir: where a checkpoint is written after every epoch (model, optimizers,
+            epoch); a rerun restores the latest one and goes on from there.
+        summary_dir: where TensorBoard scalars go: loss, accuracy, learning rates, overall and
+            per-layer mask sparsity.
         log: called with one line per epoch.
+        verbose: 1 shows a progress bar during each epoch.
 
     Returns:
-        A list with one dict per epoch: `epoch`, `loss`, `accuracy`, `seconds`.
+        A list with one dict per epoch trained in this call: `epoch`, `loss`, `accuracy`, `seconds`.
+
+    Raises:
+        FloatingPointError: the loss became NaN or inf; the last good checkpoint is kept.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    steps_per_epoch = int(dataset.cardinality())
+    make_dataset = dataset if callable(dataset) else (lambda epoch: dataset)
+    if steps_per_epoch is None:
+        steps_per_epoch = int(make_dataset(0).cardinality())
     if steps_per_epoch <= 0:
         raise ValueError("the training dataset is empty or of unknown size; give it a known, finite length")
     with strategy.scope():
         groups = make_optimizers(model, config, steps_per_epoch)
-    variables = [v for _, vs in groups for v in vs]
+        variables = [v for _, vs in groups for v in vs]
+        for optimizer, vs in groups:
+            optimizer.build(vs)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    checkpoint = tf.train.Checkpoint(model=model, epoch=epoch_var,
+                                     **{f"optimizer{i}": opt for i, (opt, _) in enumerate(groups)})
+    manager = None
+    if checkpoint_dir:
+        if not is_chief(strategy):  # every worker saves; only the chief's copy is kept
+            checkpoint_dir = os.path.join(checkpoint_dir, f"worker{strategy.cluster_resolver.task_id}")
+        manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=2)
+        if manager.latest_checkpoint:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            log(f"resumed from {manager.latest_checkpoint} after epoch {int(epoch_var.numpy())}")
+    writer = tf.summary.create_file_writer(summary_dir) if summary_dir and is_chief(strategy) else None
 
     def step(images, labels):
         with tf.GradientTape() as tape:
@@ -112,24 +172,57 @@ def train(model, dataset, config, *, strategy=None, log=print):
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
 
     history = []
-    distributed = strategy.experimental_distribute_dataset(dataset)
-    for epoch in range(config.epochs):
+    for epoch in range(int(epoch_var.numpy()), config.epochs):
         start_time = time.time()
         totals = np.zeros(3)
-        for images, labels in distributed:
+        progress = keras.utils.Progbar(steps_per_epoch, verbose=verbose)
+        for images, labels in strategy.experimental_distribute_dataset(make_dataset(epoch)):
             totals += [float(t) for t in distributed_step(images, labels)]
+            progress.add(1, values=[("loss", totals[0] / totals[2])])
         loss, accuracy = totals[0] / totals[2], totals[1] / totals[2]
         if not np.isfinite(loss):
             raise FloatingPointError(
                 f"loss became {loss} in epoch {epoch + 1}; lower the learning rates (mask_lr, head_lr)"
+                + (f"; the last good checkpoint is kept in {checkpoint_dir}" if manager else "")
             )
+        epoch_var.assign(epoch + 1)
+        if manager:
+            manager.save(checkpoint_number=epoch + 1)
         history.append({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "seconds": time.time() - start_time})
+        if writer:
+            _write_summaries(writer, model, groups, history[-1])
         log(f"epoch {epoch + 1}/{config.epochs}  loss {loss:.4f}  accuracy {accuracy:.4f}  "
             f"({history[-1]['seconds']:.1f}s)")
     return history
 
 
-def evaluate(model, x, y, batch_size=256):
-    """Top-1 accuracy of `model` on NumPy arrays, in inference mode."""
-    logits = model.predict(x, batch_size=batch_size, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(y)))
+def _write_summaries(writer, model, groups, record):
+    with writer.as_default(step=record["epoch"]):
+        tf.summary.scalar("loss", record["loss"])
+        tf.summary.scalar("accuracy", record["accuracy"])
+        for i, (optimizer, _) in enumerate(groups):
+            tf.summary.scalar(f"learning_rate/{i}", float(optimizer.learning_rate))
+        zeros = total = 0
+        for layer in masked_layers(model):
+            for kernel, mask in zip(layer.kernels, layer.thresholded_masks()):
+                tf.summary.scalar(f"sparsity/{kernel.path}", float(np.mean(mask == 0)))
+                zeros, total = zeros + int(np.sum(mask == 0)), total + mask.size
+        if total:
+            tf.summary.scalar("sparsity/overall", zeros / total)
+
+
+def evaluate(model, data, labels=None, batch_size=256):
+    """Top-1 accuracy of `model` in inference mode, on NumPy `(data, labels)` or on an unbatched
+    `tf.data.Dataset` of `(image, label)`."""
+    if labels is not None:
+        data = tf.data.Dataset.from_tensor_slices((data, labels))
+    correct = total = 0
+    for images, y in data.batch(batch_size):
+        # A direct call, not predict(): Keras' predict splits batches across a distributed
+        # model's replicas and returns each worker's copy under MultiWorkerMirroredStrategy.
+        predicted = np.argmax(model(images, training=False), axis=-1)
+        correct += int(np.sum(predicted == y.numpy()))
+        total += len(predicted)
+    if not total:
+        raise ValueError("the evaluation set is empty")
+    return correct / total
