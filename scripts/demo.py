@@ -7,18 +7,19 @@ Trains piggyback, classifier-only and finetuning on `digits:upper` (new classes)
 accuracy is reproduced exactly, and writes `report.md` and `sparsity.png` under --out.
 """
 
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 
 import tf_piggyback as pb
 from tf_piggyback.cli import user_errors
 from tf_piggyback.experiment import RunConfig, run
+from tf_piggyback.export import export_saved_model, export_tflite
 from tf_piggyback.report import markdown_table, sparsity_plot
 from tf_piggyback.taskfile import write_atomic
 
@@ -44,6 +45,52 @@ def reload_accuracy(task_path, dataset):
         check=True, capture_output=True, text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["accuracy"]
+
+
+SERVE_CHECK = """
+import json, sys, numpy as np, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+data = np.load(sys.argv[2])
+print(json.dumps({name: model.signatures[name](image=tf.constant(data[name]))["logits"].numpy().argmax(-1).tolist()
+                  for name in sys.argv[3:]}))
+"""
+
+
+def test_images(task):
+    return np.stack([x.numpy() for x, _ in pb.load_dataset(f"digits:{task}").test])
+
+
+def export_and_check(out, task_paths):
+    """Exports the piggyback tasks, reloads them as a server and a phone would; returns report lines."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    backbone = pb.digits_backbone()
+    images = {task: test_images(task) for task in TASKS}
+    keras_top1 = {task: pb.load_task(spec.partition("=")[2], backbone)(images[task]).numpy().argmax(-1)
+                  for task, spec in zip(TASKS, task_paths)}
+    lines = []
+    single = export_saved_model(backbone, task_paths[:1], os.path.join(out, "serving", "upper"), 1, overwrite=True)
+    multi = export_saved_model(backbone, task_paths, os.path.join(out, "serving", "digits_tasks"), 1, overwrite=True)
+    np.savez(os.path.join(out, "serving", "images.npz"), **images)
+    for path, tasks in ((single, TASKS[:1]), (multi, TASKS)):
+        result = subprocess.run([sys.executable, "-c", SERVE_CHECK, path, os.path.join(out, "serving", "images.npz"),
+                                 *tasks], check=True, capture_output=True, text=True)
+        served = json.loads(result.stdout.strip().splitlines()[-1])
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+        agreement = ", ".join(f"{t} {np.mean(np.array(served[t]) == keras_top1[t]):.2%}" for t in tasks)
+        lines.append(f"| SavedModel `{os.path.relpath(path, out)}` | {size:,} | {agreement} |")
+    representative = np.stack([x.numpy() for x, _ in pb.load_dataset("digits:upper").train.take(500)])
+    for name, tasks, quantize in (("digits_tasks.tflite", TASKS, "none"), ("upper_int8.tflite", TASKS[:1], "int8")):
+        file = os.path.join(out, "tflite", name)
+        size = export_tflite(backbone, [task_paths[TASKS.index(t)] for t in tasks], file, quantize, representative)
+        interpreter = Interpreter(model_path=file)
+        agreement = []
+        for task in tasks:
+            runner = interpreter.get_signature_runner(task if len(tasks) > 1 else "serving_default")
+            top1 = runner(image=images[task])["logits"].argmax(-1)
+            agreement.append(f"{task} {np.mean(top1 == keras_top1[task]):.2%}")
+        lines.append(f"| TFLite `tflite/{name}` ({quantize}) | {size:,} | {', '.join(agreement)} |")
+    return lines
 
 
 @user_errors
@@ -73,6 +120,10 @@ def main(argv):
                   f"{metrics['task_bytes']:,} bytes  ({metrics['train_seconds']:.0f}s)", flush=True)
             rows.append(row)
     sparsity_plot(manifests, os.path.join(FLAGS.out, "sparsity.png"))
+    print("== exporting the piggyback tasks", flush=True)
+    exports = export_and_check(FLAGS.out, [f"{task}={FLAGS.out}/{task}/piggyback/task.npz" for task in TASKS])
+    export_table = "| export | bytes | top-1 agreement with Keras (fresh process / LiteRT) |\n|---|---|---|\n" + \
+        "\n".join(exports) + "\n"
     table = markdown_table(rows)
     report = (
         "# tf_piggyback demo\n\n"
@@ -83,10 +134,14 @@ def main(argv):
         "process and gave exactly the same accuracy.\n\n"
         f"{table}\n"
         "`task_bytes`: the task file (masks + head) for piggyback and classifier-only; the whole "
-        "`.keras` model for finetune. Per-layer sparsity: sparsity.png.\n"
+        "`.keras` model for finetune. Per-layer sparsity: sparsity.png.\n\n"
+        "## Deployment\n\n"
+        "The piggyback tasks exported: one task with its mask baked in, both tasks in one model "
+        "(shared backbone, packed masks, one signature each), and TFLite files run with LiteRT.\n\n"
+        f"{export_table}"
     )
     write_atomic(os.path.join(FLAGS.out, "report.md"), lambda f: f.write(report.encode()))
-    print("\n" + table)
+    print("\n" + table + "\n" + export_table)
     print(f"wrote {FLAGS.out}/report.md and {FLAGS.out}/sparsity.png in {time.time() - start:.0f}s")
 
 

@@ -45,6 +45,10 @@ def test_demo_writes_report_plot_and_reloadable_tasks(demo):
     assert "| inverted | classifier |" in report and "exactly the same accuracy" in report
     with open(os.path.join(out, "sparsity.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| SavedModel `serving/digits_tasks/1` |" in report and "upper 100.00%, inverted 100.00%" in report
+    assert os.path.exists(os.path.join(out, "serving", "upper", "1", "saved_model.pb"))
+    for name in ("digits_tasks.tflite", "upper_int8.tflite"):
+        assert os.path.getsize(os.path.join(out, "tflite", name)) > 100_000
     task = os.path.join(out, "upper", "piggyback", "task.npz")
     result = run_script("evaluate.py", "--backbone=digits", f"--task={task}", "--dataset=digits:upper")
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,52 @@
+"""Exports task files as one TFLite / LiteRT model (DESIGN 3.5).
+
+python export/tflite.py --backbone=digits --task=runs/demo/upper/piggyback/task.npz \
+    --output=upper.tflite --quantize=int8 --representative=digits:upper
+
+Several --task give one signature per task (the backbone stored once, masks packed); a single
+task gives `serving_default`. Run it with
+`ai_edge_litert.interpreter.Interpreter(model_path=F).get_signature_runner(NAME)(image=x)`.
+"""
+
+import numpy as np
+from absl import app, flags
+
+import tf_piggyback as pb
+from tf_piggyback.cli import user_errors
+from tf_piggyback.export import QUANTIZATIONS, REPRESENTATIVE_SAMPLES, export_tflite
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("backbone", None, "digits, a keras.applications name, or a .keras file.")
+    flags.DEFINE_string("weights", "imagenet", "keras.applications weights: imagenet, none or a path.")
+    flags.DEFINE_integer("image_size", None, "keras.applications input size (default 224).")
+    flags.DEFINE_multi_string("task", None, "Task file(s), PATH or NAME=PATH; repeat for one signature per task.")
+    flags.DEFINE_string("output", None, "The .tflite file to write.")
+    flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "none (float32), float16, or int8 (full integer).")
+    flags.DEFINE_string("representative", None, "For int8: a dataset spec whose training images calibrate.")
+    for name in ("backbone", "task", "output"):
+        flags.mark_flag_as_required(name)
+
+
+def representative_images(spec, image_shape):
+    """Up to REPRESENTATIVE_SAMPLES raw training images of a dataset spec, fitted to the backbone."""
+    train = pb.load_dataset(spec, image_shape=image_shape).train
+    return np.stack([x.numpy() for x, _ in train.take(REPRESENTATIVE_SAMPLES)])
+
+
+@user_errors
+def main(argv):
+    del argv
+    backbone = pb.load_backbone(FLAGS.backbone, FLAGS.weights, FLAGS.image_size)
+    representative = None
+    if FLAGS.representative:
+        representative = representative_images(FLAGS.representative, backbone.inputs[0].shape[1:])
+    size = export_tflite(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative)
+    print(f"{FLAGS.output}: {size:,} bytes")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

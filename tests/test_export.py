@@ -1,0 +1,198 @@
+"""export/: SavedModels (one task baked, several packed) and TFLite files, checked as users load them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_piggyback as pb
+from conftest import REPO
+from tf_piggyback.export import export_saved_model, export_tflite, next_version
+
+SUBPROCESS_LOAD = """
+import sys, numpy as np, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+x = np.load(sys.argv[2])
+out = {k: v.numpy() for k, v in model.signatures[sys.argv[3]](image=tf.constant(x)).items()}
+np.savez(sys.argv[4], **out)
+"""
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """Two piggyback tasks on the digits backbone and their test images. `upper` is trained as in
+    the demo (30 epochs), since int8 agreement is only meaningful for a converged model."""
+    root = tmp_path_factory.mktemp("tasks")
+    paths, data = [], {}
+    for variant in ("upper", "inverted"):
+        splits = pb.load_dataset(f"digits:{variant}")
+        model = pb.piggyback(pb.digits_backbone(), len(splits.class_names))
+        config = pb.TrainConfig(epochs=30, head_lr=1e-3) if variant == "upper" else \
+            pb.TrainConfig(epochs=8, head_lr=1e-3, mask_lr=1e-3)
+        pb.train(model, pb.trainer.epoch_batches(splits.train, 32), config, log=lambda line: None)
+        path = str(root / variant / "task.npz")
+        pb.save_task(model, path)
+        paths.append(path)
+        data[variant] = np.stack([x.numpy() for x, _ in splits.test])
+    return paths, data
+
+
+def keras_logits(path, x):
+    return pb.load_task(path, pb.digits_backbone())(x).numpy()
+
+
+def load_in_fresh_process(model_dir, signature, x, tmp_path):
+    np.save(tmp_path / "x.npy", x)
+    subprocess.run([sys.executable, "-c", SUBPROCESS_LOAD, model_dir, str(tmp_path / "x.npy"), signature,
+                    str(tmp_path / "out.npz")], check=True, capture_output=True)
+    return dict(np.load(tmp_path / "out.npz"))
+
+
+def test_single_task_saved_model_is_baked_and_matches_keras(tasks, tmp_path):
+    paths, data = tasks
+    path = export_saved_model(pb.digits_backbone(), paths[:1], str(tmp_path / "upper"))
+    assert path.endswith(os.path.join("upper", "1"))
+    x = data["upper"][:64]
+    for signature in ("serving_default", "upper"):
+        out = load_in_fresh_process(path, signature, x, tmp_path)
+        np.testing.assert_allclose(out["logits"], keras_logits(paths[0], x), atol=1e-5)
+        np.testing.assert_allclose(out["probabilities"], tf.nn.softmax(out["logits"]).numpy(), atol=1e-6)
+    # no mask or binarizer ops: the graph is the plain backbone's
+    loaded = tf.saved_model.load(path)
+    graph = loaded.signatures["serving_default"].graph.as_graph_def()
+    ops = {node.op for node in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    assert "Conv2D" in ops
+    assert not ops & {"GreaterEqual", "FloorMod", "FloorDiv", "Less", "Cast"}, ops
+    variables = {v.name for v in loaded.signatures["serving_default"].variables}
+    assert variables and not any("mask" in name for name in variables)
+
+
+def test_multi_task_saved_model_matches_each_task(tasks, tmp_path):
+    paths, data = tasks
+    path = export_saved_model(pb.digits_backbone(), paths, str(tmp_path / "multi"), version=7)
+    loaded = tf.saved_model.load(path)
+    assert set(loaded.signatures) == {"serving_default", "upper", "inverted"}
+    for path_, name in zip(paths, ("upper", "inverted")):
+        x = data[name][:64]
+        out = loaded.signatures[name](image=tf.constant(x))
+        np.testing.assert_allclose(out["logits"].numpy(), keras_logits(path_, x), atol=1e-5)
+    np.testing.assert_array_equal(loaded.signatures["serving_default"](image=tf.constant(x[:4]))["logits"],
+                                  loaded.signatures["upper"](image=tf.constant(x[:4]))["logits"])
+    # the backbone once, each task's masks packed: far below two baked copies
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    single = export_saved_model(pb.digits_backbone(), paths[:1], str(tmp_path / "single"))
+    single_size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(single) for f in fs)
+    assert size < 1.5 * single_size, (size, single_size)
+
+
+def test_versions_and_overwrite(tasks, tmp_path):
+    paths, _ = tasks
+    out = str(tmp_path / "m")
+    assert next_version(out) == 1
+    first = export_saved_model(pb.digits_backbone(), paths[:1], out)
+    stamp = os.path.getmtime(os.path.join(first, "saved_model.pb"))
+    with pytest.raises(ValueError, match="exists; pick another --version"):
+        export_saved_model(pb.digits_backbone(), paths[:1], out, version=1)
+    assert os.path.getmtime(os.path.join(first, "saved_model.pb")) == stamp
+    assert export_saved_model(pb.digits_backbone(), paths[:1], out).endswith("2")
+    assert sorted(os.listdir(out)) == ["1", "2"]
+
+
+def test_killed_export_leaves_no_partial_version(tasks, tmp_path):
+    paths, _ = tasks
+    out = tmp_path / "killed"
+    command = [sys.executable, os.path.join(REPO, "export", "saved_model.py"), "--backbone=digits",
+               f"--task={paths[0]}", f"--task={paths[1]}", f"--output={out}"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out.exists() and any(name.startswith(".") for name in os.listdir(out))):
+        assert process.poll() is None and time.time() < deadline, "export finished before it could be killed"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "1").exists()
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (out / "1" / "saved_model.pb").exists()
+
+
+def test_tflite_float_float16_and_multi_signature(tasks, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    paths, data = tasks
+    backbone = pb.digits_backbone()
+    x = data["upper"][:64]
+    reference = keras_logits(paths[0], x)
+    for quantize, check in (("none", lambda a, b: np.abs(a - b).max() <= 1e-4),
+                            ("float16", lambda a, b: np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.98)):
+        file = str(tmp_path / f"upper_{quantize}.tflite")
+        export_tflite(backbone, paths[:1], file, quantize)
+        interpreter = Interpreter(model_path=file)
+        out = interpreter.get_signature_runner("serving_default")(image=x)
+        assert check(out["logits"], reference), quantize
+        assert not [d for d in interpreter._get_ops_details() if "Flex" in d["op_name"]]
+    multi = str(tmp_path / "multi.tflite")
+    size = export_tflite(backbone, paths, multi)
+    interpreter = Interpreter(model_path=multi)
+    assert set(interpreter.get_signature_list()) == {"upper", "inverted"}
+    for path_, name in zip(paths, ("upper", "inverted")):
+        x = data[name][:64]
+        out = interpreter.get_signature_runner(name)(image=x)
+        assert np.abs(out["logits"] - keras_logits(path_, x)).max() <= 1e-4
+    single = os.path.getsize(str(tmp_path / "upper_none.tflite"))
+    assert size < 1.5 * single, (size, single)  # one copy of the backbone weights
+
+
+def test_tflite_int8_agrees_on_the_test_set(tasks, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    paths, data = tasks
+    representative = np.stack([x.numpy() for x, _ in pb.load_dataset("digits:upper").train.take(500)])
+    file = str(tmp_path / "upper_int8.tflite")
+    size = export_tflite(pb.digits_backbone(), paths[:1], file, "int8", representative)
+    assert size < os.path.getsize(file) + 1 and size < 200_000
+    x = data["upper"]
+    out = Interpreter(model_path=file).get_signature_runner("serving_default")(image=x)
+    agreement = np.mean(out["logits"].argmax(-1) == keras_logits(paths[0], x).argmax(-1))
+    assert agreement >= 0.98, agreement
+
+
+def test_export_bad_input(tasks, tmp_path):
+    paths, _ = tasks
+    backbone = pb.digits_backbone()
+    with pytest.raises(ValueError, match="quantize must be one of none, float16, int8"):
+        export_tflite(backbone, paths[:1], str(tmp_path / "x.tflite"), "int4")
+    with pytest.raises(ValueError, match=r"representative images have shape \(8, 8, 1\)"):
+        export_tflite(backbone, paths[:1], str(tmp_path / "x.tflite"), "int8", np.zeros((4, 8, 8, 1)))
+    with pytest.raises(ValueError, match="int8 quantization takes one --task"):
+        export_tflite(backbone, paths, str(tmp_path / "x.tflite"), "int8", np.zeros((4, 32, 32, 1)))
+    assert not os.path.exists(tmp_path / "x.tflite")
+    other = pb.digits_backbone(weights=None)
+    with pytest.raises(pb.TaskFileError, match="load it with the backbone and weights it was trained on"):
+        export_saved_model(other, paths[:1], str(tmp_path / "other"))
+    assert not os.path.exists(tmp_path / "other" / "1")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "export", "tflite.py"), "--backbone=digits", f"--task={paths[0]}",
+         f"--output={tmp_path}/y.tflite", "--quantize=int4"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0 and "--quantize=int4: value should be one of <none|float16|int8>" in result.stderr
+
+
+def test_serving_config(tasks, tmp_path):
+    paths, _ = tasks
+    models = tmp_path / "models"
+    export_saved_model(pb.digits_backbone(), paths[:1], str(models / "upper"))
+    export_saved_model(pb.digits_backbone(), paths, str(models / "multi"))
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "export", "serving_config.py"), f"--models={models}",
+         f"--output={models}/models.config"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = (models / "models.config").read_text()
+    assert config.count("config {") == 2 and f'base_path: "{models}/upper"' in config
+    body = json.loads((models / "request.json").read_text())
+    assert np.array(body["instances"][0]["image"]).shape == (32, 32, 1)

@@ -1,0 +1,230 @@
+"""Deployment: task files -> SavedModels (TensorFlow Serving layout) and TFLite / LiteRT files.
+
+Every exported signature takes `image` (float32 `[None, H, W, C]`, raw 0-255 pixels; the
+backbone's preprocessing is inside) and returns `logits` and `probabilities` (DESIGN 3.5).
+- One task: the mask is baked into ordinary layers (`bake`), so the graph is the plain backbone's.
+- Several tasks: one shared copy of the backbone; each task keeps its masks packed 1 bit per
+  parameter (uint8 variables, unpacked in-graph with integer floor-div/mod, which TFLite also
+  has) and its head; one signature per task, `serving_default` being the first.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_piggyback import coding
+from tf_piggyback.surgery import bake, masked_layers
+from tf_piggyback.taskfile import load_task, write_atomic
+
+QUANTIZATIONS = ("none", "float16", "int8")
+REPRESENTATIVE_SAMPLES = 500
+
+
+def parse_task(spec):
+    """`NAME=PATH` or `PATH` -> `(signature name, path)`; see `task_name` for the default name."""
+    name, sep, path = spec.partition("=")
+    if sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        return name, path
+    return task_name(spec), spec
+
+
+def task_name(path):
+    """A signature name for a task file: its folder's name for `.../NAME/task.npz`, else its stem."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == "task" else stem
+    name = re.sub(r"[^A-Za-z0-9_]", "_", name) or "task"
+    return name if not name[0].isdigit() else f"task_{name}"
+
+
+def _outputs(logits):
+    return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
+
+
+def _unpack_bits(packed, count):
+    """uint8 bytes -> `count` bits (MSB first, as np.packbits), with int32 floor-div/mod only."""
+    as_int = tf.cast(packed, tf.int32)[:, None]
+    bits = tf.math.floormod(tf.math.floordiv(as_int, tf.constant([128, 64, 32, 16, 8, 4, 2, 1])), 2)
+    return tf.reshape(bits, [-1])[:count]
+
+
+class _PackedTask(tf.Module):
+    """One task of a multi-task model: packed masks, own weights, and a `stateless_call` forward."""
+
+    def __init__(self, model, backbone_ids):
+        super().__init__()
+        # Kept out of tracking (tf.Module tracks attributes): its float masks must not be saved;
+        # the backbone's variables it reads are tracked through the parent module.
+        self.__dict__["_model"] = model
+        masks = {id(m): (layer, i) for layer in masked_layers(model) for i, m in enumerate(layer.masks)}
+        self.packed, self.own = [], []
+        self._sources = []  # per model variable: ("mask", index, shape, type) | ("own", index) | ("shared", var)
+        for variable in model.variables:
+            if id(variable) in masks:
+                layer, i = masks[id(variable)]
+                mask = layer.thresholded_masks()[i]
+                payload, _ = coding.encode(mask, layer.mask_type) if layer.mask_type == "ternary" else \
+                    (np.packbits(mask.astype(bool)).tobytes(), None)
+                self.packed.append(tf.Variable(np.frombuffer(payload, np.uint8), trainable=False))
+                self._sources.append(("mask", len(self.packed) - 1, tuple(mask.shape), layer.mask_type))
+            elif id(variable) in backbone_ids:
+                self._sources.append(("shared", variable))
+            else:
+                self.own.append(tf.Variable(keras.ops.convert_to_numpy(variable), trainable=False))
+                self._sources.append(("own", len(self.own) - 1))
+
+    def _value(self, source):
+        if source[0] == "shared":
+            return source[1].value
+        if source[0] == "own":
+            return self.own[source[1]]
+        _, index, shape, mask_type = source
+        size = int(np.prod(shape))
+        if mask_type == "ternary":
+            bits = tf.reshape(_unpack_bits(self.packed[index], 2 * size), [size, 2])
+            values = bits[:, 0] * 2 + bits[:, 1] - 1
+        else:
+            values = _unpack_bits(self.packed[index], size)
+        # m_r = m reproduces m through the threshold: 1 >= tau, 0 < tau, -1 < 0.
+        return tf.reshape(tf.cast(values, tf.float32), shape)
+
+    def __call__(self, image):
+        values = {id(v): self._value(source) for v, source in zip(self._model.variables, self._sources)}
+        logits, _ = self._model.stateless_call(
+            [values[id(v)] for v in self._model.trainable_variables],
+            [values[id(v)] for v in self._model.non_trainable_variables],
+            image, training=False)
+        return logits
+
+
+def _signature(forward, spec, name):
+    def serve(image):
+        return forward(image)
+
+    serve.__name__ = name  # TFLite names each signature after its function
+    return tf.function(serve, input_signature=[spec])
+
+
+def build_serving_module(backbone, task_paths):
+    """A `tf.Module` with one signature function per task; returns `(module, signatures)`."""
+    if not task_paths:
+        raise ValueError("give at least one --task")
+    names, task_paths = zip(*[parse_task(p) for p in task_paths])
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must differ; got {list(names)}: name them with --task=NAME=PATH")
+    shape = list(backbone.inputs[0].shape)
+    spec = tf.TensorSpec([None, *shape[1:]], tf.float32, name="image")
+    module = tf.Module()
+    signatures = {}
+    if len(task_paths) == 1:
+        module.model = bake(load_task(task_paths[0], backbone))
+        forward = [lambda image: module.model(image, training=False)]
+    else:
+        module.backbone = backbone
+        backbone_ids = {id(v) for v in backbone.variables}
+        module.tasks = [_PackedTask(load_task(p, backbone), backbone_ids) for p in task_paths]
+        forward = [task.__call__ for task in module.tasks]
+    for name, fn in zip(names, forward):
+        signatures[name] = _signature(lambda image, fn=fn: _outputs(fn(image)), spec, name)
+    signatures["serving_default"] = signatures[names[0]]
+    module.signatures_ = signatures  # keep the functions alive and tracked
+    return module, signatures
+
+
+def next_version(output_dir):
+    """The next free integer version under a TF Serving model directory."""
+    versions = [int(d) for d in os.listdir(output_dir) if d.isdigit()] if os.path.isdir(output_dir) else []
+    return max(versions, default=0) + 1
+
+
+def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite=False):
+    """Writes `output_dir/<version>/` atomically; returns its path.
+
+    Args:
+        backbone: the backbone the tasks were trained on (fingerprints are checked).
+        task_paths: one task file (mask baked in) or several (shared backbone, packed masks),
+            each `PATH` or `NAME=PATH` (the signature's name; default from the path, `task_name`).
+        output_dir: the TF Serving model base path.
+        version: integer version; default the next free one.
+        overwrite: replace an existing version instead of refusing.
+    """
+    if version is None:
+        version = next_version(output_dir)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be an integer >= 0. Received: version={version!r}")
+    final = os.path.join(output_dir, str(version))
+    if os.path.exists(final) and not overwrite:
+        raise ValueError(f"{final} exists; pick another --version, omit it for the next free one, or pass --overwrite")
+    module, signatures = build_serving_module(backbone, task_paths)
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=output_dir)
+    try:
+        tf.saved_model.save(module, tmp, signatures=signatures)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def export_tflite(backbone, task_paths, output_path, quantize="none", representative=None):
+    """Writes one `.tflite` file with one signature per task, atomically; returns its size.
+
+    Built from the same module as `export_saved_model` (converted from its concrete functions,
+    so the weights are embedded as constants). Check it with
+    `ai_edge_litert.interpreter.Interpreter(...).get_signature_runner(name)(image=x)`.
+
+    Args:
+        backbone: the backbone the tasks were trained on.
+        task_paths: one or more task files, each `PATH` or `NAME=PATH`.
+        output_path: the `.tflite` file.
+        quantize: `"none"` (float32), `"float16"` (float16 weights) or `"int8"` (full-integer
+            post-training quantization of weights and activations; float input and output).
+        representative: for int8, a NumPy array of raw images `[N, H, W, C]` (200 are used).
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}. Received: quantize={quantize!r}")
+    shape = tuple(backbone.inputs[0].shape[1:])
+    if quantize == "int8":
+        if representative is None or len(representative) == 0:
+            raise ValueError("int8 quantization needs a representative dataset (--representative=DATASET_SPEC)")
+        representative = np.asarray(representative, np.float32)
+        if tuple(representative.shape[1:]) != shape:
+            raise ValueError(f"representative images have shape {tuple(representative.shape[1:])}; "
+                             f"the model takes {shape}")
+        if len(task_paths) > 1:
+            # The masked kernels of a multi-task file are computed at run time, and TFLite's int8
+            # convolutions need constant, symmetric filters.
+            raise ValueError("int8 quantization takes one --task; export each task to its own .tflite")
+    module, signatures = build_serving_module(backbone, task_paths)
+    names = [parse_task(p)[0] for p in task_paths]
+    # Through a SavedModel: functions restored from one read plain tf.Variables, which the
+    # converter freezes into the flatbuffer (Keras variables in memory stay READ_VARIABLE ops).
+    with tempfile.TemporaryDirectory() as tmp:
+        tf.saved_model.save(module, tmp)
+        loaded = tf.saved_model.load(tmp)
+        spec = tf.TensorSpec([None, *shape], tf.float32, name="image")
+        functions = [_signature(loaded.signatures_[name], spec, name).get_concrete_function() for name in names]
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, loaded)
+        if quantize == "float16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        elif quantize == "int8":
+
+            def samples():
+                for name in names:
+                    for image in representative[:REPRESENTATIVE_SAMPLES]:
+                        yield (name, {"image": image[None]}) if len(names) > 1 else {"image": image[None]}
+
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = samples
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        flatbuffer = converter.convert()
+    write_atomic(output_path, lambda f: f.write(flatbuffer))
+    return len(flatbuffer)
