@@ -110,3 +110,17 @@ def test_classifier_backbone_is_refused_with_the_fix():
 def test_num_classes_validated():
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
         piggyback(tiny_backbone(), 1)
+
+
+@pytest.mark.parametrize("name,module", [("ResNet50", "resnet50"), ("MobileNetV2", "mobilenet_v2"),
+                                         ("DenseNet121", "densenet"), ("EfficientNetB0", "efficientnet")])
+def test_load_backbone_takes_raw_pixels(name, module):
+    from tf_piggyback.backbones import load_backbone
+
+    backbone = load_backbone(name, weights="none", image_size=32)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    inner = backbone.layers[-1]
+    expected = inner(getattr(keras.applications, module).preprocess_input(x.copy()))
+    np.testing.assert_allclose(backbone(x), expected, rtol=1e-4, atol=1e-4)
+    model = piggyback(backbone, 3)
+    np.testing.assert_allclose(features_of(model)(x), expected, rtol=1e-4, atol=1e-4)

@@ -13,6 +13,49 @@ import numpy as np
 
 from tf_piggyback.datasets import DIGITS_IMAGE_SIZE, load_digits_variant
 
+# keras.applications module -> the preprocess_input mode its weights expect; families not listed
+# (EfficientNet, ConvNeXt, MobileNetV3, RegNet) preprocess inside the model already.
+PREPROCESSING = {
+    "resnet": "caffe", "vgg16": "caffe", "vgg19": "caffe", "densenet": "torch", "resnet_v2": "tf",
+    "mobilenet": "tf", "mobilenet_v2": "tf", "inception_v3": "tf", "inception_resnet_v2": "tf",
+    "xception": "tf", "nasnet": "tf",
+}
+
+
+@keras.saving.register_keras_serializable(package="tf_piggyback")
+class ImagePreprocessing(keras.layers.Layer):
+    """`keras.applications` `preprocess_input` as a layer, so models take raw 0-255 RGB pixels.
+
+    Args:
+        mode: `"caffe"` (RGB->BGR, minus the ImageNet mean), `"tf"` (to [-1, 1]), `"torch"`
+            (to [0, 1], then per-channel ImageNet standardization) or `"none"`.
+    """
+
+    MODES = ("caffe", "tf", "torch", "none")
+
+    def __init__(self, mode="none", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}. Received: mode={mode!r}")
+        self.mode = mode
+
+    def call(self, images):
+        if self.mode == "caffe":
+            return images[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)
+        if self.mode == "tf":
+            return images / 127.5 - 1.0
+        if self.mode == "torch":
+            return (images / 255.0 - np.array([0.485, 0.456, 0.406], np.float32)) / np.array(
+                [0.229, 0.224, 0.225], np.float32)
+        return images
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
 DIGITS_WEIGHTS = os.path.join(os.path.dirname(__file__), "assets", "digits_backbone.weights.h5")
 DIGITS_FEATURES = 128
 
@@ -64,6 +107,9 @@ def pretrain_digits_backbone(epochs=30, seed=0, log=print):
 def load_backbone(name, weights="imagenet", image_size=None):
     """A headless backbone from a name: `digits`, a `keras.applications` model, or a `.keras` file.
 
+    Every backbone takes raw 0-255 pixels: a `keras.applications` model gets its own
+    `preprocess_input` in front, as an `ImagePreprocessing` layer, and global average pooling.
+
     Args:
         name: `"digits"`, e.g. `"ResNet50"` (any `keras.applications` callable), or a path
             ending in `.keras`.
@@ -87,7 +133,10 @@ def load_backbone(name, weights="imagenet", image_size=None):
         )
     size = image_size or 224
     weights = None if weights in (None, "none") else weights
-    return factory(weights=weights, include_top=False, pooling="avg", input_shape=(size, size, 3))
+    base = factory(weights=weights, include_top=False, pooling="avg", input_shape=(size, size, 3))
+    mode = PREPROCESSING.get(factory.__module__.rsplit(".", 1)[-1], "none")
+    inputs = keras.Input((size, size, 3), name="image")
+    return keras.Model(inputs, base(ImagePreprocessing(mode, name="preprocessing")(inputs)), name=base.name)
 
 
 if __name__ == "__main__":
