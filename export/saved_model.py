@@ -1,4 +1,4 @@
-"""Exports task files as a SavedModel in TensorFlow Serving's layout: OUTPUT/<version>/ (DESIGN 3.5).
+r"""Exports task files as a SavedModel in TensorFlow Serving's layout: OUTPUT/<version>/ (DESIGN 3.5).
 
 python export/saved_model.py --backbone=digits --task=runs/demo/upper/piggyback/task.npz \
     --output=models/digits
@@ -10,29 +10,26 @@ signature per task (named after the task file's folder); `serving_default` is th
 
 from absl import app, flags
 
-import tf_piggyback as pb
-from tf_piggyback.cli import user_errors
+from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
 from tf_piggyback.export import export_saved_model
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("backbone", None, "digits, a keras.applications name, or a .keras file.")
-    flags.DEFINE_string("weights", "imagenet", "keras.applications weights: imagenet, none or a path.")
-    flags.DEFINE_integer("image_size", None, "keras.applications input size (default 224).")
+    define_backbone_flags()
     flags.DEFINE_multi_string("task", None, "Task file(s), PATH or NAME=PATH; repeat for a multi-task model.")
     flags.DEFINE_string("output", None, "Model base path; the version goes in OUTPUT/<version>/.")
     flags.DEFINE_integer("version", None, "Integer version; default the next free one.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
-    for name in ("backbone", "task", "output"):
+    for name in ("task", "output"):
         flags.mark_flag_as_required(name)
 
 
 @user_errors
 def main(argv):
     del argv
-    backbone = pb.load_backbone(FLAGS.backbone, FLAGS.weights, FLAGS.image_size)
+    backbone = backbone_from_flags()
     path = export_saved_model(backbone, FLAGS.task, FLAGS.output, FLAGS.version, FLAGS.overwrite)
     print(path)
 

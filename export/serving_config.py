@@ -1,4 +1,4 @@
-"""Writes a TensorFlow Serving model config for exported models, and a sample REST request.
+r"""Writes a TensorFlow Serving model config for exported models, and a sample REST request.
 
 python export/serving_config.py --models=models --output=models/models.config
 

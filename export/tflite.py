@@ -1,4 +1,4 @@
-"""Exports task files as one TFLite / LiteRT model (DESIGN 3.5).
+r"""Exports task files as one TFLite / LiteRT model (DESIGN 3.5).
 
 python export/tflite.py --backbone=digits --task=runs/demo/upper/piggyback/task.npz \
     --output=upper.tflite --quantize=int8 --representative=digits:upper
@@ -12,21 +12,19 @@ import numpy as np
 from absl import app, flags
 
 import tf_piggyback as pb
-from tf_piggyback.cli import user_errors
+from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
 from tf_piggyback.export import QUANTIZATIONS, REPRESENTATIVE_SAMPLES, export_tflite
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("backbone", None, "digits, a keras.applications name, or a .keras file.")
-    flags.DEFINE_string("weights", "imagenet", "keras.applications weights: imagenet, none or a path.")
-    flags.DEFINE_integer("image_size", None, "keras.applications input size (default 224).")
+    define_backbone_flags()
     flags.DEFINE_multi_string("task", None, "Task file(s), PATH or NAME=PATH; repeat for one signature per task.")
     flags.DEFINE_string("output", None, "The .tflite file to write.")
     flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "none (float32), float16, or int8 (full integer).")
     flags.DEFINE_string("representative", None, "For int8: a dataset spec whose training images calibrate.")
-    for name in ("backbone", "task", "output"):
+    for name in ("task", "output"):
         flags.mark_flag_as_required(name)
 
 
@@ -39,7 +37,7 @@ def representative_images(spec, image_shape):
 @user_errors
 def main(argv):
     del argv
-    backbone = pb.load_backbone(FLAGS.backbone, FLAGS.weights, FLAGS.image_size)
+    backbone = backbone_from_flags()
     representative = None
     if FLAGS.representative:
         representative = representative_images(FLAGS.representative, backbone.inputs[0].shape[1:])

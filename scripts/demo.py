@@ -1,4 +1,4 @@
-"""The end-to-end demo: learn two new digits tasks over one frozen backbone and compare methods.
+r"""The end-to-end demo: learn two new digits tasks over one frozen backbone and compare methods.
 
 python scripts/demo.py --out=runs/demo   (or: make demo)
 

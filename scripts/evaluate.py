@@ -1,4 +1,4 @@
-"""Evaluates a task file on a dataset's test split; prints one JSON line.
+r"""Evaluates a task file on a dataset's test split; prints one JSON line.
 
 python scripts/evaluate.py --backbone=digits --task=runs/demo/upper/piggyback/task.npz \
     --dataset=digits:upper
@@ -9,26 +9,24 @@ import json
 from absl import app, flags
 
 import tf_piggyback as pb
-from tf_piggyback.cli import user_errors
+from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("backbone", None, "digits, a keras.applications name, or a .keras file.")
-    flags.DEFINE_string("weights", "imagenet", "keras.applications weights: imagenet, none or a path.")
-    flags.DEFINE_integer("image_size", None, "keras.applications input size (default 224).")
+    define_backbone_flags()
     flags.DEFINE_string("task", None, "A task file written by training (task.npz).")
     flags.DEFINE_string("dataset", None, "Dataset spec, e.g. digits:upper.")
     flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
-    for name in ("backbone", "task", "dataset"):
+    for name in ("task", "dataset"):
         flags.mark_flag_as_required(name)
 
 
 @user_errors
 def main(argv):
     del argv
-    backbone = pb.load_backbone(FLAGS.backbone, FLAGS.weights, FLAGS.image_size)
+    backbone = backbone_from_flags()
     model = pb.load_task(FLAGS.task, backbone)
     splits = pb.load_dataset(FLAGS.dataset, image_shape=backbone.inputs[0].shape[1:])
     accuracy = pb.evaluate(model, splits.test, batch_size=FLAGS.batch_size)

@@ -1,4 +1,4 @@
-"""Learns one task over a frozen backbone and writes it to --model_dir (DESIGN 3.4).
+r"""Learns one task over a frozen backbone and writes it to --model_dir (DESIGN 3.4).
 
 python scripts/train.py --backbone=digits --dataset=digits:upper --model_dir=runs/upper
 python scripts/train.py --backbone=ResNet50 --weights=imagenet --dataset=tfds:oxford_flowers102 \
@@ -11,7 +11,7 @@ checkpoints every epoch, so rerunning the same command after a crash resumes.
 from absl import app, flags
 
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD, MASK_TYPES
-from tf_piggyback.cli import user_errors
+from tf_piggyback.cli import define_backbone_flags, user_errors
 from tf_piggyback.distribute import STRATEGIES, make_strategy
 from tf_piggyback.experiment import RunConfig, run
 from tf_piggyback.layers import DEFAULT_MASK_SCALE, MASK_INITS
@@ -21,9 +21,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("backbone", None, "digits, a keras.applications name (e.g. ResNet50), or a .keras file.")
-    flags.DEFINE_string("weights", "imagenet", "keras.applications weights: imagenet, none, or a weights file.")
-    flags.DEFINE_integer("image_size", None, "keras.applications input height and width (default 224).")
+    define_backbone_flags()
     flags.DEFINE_string("dataset", None, "digits:VARIANT, tfds:NAME[/CONFIG] or folder:PATH.")
     flags.DEFINE_string("model_dir", None, "Where the task, metrics, config, checkpoints and logs go.")
     flags.DEFINE_enum("method", "piggyback", METHODS, "What to train.")
@@ -42,7 +40,7 @@ def define_flags():
     flags.DEFINE_enum("strategy", "default", STRATEGIES, "Distribution: default, mirrored, multi_worker (TF_CONFIG).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_integer("verbose", 1, "1: a progress bar per epoch; 0: one line per epoch.")
-    for name in ("backbone", "dataset", "model_dir"):
+    for name in ("dataset", "model_dir"):
         flags.mark_flag_as_required(name)
 
 

@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 
+from absl import flags
 from absl import logging as absl_logging
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
@@ -29,3 +30,17 @@ def user_errors(main):
             sys.exit(2)
 
     return wrapped
+
+
+def define_backbone_flags():
+    """`--backbone`, `--weights`, `--image_size`: the flags every driver names its backbone with."""
+    flags.DEFINE_string("backbone", None, "digits, a keras.applications name (e.g. ResNet50), or a .keras file.")
+    flags.DEFINE_string("weights", "imagenet", "keras.applications weights: imagenet, none, or a weights file.")
+    flags.DEFINE_integer("image_size", None, "keras.applications input height and width (default 224).")
+    flags.mark_flag_as_required("backbone")
+
+
+def backbone_from_flags():
+    from tf_piggyback.backbones import load_backbone
+
+    return load_backbone(flags.FLAGS.backbone, flags.FLAGS.weights, flags.FLAGS.image_size)

@@ -24,12 +24,11 @@ def make_strategy(name="default"):
         return tf.distribute.MirroredStrategy([d.name for d in devices])
     if name == "multi_worker":
         try:
-            cluster = json.loads(os.environ.get("TF_CONFIG", ""))["cluster"]
+            json.loads(os.environ.get("TF_CONFIG", ""))["cluster"]
         except (ValueError, KeyError, TypeError):
             raise ValueError(
                 "strategy multi_worker needs TF_CONFIG, e.g. "
                 '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}'
             ) from None
-        del cluster
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}. Received: strategy={name!r}")

@@ -93,6 +93,38 @@ def make_optimizers(model, config, steps_per_epoch):
     return groups
 
 
+def make_train_step(model, groups, strategy, jit_compile=None):
+    """A `tf.function` `(images, labels) -> [loss sum, correct, count]` over all replicas.
+
+    Args:
+        model: the task model.
+        groups: `make_optimizers`' `[(optimizer, variables), ...]`.
+        strategy: the `tf.distribute.Strategy` the model was built under.
+        jit_compile: passed to `tf.function` (XLA); None leaves TensorFlow's default.
+    """
+    variables = [v for _, vs in groups for v in vs]
+
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            loss = tf.nn.compute_average_loss(per_example)
+        grads = tape.gradient(loss, variables)
+        start = 0
+        for optimizer, vs in groups:
+            optimizer.apply_gradients(zip(grads[start:start + len(vs)], vs))
+            start += len(vs)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(labels, tf.int64)), tf.float32))
+        return tf.reduce_sum(per_example), correct, tf.cast(tf.size(labels), tf.float32)
+
+    @tf.function(jit_compile=jit_compile)
+    def distributed_step(images, labels):
+        results = strategy.run(step, args=(images, labels))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
+
+    return distributed_step
+
+
 def is_chief(strategy):
     """Whether this process writes the run's outputs (always, except non-chief multi-workers)."""
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -137,7 +169,6 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
         raise ValueError("the training dataset is empty or of unknown size; give it a known, finite length")
     with strategy.scope():
         groups = make_optimizers(model, config, steps_per_epoch)
-        variables = [v for _, vs in groups for v in vs]
         for optimizer, vs in groups:
             optimizer.build(vs)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -153,23 +184,7 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
             log(f"resumed from {manager.latest_checkpoint} after epoch {int(epoch_var.numpy())}")
     writer = tf.summary.create_file_writer(summary_dir) if summary_dir and is_chief(strategy) else None
 
-    def step(images, labels):
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-            loss = tf.nn.compute_average_loss(per_example)
-        grads = tape.gradient(loss, variables)
-        start = 0
-        for optimizer, vs in groups:
-            optimizer.apply_gradients(zip(grads[start:start + len(vs)], vs))
-            start += len(vs)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(labels, tf.int64)), tf.float32))
-        return tf.reduce_sum(per_example), correct, tf.cast(tf.size(labels), tf.float32)
-
-    @tf.function
-    def distributed_step(images, labels):
-        results = strategy.run(step, args=(images, labels))
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
+    distributed_step = make_train_step(model, groups, strategy)
 
     history = []
     for epoch in range(int(epoch_var.numpy()), config.epochs):
