@@ -84,6 +84,13 @@ def test_multi_task_saved_model_matches_each_task(tasks, tmp_path):
         np.testing.assert_allclose(out["logits"].numpy(), keras_logits(path_, x), atol=1e-5)
     np.testing.assert_array_equal(loaded.signatures["serving_default"](image=tf.constant(x[:4]))["logits"],
                                   loaded.signatures["upper"](image=tf.constant(x[:4]))["logits"])
+    # TF1-style loading, as TensorFlow Serving does it
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    image = json.dumps(x[:1].tolist())
+    for signature in ("serving_default", "inverted"):
+        run = subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def", signature,
+                              "--input_exprs", f"image={image}"], capture_output=True, text=True)
+        assert run.returncode == 0 and "Result for output key logits" in run.stdout, run.stderr[-2000:]
     # the backbone once, each task's masks packed: far below two baked copies
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
     single = export_saved_model(pb.digits_backbone(), paths[:1], str(tmp_path / "single"))

@@ -80,9 +80,9 @@ def paper_sparsities(model, seed=0):
 
 def _saved_signature(model, path):
     module = tf.Module()
-    module.model = model
+    module.variables_ = [v.value for v in model.variables]  # as export.build_serving_module does
     spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32, name="image")
-    signature = _signature(lambda image: _outputs(module.model(image, training=False)), spec, "serving_default")
+    signature = _signature(lambda image: _outputs(model(image, training=False)), spec, "serving_default")
     tf.saved_model.save(module, path, signatures={"serving_default": signature})
     return tf.saved_model.load(path).signatures["serving_default"]
 

@@ -58,11 +58,11 @@ class _PackedTask(tf.Module):
     def __init__(self, model, backbone_ids):
         super().__init__()
         # Kept out of tracking (tf.Module tracks attributes): its float masks must not be saved;
-        # the backbone's variables it reads are tracked through the parent module.
+        # the backbone's variables it reads are tracked by the parent module.
         self.__dict__["_model"] = model
         masks = {id(m): (layer, i) for layer in masked_layers(model) for i, m in enumerate(layer.masks)}
         self.packed, self.own = [], []
-        self._sources = []  # per model variable: ("mask", index, shape, type) | ("own", index) | ("shared", var)
+        self.__dict__["_sources"] = []  # untracked; per model variable: ("mask", index, shape, type) | ("own", index) | ("shared", var)
         for variable in model.variables:
             if id(variable) in masks:
                 layer, i = masks[id(variable)]
@@ -110,29 +110,41 @@ def _signature(forward, spec, name):
 
 
 def build_serving_module(backbone, task_paths):
-    """A `tf.Module` with one signature function per task; returns `(module, signatures)`."""
+    """A `tf.Module` and `{name: tf.function}` with one signature per task (and serving_default).
+
+    The module tracks the raw `tf.Variable`s behind the Keras variables, never a Keras model or
+    Keras variable: those save a SavedModel that TF2 loads but TF1-style loaders (TensorFlow
+    Serving, `saved_model_cli run`) cannot restore ("Could not find variable ..."), and
+    `keras.export.ExportArchive` avoids that only by saving every variable twice.
+    """
     if not task_paths:
         raise ValueError("give at least one --task")
     names, task_paths = zip(*[parse_task(p) for p in task_paths])
     if len(set(names)) != len(names):
         raise ValueError(f"task names must differ; got {list(names)}: name them with --task=NAME=PATH")
-    shape = list(backbone.inputs[0].shape)
-    spec = tf.TensorSpec([None, *shape[1:]], tf.float32, name="image")
+    spec = tf.TensorSpec([None, *backbone.inputs[0].shape[1:]], tf.float32, name="image")
     module = tf.Module()
-    signatures = {}
     if len(task_paths) == 1:
-        module.model = bake(load_task(task_paths[0], backbone))
-        forward = [lambda image: module.model(image, training=False)]
+        model = bake(load_task(task_paths[0], backbone))
+        module.variables_ = [v.value for v in model.variables]
+        forwards = [lambda image: model(image, training=False)]
     else:
-        module.backbone = backbone
+        module.variables_ = [v.value for v in backbone.variables]
         backbone_ids = {id(v) for v in backbone.variables}
         module.tasks = [_PackedTask(load_task(p, backbone), backbone_ids) for p in task_paths]
-        forward = [task.__call__ for task in module.tasks]
-    for name, fn in zip(names, forward):
-        signatures[name] = _signature(lambda image, fn=fn: _outputs(fn(image)), spec, name)
+        forwards = [task.__call__ for task in module.tasks]
+    signatures = {name: _signature(_with_outputs(forward), spec, name) for name, forward in zip(names, forwards)}
+    module.signatures_ = dict(signatures)
     signatures["serving_default"] = signatures[names[0]]
-    module.signatures_ = signatures  # keep the functions alive and tracked
     return module, signatures
+
+
+def _with_outputs(forward):
+    return lambda image: _outputs(forward(image))
+
+
+def _restored(loaded, name):
+    return lambda image: loaded.signatures[name](image=image)
 
 
 def next_version(output_dir):
@@ -207,10 +219,10 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
     # Through a SavedModel: functions restored from one read plain tf.Variables, which the
     # converter freezes into the flatbuffer (Keras variables in memory stay READ_VARIABLE ops).
     with tempfile.TemporaryDirectory() as tmp:
-        tf.saved_model.save(module, tmp)
+        tf.saved_model.save(module, tmp, signatures=signatures)
         loaded = tf.saved_model.load(tmp)
         spec = tf.TensorSpec([None, *shape], tf.float32, name="image")
-        functions = [_signature(loaded.signatures_[name], spec, name).get_concrete_function() for name in names]
+        functions = [_signature(_restored(loaded, name), spec, name).get_concrete_function() for name in names]
         converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, loaded)
         if quantize == "float16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
