@@ -8,12 +8,10 @@ task gives `serving_default`. Run it with
 `ai_edge_litert.interpreter.Interpreter(model_path=F).get_signature_runner(NAME)(image=x)`.
 """
 
-import numpy as np
 from absl import app, flags
 
-import tf_piggyback as pb
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
-from tf_piggyback.export import QUANTIZATIONS, REPRESENTATIVE_SAMPLES, export_tflite
+from tf_piggyback.export import QUANTIZATIONS, export_tflite, representative_images
 
 FLAGS = flags.FLAGS
 
@@ -26,12 +24,6 @@ def define_flags():
     flags.DEFINE_string("representative", None, "For int8: a dataset spec whose training images calibrate.")
     for name in ("task", "output"):
         flags.mark_flag_as_required(name)
-
-
-def representative_images(spec, image_shape):
-    """Up to REPRESENTATIVE_SAMPLES raw training images of a dataset spec, fitted to the backbone."""
-    train = pb.load_dataset(spec, image_shape=image_shape).train
-    return np.stack([x.numpy() for x, _ in train.take(REPRESENTATIVE_SAMPLES)])
 
 
 @user_errors

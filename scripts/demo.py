@@ -19,7 +19,7 @@ from absl import app, flags
 import tf_piggyback as pb
 from tf_piggyback.cli import user_errors
 from tf_piggyback.experiment import RunConfig, run
-from tf_piggyback.export import export_saved_model, export_tflite
+from tf_piggyback.export import export_saved_model, export_tflite, representative_images
 from tf_piggyback.report import markdown_table, sparsity_plot
 from tf_piggyback.taskfile import write_atomic
 
@@ -79,7 +79,7 @@ def export_and_check(out, task_paths):
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
         agreement = ", ".join(f"{t} {np.mean(np.array(served[t]) == keras_top1[t]):.2%}" for t in tasks)
         lines.append(f"| SavedModel `{os.path.relpath(path, out)}` | {size:,} | {agreement} |")
-    representative = np.stack([x.numpy() for x, _ in pb.load_dataset("digits:upper").train.take(500)])
+    representative = representative_images("digits:upper", backbone.inputs[0].shape[1:])
     for name, tasks, quantize in (("digits_tasks.tflite", TASKS, "none"), ("upper_int8.tflite", TASKS[:1], "int8")):
         file = os.path.join(out, "tflite", name)
         size = export_tflite(backbone, [task_paths[TASKS.index(t)] for t in tasks], file, quantize, representative)

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import tf_piggyback as pb
 from conftest import REPO
-from tf_piggyback.export import export_saved_model, export_tflite, next_version
+from tf_piggyback.export import export_saved_model, export_tflite, next_version, representative_images
 
 SUBPROCESS_LOAD = """
 import sys, numpy as np, tensorflow as tf
@@ -160,7 +160,7 @@ def test_tflite_int8_agrees_on_the_test_set(tasks, tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
     paths, data = tasks
-    representative = np.stack([x.numpy() for x, _ in pb.load_dataset("digits:upper").train.take(500)])
+    representative = representative_images("digits:upper", (32, 32, 1))
     file = str(tmp_path / "upper_int8.tflite")
     size = export_tflite(pb.digits_backbone(), paths[:1], file, "int8", representative)
     assert size < os.path.getsize(file) + 1 and size < 200_000

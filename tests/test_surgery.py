@@ -5,7 +5,9 @@ import pytest
 from conftest import tiny_backbone
 from tf_piggyback import bake, classifier_only, finetune, fingerprint, masked_layers, piggyback
 from tf_piggyback.layers import MaskedWrapper
-from tf_piggyback.trainer import TrainConfig, numpy_dataset, train
+import tensorflow as tf
+
+from tf_piggyback.trainer import TrainConfig, epoch_batches, train
 
 APPLICATIONS = [
     ("ResNet50", 32),
@@ -48,7 +50,8 @@ def test_backbone_bit_identical_after_training():
                                   ("classifier", classifier_only, {}), ("finetune", finetune, {})]:
         model = build(backbone, 3, **kwargs)
         config = TrainConfig(method=method, epochs=2, batch_size=16, mask_lr=1e-2, head_lr=1e-2)
-        train(model, numpy_dataset(x, y, 16, shuffle=True), config, log=lambda line: None)
+        batches = epoch_batches(tf.data.Dataset.from_tensor_slices((x, y)), 16)
+        train(model, batches, config, log=lambda line: None)
         if method == "piggyback":  # the masks did learn something
             assert any(m.min() == 0 for layer in masked_layers(model) for m in layer.thresholded_masks())
     for a, b in zip(before, backbone.weights):

@@ -16,7 +16,7 @@ from tf_piggyback.backbones import load_backbone
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD
 from tf_piggyback.datasets import load_dataset
 from tf_piggyback.layers import DEFAULT_MASK_SCALE
-from tf_piggyback.surgery import classifier_only, finetune, masked_layers, piggyback
+from tf_piggyback.surgery import classifier_only, finetune, mask_sparsity, masked_layers, piggyback
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
 from tf_piggyback.trainer import TrainConfig, epoch_batches, evaluate, is_chief, train
 
@@ -105,7 +105,7 @@ def run(config, model_dir, *, strategy=None, log=print, verbose=0):
         "accuracy": accuracy,
         "top1_error": 1.0 - accuracy,
         "train_accuracy": history[-1]["accuracy"] if history else None,
-        "sparsity": float(np.mean(np.concatenate([m.ravel() == 0 for m in masks]))) if masks else 0.0,
+        "sparsity": mask_sparsity(masks),
         "params": _stored_params(model, masks),
         "train_seconds": float(sum(h["seconds"] for h in history)),
     }

@@ -147,6 +147,14 @@ def _restored(loaded, name):
     return lambda image: loaded.signatures[name](image=image)
 
 
+def representative_images(spec, image_shape):
+    """Up to `REPRESENTATIVE_SAMPLES` raw training images of a dataset spec, for int8 calibration."""
+    from tf_piggyback.datasets import load_dataset
+
+    train = load_dataset(spec, image_shape=image_shape).train
+    return np.stack([x.numpy() for x, _ in train.take(REPRESENTATIVE_SAMPLES)])
+
+
 def next_version(output_dir):
     """The next free integer version under a TF Serving model directory."""
     versions = [int(d) for d in os.listdir(output_dir) if d.isdigit()] if os.path.isdir(output_dir) else []

@@ -45,6 +45,12 @@ def masked_layers(model):
     return [layer for layer in iter_layers(model) if isinstance(layer, MaskedWrapper)]
 
 
+def mask_sparsity(masks):
+    """The fraction of zeros over all of `masks` (thresholded NumPy arrays); 0.0 for none."""
+    total = sum(m.size for m in masks)
+    return float(sum(int(np.count_nonzero(m == 0)) for m in masks) / total) if total else 0.0
+
+
 def _has_kernel(layer):
     return any(w.path.rsplit("/", 1)[-1].endswith("kernel") for w in layer.weights)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from tf_piggyback import coding
 from tf_piggyback.fingerprint import fingerprint
-from tf_piggyback.surgery import classifier_only, iter_layers, masked_layers, piggyback
+from tf_piggyback.surgery import classifier_only, iter_layers, mask_sparsity, masked_layers, piggyback
 
 FORMAT = "tf_piggyback.task"
 VERSION = 1
@@ -72,21 +72,21 @@ def save_task(model, path, *, class_names=None, metrics=None):
         raise ValueError(
             f"class_names has {len(class_names)} names but the model has {spec.num_classes} classes"
         )
-    layers, payloads, offset = [], [], 0
+    layers, payloads, masks, offset = [], [], [], 0
     for layer in masked_layers(model):
         for kernel, mask in zip(layer.kernels, layer.thresholded_masks()):
+            masks.append(mask)
             payload, info = coding.encode(mask, layer.mask_type)
             layers.append({
                 "name": kernel.path,
                 "shape": list(mask.shape),
-                "sparsity": float(np.mean(mask == 0)),
+                "sparsity": mask_sparsity([mask]),
                 "offset": offset,
                 "nbytes": len(payload),
                 **info,
             })
             payloads.append(payload)
             offset += len(payload)
-    masks = np.frombuffer(b"".join(payloads), dtype=np.uint8)
     weights = task_weights(model)
     input_shape = model.inputs[0].shape
     manifest = {
@@ -98,13 +98,13 @@ def save_task(model, path, *, class_names=None, metrics=None):
         "options": spec.options,
         "class_names": list(class_names) if class_names is not None else [str(i) for i in range(spec.num_classes)],
         "image_size": list(input_shape[1:]),
-        "params": int(sum(int(np.prod(entry["shape"])) for entry in layers)),
-        "sparsity": _overall_sparsity(layers),
+        "params": int(sum(m.size for m in masks)),
+        "sparsity": mask_sparsity(masks),
         "layers": layers,
         "weights": [{"name": w.path, "shape": list(w.shape)} for w in weights],
         "metrics": metrics or {},
     }
-    arrays = {"masks": masks, **{f"w{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(weights)}}
+    arrays = {"masks": np.frombuffer(b"".join(payloads), dtype=np.uint8), **{f"w{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(weights)}}
     manifest["sha256"] = {name: _sha256(array) for name, array in arrays.items()}
     arrays = {"manifest": np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8), **arrays}
     write_atomic(path, lambda f: _write_npz(f, arrays))
@@ -118,13 +118,6 @@ def _write_npz(file, arrays):
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
             archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
-
-
-def _overall_sparsity(layers):
-    total = sum(int(np.prod(entry["shape"])) for entry in layers)
-    if not total:
-        return 0.0
-    return sum(entry["sparsity"] * int(np.prod(entry["shape"])) for entry in layers) / total
 
 
 def write_atomic(path, write):

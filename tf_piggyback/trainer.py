@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_piggyback.surgery import masked_layers
+from tf_piggyback.surgery import mask_sparsity, masked_layers
 
 METHODS = ("piggyback", "classifier", "finetune")
 
@@ -64,14 +64,6 @@ def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=10_
         return ds.with_options(options)
 
     return make
-
-
-def numpy_dataset(x, y, batch_size, *, shuffle=False, seed=0):
-    """A batched `tf.data.Dataset` of `(image, label)` from NumPy arrays."""
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def _schedule(lr, config, steps_per_epoch):
@@ -217,13 +209,13 @@ def _write_summaries(writer, model, groups, record):
         tf.summary.scalar("accuracy", record["accuracy"])
         for i, (optimizer, _) in enumerate(groups):
             tf.summary.scalar(f"learning_rate/{i}", float(optimizer.learning_rate))
-        zeros = total = 0
+        masks = []
         for layer in masked_layers(model):
             for kernel, mask in zip(layer.kernels, layer.thresholded_masks()):
-                tf.summary.scalar(f"sparsity/{kernel.path}", float(np.mean(mask == 0)))
-                zeros, total = zeros + int(np.sum(mask == 0)), total + mask.size
-        if total:
-            tf.summary.scalar("sparsity/overall", zeros / total)
+                tf.summary.scalar(f"sparsity/{kernel.path}", mask_sparsity([mask]))
+                masks.append(mask)
+        if masks:
+            tf.summary.scalar("sparsity/overall", mask_sparsity(masks))
 
 
 def evaluate(model, data, labels=None, batch_size=256):
