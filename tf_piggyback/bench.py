@@ -1,7 +1,8 @@
 """Benchmarks behind `scripts/bench.py`: every figure is a ratio measured side by side in one run.
 
 Timings are medians (and minima) over repeats after warm-up, of compiled `tf.function`s or loaded
-SavedModel signatures on the same random input, so both sides of a ratio see the same machine state.
+SavedModel signatures on the same random input; both sides of a ratio are called in turn, round
+after round, so they see the same machine state.
 """
 
 import dataclasses
@@ -20,7 +21,8 @@ from tf_piggyback.backbones import load_backbone
 from tf_piggyback.export import _outputs, _signature, export_saved_model
 from tf_piggyback.surgery import classifier_only, finetune, masked_layers, piggyback
 from tf_piggyback.taskfile import save_task
-from tf_piggyback.trainer import TrainConfig, make_optimizers, make_train_step
+from tf_piggyback.datasets import load_dataset
+from tf_piggyback.trainer import TrainConfig, epoch_batches, make_optimizers, make_train_step
 
 PRESETS = {
     "cpu": dict(model="ResNet50", image_size=64, batch_size=8, repeats=5, jit_compile=False),
@@ -39,16 +41,20 @@ class BenchConfig:
     num_classes: int = 10
 
 
-def timed(fn, config):
-    """`(median, min)` seconds of `fn()` over `config.repeats` calls after `config.warmup`."""
+def timed(*fns, config, repeats=None):
+    """`[(median, min), ...]` seconds per function over `repeats` rounds (default
+    `config.repeats`) after `config.warmup`; each round calls every function once, in turn, so
+    the functions of a ratio share the machine's state."""
     for _ in range(config.warmup):
-        fn()
-    times = []
-    for _ in range(config.repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), float(np.min(times))
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats or config.repeats):
+        for fn, samples in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return [(float(np.median(t)), float(np.min(t))) for t in times]
 
 
 def _inputs(model, config):
@@ -87,6 +93,17 @@ def _saved_signature(model, path):
     return tf.saved_model.load(path).signatures["serving_default"]
 
 
+def _first_call(path, signature, x, config):
+    """`(median, min)` seconds of the first call of a signature in a freshly loaded SavedModel."""
+    times = []
+    for _ in range(min(3, config.repeats)):
+        function = tf.saved_model.load(path).signatures[signature]
+        start = time.perf_counter()
+        function(image=x)["logits"].numpy()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), float(np.min(times))
+
+
 def run(config, log=print):
     """Runs every measurement; returns a list of row dicts (`figure`, `median`, `min`, `ratio`, ...)."""
     rows = []
@@ -102,8 +119,9 @@ def run(config, log=print):
     # 1. train step: piggyback vs finetuning the same network
     pig = piggyback(backbone, config.num_classes)
     fine = finetune(backbone, config.num_classes)
-    add("train step, piggyback / finetune", timed(_train_step(pig, "piggyback", config), config),
-        timed(_train_step(fine, "finetune", config), config), target="<= 1.05")
+    add("train step, piggyback / finetune",
+        *timed(_train_step(pig, "piggyback", config), _train_step(fine, "finetune", config), config=config),
+        target="<= 1.05")
     del fine
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,14 +138,16 @@ def run(config, log=print):
         plain_fn = _saved_signature(classifier_only(backbone, config.num_classes), os.path.join(tmp, "plain"))
         baked = tf.saved_model.load(export_saved_model(backbone, [task_a], os.path.join(tmp, "single")))
         baked_fn = baked.signatures["serving_default"]
-        baked_time = timed(lambda: baked_fn(image=x)["logits"].numpy(), config)
-        add("inference, baked SavedModel / plain model", baked_time,
-            timed(lambda: plain_fn(image=x)["logits"].numpy(), config), target="<= 1.02")
-        # 3. one signature of a multi-task SavedModel vs the baked single-task model
         multi = tf.saved_model.load(export_saved_model(backbone, [task_a, task_b], os.path.join(tmp, "multi")))
-        add("inference, multi-task signature / baked single task",
-            timed(lambda: multi.signatures["a"](image=x)["logits"].numpy(), config), baked_time, target="<= 1.10")
-        # 4. switching task: a call on one task right after a call on the other
+        # Inference calls are short and noisy: four times the repeats, interleaved.
+        baked_time, plain_time, multi_time = timed(
+            lambda: baked_fn(image=x)["logits"].numpy(), lambda: plain_fn(image=x)["logits"].numpy(),
+            lambda: multi.signatures["a"](image=x)["logits"].numpy(), config=config, repeats=4 * config.repeats)
+        add("inference, baked SavedModel / plain model", baked_time, plain_time, target="<= 1.02")
+        # 3. one signature of a multi-task SavedModel vs the baked single-task model
+        add("inference, multi-task signature / baked single task", multi_time, baked_time, target="<= 1.10")
+        # 4. switching task: a call on one task right after a call on the other (each task's
+        # masks are unpacked on its first call, measured next)
         one = x[:1]
 
         def switch():
@@ -139,6 +159,9 @@ def run(config, log=print):
         switches = [switch() for _ in range(config.warmup + config.repeats)][config.warmup:]
         add("switching task (batch 1, first call on the other task)", (float(np.median(switches)), min(switches)),
             None, target="< 50 ms")
+        add("first call after loading, multi-task (unpacks masks) / baked single task",
+            _first_call(os.path.join(tmp, "multi", "1"), "b", one, config),
+            _first_call(os.path.join(tmp, "single", "1"), "serving_default", one, config))
         # 5. task file bytes vs the entropy bound and vs 1 bit per parameter
         masks = [m for layer in masked_layers(pig) for m in layer.thresholded_masks()]
         bound = sum(coding.entropy_bits(m) for m in masks) / 8
@@ -151,7 +174,18 @@ def run(config, log=print):
                      "median": file_bytes, "baseline_median": n / 8, "target": "< 1.0"})
         log(f"task file: {file_bytes:,} bytes, entropy bound {bound:,.0f}, n/8 {n / 8:,.0f} "
             f"(overall sparsity {manifest['sparsity']:.3f})")
-    # 6. peak RAM of training, each method in its own process
+    # 6. the input pipeline alone: images/s that epoch_batches delivers (decode, resize, shuffle,
+    # batch; cached after the first epoch), to compare with the train step's images/s
+    examples = load_dataset("digits:all", image_shape=backbone.inputs[0].shape[1:]).train.cache()
+    make = epoch_batches(examples, config.batch_size)
+    count = sum(int(tf.shape(x)[0]) for x, _ in make(0))  # fills the cache
+    (seconds, fastest), = timed(lambda: [None for _ in make(1)], config=config, repeats=3)
+    rows.append({"figure": "input pipeline, images/s (cached digits at the model's size)", "unit": "images/s",
+                 "median": count / seconds, "min": count / fastest, "baseline_median": None, "ratio": None,
+                 "target": None})
+    log(f"input pipeline: {count / seconds:,.0f} images/s; the piggyback train step takes "
+        f"{config.batch_size / rows[0]['median']:,.0f} images/s")
+    # 7. peak RAM of training, each method in its own process
     ram = {method: _peak_ram(method, config) for method in ("piggyback", "finetune")}
     rows.append({"figure": "peak RAM while training, piggyback / finetune", "ratio": ram["piggyback"] / ram["finetune"],
                  "unit": "bytes", "median": ram["piggyback"], "baseline_median": ram["finetune"], "target": "<= 1.2"})
@@ -160,21 +194,32 @@ def run(config, log=print):
 
 
 def _peak_ram(method, config):
-    code = (f"import json, resource, tf_piggyback.bench as b\n"
-            f"b.ram_child({method!r}, b.BenchConfig(**json.loads({json.dumps(json.dumps(dataclasses.asdict(config)))})))\n"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    code = (f"import json, tf_piggyback.bench as b\n"
+            f"print(b.ram_child({method!r}, b.BenchConfig(**json.loads({json.dumps(json.dumps(dataclasses.asdict(config)))}))))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def _vm_hwm():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
 def ram_child(method, config):
-    """Builds one method's model and runs a few train steps (peak RAM is read by the parent)."""
+    """Peak resident bytes while one method's model trains (first step, with tracing, included).
+
+    Building ResNet50 peaks higher than training at small sizes, so the peak is reset (Linux:
+    `echo 5 > /proc/self/clear_refs`) once the model exists, and read after the steps.
+    """
     backbone = load_backbone(config.model, "none", config.image_size)
     model = piggyback(backbone, config.num_classes) if method == "piggyback" else finetune(backbone, config.num_classes)
     del backbone
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
     step = _train_step(model, method, config)
     for _ in range(3):
         step()
+    return _vm_hwm()
 
 
 def markdown(rows):
@@ -183,7 +228,8 @@ def markdown(rows):
         def fmt(value):
             if value is None:
                 return ""
-            return f"{value * 1000:.2f} ms" if row["unit"] == "s" else f"{value:,.0f}"
+            return f"{value * 1000:.2f} ms" if row["unit"] == "s" else f"{value:,.0f}" + (
+                " images/s" if row["unit"] == "images/s" else "")
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
         lines.append(f"| {row['figure']} | {fmt(row['median'])} | {fmt(row.get('min'))} | "
                      f"{fmt(row['baseline_median'])} | {ratio} | {row['target'] or ''} |")

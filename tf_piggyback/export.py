@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback import coding
-from tf_piggyback.surgery import bake, masked_layers
+from tf_piggyback.surgery import bake, bake_with_layers
 from tf_piggyback.taskfile import load_task, write_atomic
 
 QUANTIZATIONS = ("none", "float16", "int8")
@@ -46,53 +46,92 @@ def _outputs(logits):
 
 
 def _unpack_bits(packed, count):
-    """uint8 bytes -> `count` bits (MSB first, as np.packbits), with int32 floor-div/mod only."""
+    """uint8 bytes -> `count` float bits (MSB first, as np.packbits), with int32 floor-div/mod.
+
+    TFLite has no BitwiseAnd, and the converter constant-folds a table lookup (gather) of
+    constant bytes, which stores every task's full kernels (measured: 1.44 MB instead of
+    0.63 MB for two digits tasks); floor-div/mod stays a run-time op.
+    """
     as_int = tf.cast(packed, tf.int32)[:, None]
     bits = tf.math.floormod(tf.math.floordiv(as_int, tf.constant([128, 64, 32, 16, 8, 4, 2, 1])), 2)
-    return tf.reshape(bits, [-1])[:count]
+    return tf.cast(tf.reshape(bits, [-1])[:count], tf.float32)
 
 
 class _PackedTask(tf.Module):
-    """One task of a multi-task model: packed masks, own weights, and a `stateless_call` forward."""
+    """One task of a multi-task model: its masks packed 1 bit per parameter, its own weights
+    (head, per-task BatchNormalization), and a forward pass through the task's baked model
+    (`stateless_call`) whose masked kernels are `W ⊙ m`, with `W` the shared backbone's.
 
-    def __init__(self, model, backbone_ids):
+    With `cache`, a task unpacks its masks once, on its first call, into variables holding its
+    masked kernels; those are saved empty, so the SavedModel keeps 1 bit per parameter on disk,
+    and every later call costs what a baked single-task model costs. Filling writes the same
+    values whoever does it, and reads wait for the caller's own fill, so concurrent requests
+    (TensorFlow Serving) are safe. The price is RAM: one float copy of the masked kernels per
+    task that has been called. Without `cache` (TFLite, which freezes variables) each call unpacks.
+    """
+
+    def __init__(self, model, backbone_ids, cache):
         super().__init__()
-        # Kept out of tracking (tf.Module tracks attributes): its float masks must not be saved;
-        # the backbone's variables it reads are tracked by the parent module.
-        self.__dict__["_model"] = model
-        masks = {id(m): (layer, i) for layer in masked_layers(model) for i, m in enumerate(layer.masks)}
-        self.packed, self.own = [], []
-        self.__dict__["_sources"] = []  # untracked; per model variable: ("mask", index, shape, type) | ("own", index) | ("shared", var)
-        for variable in model.variables:
-            if id(variable) in masks:
-                layer, i = masks[id(variable)]
-                mask = layer.thresholded_masks()[i]
-                payload, _ = coding.encode(mask, layer.mask_type) if layer.mask_type == "ternary" else \
-                    (np.packbits(mask.astype(bool)).tobytes(), None)
+        baked, pairs = bake_with_layers(model)
+        # Kept out of tracking (tf.Module tracks attributes): the baked kernels must not be
+        # saved; the backbone variables it reads are tracked by the parent module.
+        self.__dict__["_model"] = baked
+        kernels, shared = {}, {}
+        for wrapper, plain in pairs:
+            masks = {id(k): (m, wrapper.mask_type) for k, m in zip(wrapper.kernels, wrapper.thresholded_masks())}
+            for weight, source in zip(plain.weights, wrapper.layer.weights):
+                if id(source) in masks:
+                    kernels[id(weight)] = (source, *masks[id(source)])
+                else:
+                    shared[id(weight)] = source
+        self.packed, self.own, self.cache = [], [], []
+        self.__dict__["_sources"] = []  # per baked variable: ("kernel", index, W, type) | ("own", index) | ("shared", var)
+        for variable in baked.variables:
+            if id(variable) in kernels:
+                source, mask, mask_type = kernels[id(variable)]
+                payload = coding.encode(mask, mask_type)[0] if mask_type == "ternary" else \
+                    np.packbits(mask.astype(bool)).tobytes()
                 self.packed.append(tf.Variable(np.frombuffer(payload, np.uint8), trainable=False))
-                self._sources.append(("mask", len(self.packed) - 1, tuple(mask.shape), layer.mask_type))
-            elif id(variable) in backbone_ids:
-                self._sources.append(("shared", variable))
+                if cache:
+                    self.cache.append(tf.Variable(tf.zeros([0], variable.dtype), shape=tf.TensorShape(None),
+                                                  trainable=False))
+                self._sources.append(("kernel", len(self.packed) - 1, source, mask_type))
+            elif id(variable) in shared or id(variable) in backbone_ids:
+                self._sources.append(("shared", shared.get(id(variable), variable)))
             else:
                 self.own.append(tf.Variable(keras.ops.convert_to_numpy(variable), trainable=False))
                 self._sources.append(("own", len(self.own) - 1))
+        self.filled = tf.Variable(False, trainable=False) if cache else None
+
+    def _masked_kernel(self, index, kernel, mask_type):
+        size = int(np.prod(kernel.shape))
+        if mask_type == "ternary":
+            bits = tf.reshape(_unpack_bits(self.packed[index], 2 * size), [size, 2])
+            mask = bits[:, 0] * 2 + bits[:, 1] - 1
+        else:
+            mask = _unpack_bits(self.packed[index], size)
+        return kernel.value * tf.reshape(mask, kernel.shape)
+
+    def _fill(self):
+        writes = [self.cache[source[1]].assign(self._masked_kernel(*source[1:]), read_value=False)
+                  for source in self._sources if source[0] == "kernel"]
+        with tf.control_dependencies(writes):
+            self.filled.assign(True, read_value=False)
+        return tf.constant(True)
 
     def _value(self, source):
         if source[0] == "shared":
             return source[1].value
         if source[0] == "own":
             return self.own[source[1]]
-        _, index, shape, mask_type = source
-        size = int(np.prod(shape))
-        if mask_type == "ternary":
-            bits = tf.reshape(_unpack_bits(self.packed[index], 2 * size), [size, 2])
-            values = bits[:, 0] * 2 + bits[:, 1] - 1
-        else:
-            values = _unpack_bits(self.packed[index], size)
-        # m_r = m reproduces m through the threshold: 1 >= tau, 0 < tau, -1 < 0.
-        return tf.reshape(tf.cast(values, tf.float32), shape)
+        _, index, kernel, mask_type = source
+        if self.filled is None:
+            return self._masked_kernel(index, kernel, mask_type)
+        return tf.reshape(self.cache[index].value(), kernel.shape)
 
     def __call__(self, image):
+        if self.filled is not None:
+            tf.cond(self.filled, lambda: tf.constant(False), self._fill)
         values = {id(v): self._value(source) for v, source in zip(self._model.variables, self._sources)}
         logits, _ = self._model.stateless_call(
             [values[id(v)] for v in self._model.trainable_variables],
@@ -109,13 +148,15 @@ def _signature(forward, spec, name):
     return tf.function(serve, input_signature=[spec])
 
 
-def build_serving_module(backbone, task_paths):
+def build_serving_module(backbone, task_paths, cache=True):
     """A `tf.Module` and `{name: tf.function}` with one signature per task (and serving_default).
 
     The module tracks the raw `tf.Variable`s behind the Keras variables, never a Keras model or
     Keras variable: those save a SavedModel that TF2 loads but TF1-style loaders (TensorFlow
     Serving, `saved_model_cli run`) cannot restore ("Could not find variable ..."), and
     `keras.export.ExportArchive` avoids that only by saving every variable twice.
+    With several tasks, `cache` makes each task unpack its masks once, on its first call (see
+    `_PackedTask`); TFLite conversion passes `cache=False`.
     """
     if not task_paths:
         raise ValueError("give at least one --task")
@@ -131,7 +172,7 @@ def build_serving_module(backbone, task_paths):
     else:
         module.variables_ = [v.value for v in backbone.variables]
         backbone_ids = {id(v) for v in backbone.variables}
-        module.tasks = [_PackedTask(load_task(p, backbone), backbone_ids) for p in task_paths]
+        module.tasks = [_PackedTask(load_task(p, backbone), backbone_ids, cache) for p in task_paths]
         forwards = [task.__call__ for task in module.tasks]
     signatures = {name: _signature(_with_outputs(forward), spec, name) for name, forward in zip(names, forwards)}
     module.signatures_ = dict(signatures)
@@ -222,7 +263,7 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
             # The masked kernels of a multi-task file are computed at run time, and TFLite's int8
             # convolutions need constant, symmetric filters.
             raise ValueError("int8 quantization takes one --task; export each task to its own .tflite")
-    module, signatures = build_serving_module(backbone, task_paths)
+    module, signatures = build_serving_module(backbone, task_paths, cache=False)
     names = [parse_task(p)[0] for p in task_paths]
     # Through a SavedModel: functions restored from one read plain tf.Variables, which the
     # converter freezes into the flatbuffer (Keras variables in memory stay READ_VARIABLE ops).

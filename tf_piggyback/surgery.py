@@ -212,6 +212,14 @@ def bake(model):
 
     Reference: §3, last paragraph: after training only the thresholded masks are kept.
     """
+    return bake_with_layers(model)[0]
+
+
+def bake_with_layers(model):
+    """`bake(model)` and `[(wrapper, plain layer)]`: which new layer replaced each `MaskedWrapper`.
+
+    A plain layer's `weights` are in the order of `wrapper.layer.weights` (the backbone's).
+    """
     baked = []
 
     def clone(layer):
@@ -221,10 +229,10 @@ def bake(model):
         plain = type(inner).from_config(inner.get_config())
         products = {k.path: k_m for k, k_m in zip(layer.kernels, layer.masked_kernels())}
         values = [keras.ops.convert_to_numpy(products.get(w.path, w)) for w in inner.weights]
-        baked.append((plain, values))
+        baked.append((layer, plain, values))
         return plain
 
     result = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    for plain, values in baked:
+    for _, plain, values in baked:
         plain.set_weights(values)
-    return result
+    return result, [(wrapper, plain) for wrapper, plain, _ in baked]
