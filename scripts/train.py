@@ -4,8 +4,13 @@ python scripts/train.py --backbone=digits --dataset=digits:upper --model_dir=run
 python scripts/train.py --backbone=ResNet50 --weights=imagenet --dataset=tfds:oxford_flowers102 \
     --model_dir=runs/flowers --strategy=mirrored
 
-Writes task.npz (piggyback, classifier) or model.keras (finetune), metrics.json and config.json;
-checkpoints every epoch, so rerunning the same command after a crash resumes.
+python scripts/train.py --backbone=digits --dataset=digits:upper --method=packnet --model_dir=runs/p1
+python scripts/train.py --backbone=digits --dataset=digits:inverted --method=packnet \
+    --packnet_base=runs/p1 --model_dir=runs/p2           # PackNet: tasks are added in order
+
+Writes task.npz (piggyback, classifier), model.keras (finetune) or packnet.npz (the pack with
+every task so far), metrics.json and config.json; checkpoints every epoch, so rerunning the same
+command after a crash resumes.
 """
 
 from absl import app, flags
@@ -15,6 +20,7 @@ from tf_piggyback.cli import define_backbone_flags, user_errors
 from tf_piggyback.distribute import STRATEGIES, make_strategy
 from tf_piggyback.experiment import RunConfig, run
 from tf_piggyback.layers import DEFAULT_MASK_SCALE, MASK_INITS
+from tf_piggyback.packnet import DEFAULT_PRUNE, validate_prune
 from tf_piggyback.trainer import METHODS, TrainConfig
 
 FLAGS = flags.FLAGS
@@ -29,7 +35,7 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 32, "Global batch size (paper: 32).")
     flags.DEFINE_float("mask_lr", 1e-4, "Adam learning rate of the masks (paper: 1e-4).")
     flags.DEFINE_float("head_lr", 1e-4, "Adam learning rate of the head and BatchNorm (paper: 1e-4).")
-    flags.DEFINE_float("finetune_lr", 1e-3, "SGD (momentum 0.9) learning rate for --method=finetune.")
+    flags.DEFINE_float("finetune_lr", 1e-3, "SGD (momentum 0.9) learning rate for --method=finetune and packnet.")
     flags.DEFINE_integer("lr_decay_epochs", 15, "Multiply learning rates by --lr_decay after this many epochs.")
     flags.DEFINE_float("lr_decay", 0.1, "Learning-rate decay factor (paper: 0.1 after 15 of 30 epochs).")
     flags.DEFINE_float("threshold", DEFAULT_THRESHOLD, "Mask threshold tau (paper: 5e-3).")
@@ -37,6 +43,11 @@ def define_flags():
     flags.DEFINE_float("mask_scale", DEFAULT_MASK_SCALE, "Constant / range of the mask init (paper: 1e-2).")
     flags.DEFINE_enum("mask_type", "binary", MASK_TYPES, "binary {0,1} or ternary {-1,0,1} masks.")
     flags.DEFINE_bool("train_bn", False, "Learn per-task BatchNormalization (paper §5.3).")
+    flags.DEFINE_float("prune", DEFAULT_PRUNE, "PackNet: fraction of each layer's weights freed after a task.")
+    flags.DEFINE_string("packnet_base", "", "PackNet: the --model_dir of the previous task's PackNet run "
+                        "(empty: a new pack on the backbone).")
+    flags.DEFINE_bool("augment", False, "The paper's random crop (after scaling by 256/224) and horizontal flip.")
+    flags.DEFINE_bool("cache", True, "Keep decoded, resized training images in memory after the first epoch.")
     flags.DEFINE_enum("strategy", "default", STRATEGIES, "Distribution: default, mirrored, multi_worker (TF_CONFIG).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_integer("verbose", 1, "1: a progress bar per epoch; 0: one line per epoch.")
@@ -51,7 +62,8 @@ def config_from_flags():
     return RunConfig(backbone=FLAGS.backbone, weights=FLAGS.weights, image_size=FLAGS.image_size,
                      dataset=FLAGS.dataset, threshold=FLAGS.threshold, mask_init=FLAGS.mask_init,
                      mask_scale=FLAGS.mask_scale, mask_type=FLAGS.mask_type, train_bn=FLAGS.train_bn,
-                     train=train)
+                     prune=validate_prune(FLAGS.prune), packnet_base=FLAGS.packnet_base, augment=FLAGS.augment,
+                     cache=FLAGS.cache, train=train)
 
 
 @user_errors

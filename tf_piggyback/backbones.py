@@ -85,7 +85,13 @@ def digits_backbone(weights="pretrained"):
     model = build_digits_backbone()
     if weights == "pretrained":
         model.load_weights(DIGITS_WEIGHTS)
-    elif weights is not None:
+    elif weights is None:
+        # Seeded, so the random backbone (Table 5) is the same in every process and task files
+        # trained on it load anywhere.
+        for i, w in enumerate(model.weights):
+            if w.path.endswith("kernel"):
+                w.assign(keras.initializers.GlorotUniform(seed=i)(w.shape))
+    else:
         raise ValueError(f"weights must be 'pretrained' or None. Received: weights={weights!r}")
     return model
 
@@ -113,14 +119,15 @@ def load_backbone(name, weights="imagenet", image_size=None):
     Args:
         name: `"digits"`, e.g. `"ResNet50"` (any `keras.applications` callable), or a path
             ending in `.keras`.
-        weights: for `keras.applications`: `"imagenet"`, `"none"` or a weights file path.
+        weights: for `keras.applications`: `"imagenet"`, `"none"` or a weights file path;
+            for `digits`: `"none"` gives the seeded random backbone of Table 5's experiment.
         image_size: for `keras.applications`: input height and width (default 224).
 
     Example:
     >>> backbone = load_backbone("MobileNetV2", weights="none", image_size=96)
     """
-    if name == "digits":
-        return digits_backbone()
+    if name == "digits":  # --weights=none: random, as in Table 5
+        return digits_backbone(None if weights in (None, "none") else "pretrained")
     if name.endswith(".keras"):
         if not os.path.isfile(name):
             raise ValueError(f"backbone file {name!r} does not exist")

@@ -5,6 +5,7 @@ This is what `scripts/train.py` and the demo call; everything it writes goes to 
 """
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -16,6 +17,7 @@ from tf_piggyback.backbones import load_backbone
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD
 from tf_piggyback.datasets import load_dataset
 from tf_piggyback.layers import DEFAULT_MASK_SCALE
+from tf_piggyback.packnet import DEFAULT_PRUNE, PackNet
 from tf_piggyback.surgery import classifier_only, finetune, mask_sparsity, masked_layers, piggyback
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
 from tf_piggyback.trainer import TrainConfig, epoch_batches, evaluate, is_chief, train
@@ -34,10 +36,32 @@ class RunConfig:
     mask_scale: float = DEFAULT_MASK_SCALE
     mask_type: str = "binary"
     train_bn: bool = False
+    prune: float = DEFAULT_PRUNE
+    packnet_base: str = ""
+    augment: bool = False
+    cache: bool = True
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+PACKNET_FILE = "packnet.npz"
+
+
+def retrain_epochs(epochs):
+    """PackNet's retraining after pruning: half the epochs (at least 1), at a tenth of the lr."""
+    return max(1, epochs // 2)
+
+
+def _pack(config, backbone):
+    if not config.packnet_base:
+        return PackNet(backbone, config.prune)
+    path = os.path.join(config.packnet_base, PACKNET_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"--packnet_base={config.packnet_base} holds no {PACKNET_FILE}; "
+                         "pass the --model_dir of a finished PackNet run")
+    return PackNet.load(path, backbone)
 
 
 def build_model(config, backbone, num_classes):
@@ -80,6 +104,8 @@ def run(config, model_dir, *, strategy=None, log=print, verbose=0):
 
     Rerunning the same call after a crash resumes from `model_dir/checkpoints`. Under a
     multi-worker strategy every worker trains and only the chief writes the outputs.
+    PackNet adds the task to the pack in `config.packnet_base` (a previous PackNet run's
+    model_dir; empty: a new pack on the backbone) and writes the grown pack to `packnet.npz`.
     """
     strategy = strategy or tf.distribute.get_strategy()
     chief = is_chief(strategy)
@@ -91,12 +117,28 @@ def run(config, model_dir, *, strategy=None, log=print, verbose=0):
         backbone = load_backbone(config.backbone, config.weights, config.image_size)
         splits = load_dataset(config.dataset, image_shape=backbone.inputs[0].shape[1:], seed=config.train.seed)
         keras.utils.set_random_seed(config.train.seed)
-        model = build_model(config, backbone, len(splits.class_names))
-    batches = epoch_batches(splits.train, config.train.batch_size, seed=config.train.seed)
-    history = train(model, batches, config.train, strategy=strategy,
-                    steps_per_epoch=-(-splits.train_size // config.train.batch_size),
-                    checkpoint_dir=os.path.join(model_dir, "checkpoints"),
-                    summary_dir=os.path.join(model_dir, "logs"), log=log, verbose=verbose)
+        pack = _pack(config, backbone) if config.train.method == "packnet" else None
+        model = build_model(config, backbone, len(splits.class_names)) if pack is None else None
+    train_examples = splits.train.cache() if config.cache else splits.train
+    batches = epoch_batches(train_examples, config.train.batch_size, seed=config.train.seed,
+                             augment_images=config.augment)
+    fit = functools.partial(train, dataset=batches, strategy=strategy, log=log, verbose=verbose,
+                            steps_per_epoch=-(-splits.train_size // config.train.batch_size))
+    if pack is None:
+        history = fit(model, config=config.train, checkpoint_dir=os.path.join(model_dir, "checkpoints"),
+                      summary_dir=os.path.join(model_dir, "logs"))
+    else:
+        history = []
+
+        def fit_phase(task_model, phase):
+            train_config = config.train if phase == "train" else dataclasses.replace(
+                config.train, epochs=retrain_epochs(config.train.epochs), finetune_lr=config.train.finetune_lr * 0.1)
+            history.extend(fit(task_model, config=train_config, gradient_masks=pack.gradient_masks(),
+                               checkpoint_dir=os.path.join(model_dir, "checkpoints", phase),
+                               summary_dir=os.path.join(model_dir, "logs", phase)))
+
+        with strategy.scope():
+            model = pack.task_model(pack.add_task(fit_phase, len(splits.class_names), splits.class_names))
     accuracy = evaluate(model, splits.test)
     masks = [m for layer in masked_layers(model) for m in layer.thresholded_masks()]
     metrics = {
@@ -109,9 +151,17 @@ def run(config, model_dir, *, strategy=None, log=print, verbose=0):
         "params": _stored_params(model, masks),
         "train_seconds": float(sum(h["seconds"] for h in history)),
     }
+    if pack is not None:
+        metrics["sparsity"] = pack.free_fraction()  # the room left for later tasks
+        metrics["params"] = int(sum(k.size for k in pack.owners))
+        metrics["task_index"] = len(pack.tasks)
+        pack.tasks[-1]["metrics"] = {k: metrics[k] for k in ("accuracy", "top1_error")}
     if not chief:
         return metrics
-    if config.train.method == "finetune":
+    if pack is not None:
+        path = os.path.join(model_dir, PACKNET_FILE)
+        pack.save(path)
+    elif config.train.method == "finetune":
         path = os.path.join(model_dir, "model.keras")
         tmp = os.path.join(model_dir, ".model.tmp.keras")
         model.save(tmp)

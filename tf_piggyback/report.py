@@ -1,8 +1,16 @@
-"""Reports: a Table-2-style comparison and a per-layer sparsity plot (Fig. 3 style)."""
+"""Reports: a Table-2-style comparison, the Visual Decathlon score and a per-layer sparsity plot.
 
+`collect` reads the `metrics.json` and `config.json` of training runs (`scripts/train.py`'s
+model_dirs); `comparison` lays them out as Table 2 does: top-1 error per task and method, and what
+storing all the tasks costs per method.
+"""
+
+import csv
 import io
+import json
+import os
 
-from tf_piggyback.taskfile import write_atomic
+from tf_piggyback.taskfile import read_manifest, write_atomic
 
 COLUMNS = ("task", "method", "accuracy", "top1_error", "sparsity", "params", "task_bytes")
 
@@ -50,3 +58,147 @@ def sparsity_plot(manifests, path):
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     write_atomic(path, lambda f: f.write(buffer.getvalue()))
+
+
+# Visual Decathlon (Rebuffi et al. 2017): the baseline errors are those of the Finetune row of the
+# paper's Table 8 (100 - top-1 accuracy, in %), keyed by TFDS `visual_domain_decathlon` config.
+DECATHLON_BASELINE_ERRORS = {
+    "imagenet12": 40.13, "aircraft": 39.66, "cifar100": 17.88, "daimlerpedcls": 7.18, "dtd": 44.47,
+    "gtsrb": 2.47, "vgg-flowers": 18.59, "omniglot": 12.31, "svhn": 3.45, "ucf101": 48.8,
+}
+
+
+def decathlon_score(errors, baseline_errors=None):
+    """Σ_d 1000 · max(0, E_max − E_d)² / E_max², with E_max twice the baseline error of task d.
+
+    Args:
+        errors: `{task: top-1 error in %}`; task names are `DECATHLON_BASELINE_ERRORS` keys
+            unless `baseline_errors` is given.
+        baseline_errors: `{task: baseline top-1 error in %}`.
+
+    Returns:
+        The score: 1000 per task at most, 250 per task at the baseline's error (§6, Table 8).
+    """
+    baseline_errors = DECATHLON_BASELINE_ERRORS if baseline_errors is None else baseline_errors
+    unknown = sorted(set(errors) - set(baseline_errors))
+    if unknown:
+        raise ValueError(f"no baseline error for task(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(baseline_errors))}")
+    score = 0.0
+    for task, error in errors.items():
+        e_max = 2.0 * baseline_errors[task]
+        score += 1000.0 * max(0.0, e_max - error) ** 2 / e_max ** 2
+    return score
+
+
+def _task_name(dataset):
+    return dataset.partition(":")[2].rsplit("/", 1)[-1] or dataset
+
+
+def collect(model_dirs):
+    """One row per finished run: `task`, `method` (PackNet runs labelled with their task order),
+    `accuracy`, `top1_error`, `sparsity`, `params`, `task_bytes`, `model_dir`, `backbone`."""
+    runs = {}
+    for model_dir in model_dirs:
+        path = os.path.join(model_dir, "metrics.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{model_dir} holds no metrics.json; pass the --model_dir of a finished training run")
+        with open(path) as f:
+            metrics = json.load(f)
+        runs[os.path.abspath(model_dir)] = metrics
+    rows, packs = [], {}
+    for model_dir, metrics in runs.items():
+        config = metrics["config"]
+        row = {"task": _task_name(config["dataset"]), "method": metrics["method"], "model_dir": model_dir,
+               "backbone": f"{config['backbone']}:{config['weights']}", "task_index": metrics.get("task_index"),
+               **{k: metrics.get(k) for k in ("accuracy", "top1_error", "sparsity", "params", "task_bytes")}}
+        if row["method"] == "packnet":  # grouped by the pack's first run, found through packnet_base
+            first, base = model_dir, config.get("packnet_base")
+            while base:
+                first = os.path.abspath(base)
+                with open(os.path.join(base, "config.json")) as f:
+                    base = json.load(f).get("packnet_base")
+            packs.setdefault(first, []).append(row)
+        rows.append(row)
+    for pack in packs.values():  # PackNet's results depend on task order, so the label shows it
+        order = " → ".join(row["task"] for row in sorted(pack, key=lambda row: row["task_index"]))
+        for row in pack:
+            row["method"] = f"packnet ({order})"
+    return rows
+
+
+def comparison(rows, backbone_bytes):
+    """Table 2's layout as Markdown: top-1 error (%) per task (rows) and method (columns), then the
+    storage of all tasks per method next to one backbone's (`backbone_bytes`, float32 weights).
+
+    Storage: piggyback and classifier-only keep one backbone and each task file; finetune one
+    model per task; PackNet one pack, the one written after its last task.
+    """
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    tasks = list(dict.fromkeys(row["task"] for row in rows))
+    cell = {(row["task"], row["method"]): row for row in rows}
+    lines = ["| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for task in tasks:
+        errors = [cell.get((task, m), {}).get("top1_error") for m in methods]
+        lines.append(f"| {task} | " + " | ".join("" if e is None else f"{100 * e:.2f}" for e in errors) + " |")
+    storage, counts = [], []
+    for method in methods:
+        own = [row for row in rows if row["method"] == method]
+        if method.startswith("packnet"):
+            total, models = max(own, key=lambda row: row["task_index"])["task_bytes"], 1
+        elif method == "finetune":
+            total, models = sum(row["task_bytes"] for row in own), len(own)
+        else:
+            total, models = backbone_bytes + sum(row["task_bytes"] for row in own), 1
+        storage.append(f"{total / 2**20:.2f} MB ({total / backbone_bytes:.2f}x)")
+        counts.append(str(models))
+    lines.append("| storage, all tasks | " + " | ".join(storage) + " |")
+    lines.append("| # models | " + " | ".join(counts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows, path):
+    """The rows as CSV (one line per run), atomically."""
+    buffer = io.StringIO()
+    columns = ("task", "method", "accuracy", "top1_error", "sparsity", "params", "task_bytes", "backbone", "model_dir")
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, lambda f: f.write(buffer.getvalue().encode()))
+
+
+def backbone_bytes(model_dir):
+    """float32 bytes of the backbone a run was trained on (built without downloading weights)."""
+    from tf_piggyback.backbones import load_backbone
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    weights = "none" if config["weights"] == "imagenet" or config["backbone"] == "digits" else config["weights"]
+    return 4 * load_backbone(config["backbone"], weights, config["image_size"]).count_params()
+
+
+def build_report(model_dirs, output):
+    """Writes the report files; returns the Markdown text."""
+    rows = collect(model_dirs)
+    backbones = {row["backbone"] for row in rows}
+    if len(backbones) > 1:
+        raise ValueError(f"the runs use different backbones ({', '.join(sorted(backbones))}); report one at a time")
+    text = ["# Results", "", comparison(rows, backbone_bytes(rows[0]["model_dir"]))]
+    if {row["task"] for row in rows} <= set(DECATHLON_BASELINE_ERRORS):
+        scores = {}
+        for row in rows:
+            scores.setdefault(row["method"], {})[row["task"]] = 100 * row["top1_error"]
+        text += ["Visual Decathlon score (baseline errors: Table 8's Finetune row):", ""]
+        text += [f"- {method}: {decathlon_score(errors):.0f} over {len(errors)} tasks" for method, errors in scores.items()]
+        text.append("")
+    text += ["## Runs", "", markdown_table(rows)]
+    manifests = {f"{row['task']}": read_manifest(os.path.join(row["model_dir"], "task.npz"))
+                 for row in rows if row["method"] == "piggyback"}
+    os.makedirs(output, exist_ok=True)
+    if manifests:
+        sparsity_plot(manifests, os.path.join(output, "sparsity.png"))
+        text += ["Per-layer sparsity of the piggyback masks: sparsity.png", ""]
+    markdown = "\n".join(text)
+    write_atomic(os.path.join(output, "report.md"), lambda f: f.write(markdown.encode()))
+    write_csv(rows, os.path.join(output, "report.csv"))
+    return markdown

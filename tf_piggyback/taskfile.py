@@ -139,23 +139,29 @@ def write_atomic(path, write):
 
 def read_task(path):
     """Returns `(manifest, arrays)` of a task file, checked; raises `TaskFileError`."""
+    return read_npz(path, FORMAT, VERSION)
+
+
+def read_npz(path, file_format, version):
+    """`(manifest, arrays)` of a file this library wrote (`file_format`, e.g. a task file or a
+    PackNet pack), checked: readable without pickle, its format and version, its checksums."""
+    kind = "task file" if file_format == FORMAT else f"{file_format.rsplit('.', 1)[-1]} file"
     if not os.path.isfile(path):
-        raise TaskFileError(f"task file {path!r} does not exist; pass the task.npz that training wrote")
+        raise TaskFileError(f"{kind} {path!r} does not exist; pass the file that training wrote")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
         manifest = json.loads(arrays.pop("manifest").tobytes().decode("utf-8"))
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as e:
         raise TaskFileError(
-            f"{path!r} is not a readable tf_piggyback task file (truncated or corrupted: {e}); "
-            "save it again with save_task"
+            f"{path!r} is not a readable tf_piggyback {kind} (truncated or corrupted: {e}); write it again"
         ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise TaskFileError(f"{path!r} is not a tf_piggyback task file (its manifest has no format {FORMAT!r})")
-    if manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != file_format:
+        raise TaskFileError(f"{path!r} is not a tf_piggyback {kind} (its manifest has no format {file_format!r})")
+    if manifest.get("version") != version:
         raise TaskFileError(
-            f"{path!r} has task file version {manifest.get('version')!r}; this tf_piggyback reads "
-            f"version {VERSION}: upgrade tf_piggyback or re-save the task"
+            f"{path!r} has {kind} version {manifest.get('version')!r}; this tf_piggyback reads "
+            f"version {version}: upgrade tf_piggyback or write the file again"
         )
     checksums = manifest.get("sha256") or {}
     if set(checksums) != set(arrays) or any(_sha256(arrays[name]) != digest for name, digest in checksums.items()):

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tf_piggyback.surgery import mask_sparsity, masked_layers
 
-METHODS = ("piggyback", "classifier", "finetune")
+METHODS = ("piggyback", "classifier", "finetune", "packnet")
 
 
 @dataclasses.dataclass
@@ -45,19 +45,33 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0. Received: {name}={getattr(self, name)!r}")
 
 
-def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=10_000):
+def augment(image, seed):
+    """The paper's training augmentation (§4): scale up by 256/224, random crop back, random
+    horizontal flip. Stateless: `seed` (a shape-[2] integer tensor) fixes the crop and the flip."""
+    height, width = image.shape[0], image.shape[1]
+    larger = tf.image.resize(image, [round(height * 256 / 224), round(width * 256 / 224)], method="bilinear")
+    cropped = tf.image.stateless_random_crop(larger, image.shape, seed=seed)
+    return tf.image.stateless_random_flip_left_right(cropped, seed=seed[::-1])
+
+
+def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=10_000, augment_images=False):
     """`epoch -> batched dataset`: a fixed shuffle per epoch, so a resumed run sees the same batches.
 
     Args:
         examples: an unbatched `tf.data.Dataset` of `(image, label)`.
         batch_size: the global batch size.
-        seed: with the epoch number, seeds that epoch's shuffle.
+        seed: with the epoch number, seeds that epoch's shuffle (and augmentation).
+        augment_images: apply `augment`, seeded by (seed, epoch, position in the epoch).
     """
 
     def make(epoch):
         ds = examples
         if shuffle:
             ds = ds.shuffle(buffer_size, seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
+        if augment_images:
+            ds = ds.enumerate().map(
+                lambda i, example: (augment(example[0], tf.stack([tf.constant(seed * 100_003 + epoch, tf.int64), i])),
+                                    example[1]), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -73,7 +87,7 @@ def _schedule(lr, config, steps_per_epoch):
 
 def make_optimizers(model, config, steps_per_epoch):
     """`[(optimizer, variables), ...]`: one group per learning rate, as in §4."""
-    if config.method == "finetune":
+    if config.method in ("finetune", "packnet"):
         sgd = keras.optimizers.SGD(_schedule(config.finetune_lr, config, steps_per_epoch), momentum=0.9)
         return [(sgd, list(model.trainable_variables))]
     masks = [m for layer in masked_layers(model) for m in layer.masks]
@@ -85,7 +99,7 @@ def make_optimizers(model, config, steps_per_epoch):
     return groups
 
 
-def make_train_step(model, groups, strategy, jit_compile=None):
+def make_train_step(model, groups, strategy, jit_compile=None, gradient_masks=None):
     """A `tf.function` `(images, labels) -> [loss sum, correct, count]` over all replicas.
 
     Args:
@@ -93,8 +107,11 @@ def make_train_step(model, groups, strategy, jit_compile=None):
         groups: `make_optimizers`' `[(optimizer, variables), ...]`.
         strategy: the `tf.distribute.Strategy` the model was built under.
         jit_compile: passed to `tf.function` (XLA); None leaves TensorFlow's default.
+        gradient_masks: optional `{id(variable): 0/1 mask}`; those variables' gradients are
+            multiplied by their masks, so masked-out entries never change (PackNet).
     """
     variables = [v for _, vs in groups for v in vs]
+    gradient_masks = gradient_masks or {}
 
     def step(images, labels):
         with tf.GradientTape() as tape:
@@ -102,6 +119,7 @@ def make_train_step(model, groups, strategy, jit_compile=None):
             per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
             loss = tf.nn.compute_average_loss(per_example)
         grads = tape.gradient(loss, variables)
+        grads = [g * gradient_masks[id(v)] if id(v) in gradient_masks else g for g, v in zip(grads, variables)]
         start = 0
         for optimizer, vs in groups:
             optimizer.apply_gradients(zip(grads[start:start + len(vs)], vs))
@@ -128,7 +146,7 @@ def is_chief(strategy):
 
 
 def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkpoint_dir=None,
-          summary_dir=None, log=print, verbose=0):
+          summary_dir=None, log=print, verbose=0, gradient_masks=None):
     """Trains `model` for `config.epochs` epochs, resuming from `checkpoint_dir` if it holds one.
 
     Args:
@@ -146,6 +164,7 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
             per-layer mask sparsity.
         log: called with one line per epoch.
         verbose: 1 shows a progress bar during each epoch.
+        gradient_masks: see `make_train_step`.
 
     Returns:
         A list with one dict per epoch trained in this call: `epoch`, `loss`, `accuracy`, `seconds`.
@@ -176,7 +195,7 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
             log(f"resumed from {manager.latest_checkpoint} after epoch {int(epoch_var.numpy())}")
     writer = tf.summary.create_file_writer(summary_dir) if summary_dir and is_chief(strategy) else None
 
-    distributed_step = make_train_step(model, groups, strategy)
+    distributed_step = make_train_step(model, groups, strategy, gradient_masks=gradient_masks)
 
     history = []
     for epoch in range(int(epoch_var.numpy()), config.epochs):

@@ -1,0 +1,186 @@
+"""PackNet (Mallya & Lazebnik, CVPR 2018), the baseline of Table 2 whose results depend on task order.
+
+One network holds every task. Each kernel weight has an owner: the backbone (0), task k (k >= 1),
+or nobody (`FREE`). Adding task k trains only the free weights (and a new head), then prunes a
+fraction of them by magnitude back to free, and retrains the rest; task k then computes with the
+weights owned by the backbone and tasks 1..k. Earlier tasks keep their outputs, but later tasks get
+fewer free weights, so results depend on the order tasks arrive (Table 2's ↓ and ↑ rows).
+Biases and BatchNormalization stay the backbone's, as in piggyback without `train_bn`.
+
+The paper prunes ImageNet once by 50 or 75% and retrains it on ImageNet; this implementation prunes
+the backbone by magnitude without retraining (ImageNet is not at hand), so the first task also
+relearns what the pruning removed. The pruning is written with NumPy: `tensorflow-model-optimization`
+only works with legacy Keras 2 (BUILD.md).
+
+Stored as one pickle-free `.npz` (`save` / `PackNet.load`): the network's kernels (float32), their
+owners (int8) and each task's head, with the backbone's fingerprint and SHA-256 checksums.
+"""
+
+import json
+
+import keras
+import numpy as np
+
+from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.surgery import _add_head, feature_model, iter_layers
+from tf_piggyback.taskfile import TaskFileError, _sha256, _write_npz, read_npz, write_atomic
+
+FREE = -1
+DEFAULT_PRUNE = 0.75
+FORMAT = "tf_piggyback.packnet"
+VERSION = 1
+
+
+def _kernels(body):
+    return [w for layer in iter_layers(body) for w in layer.weights if w.path.rsplit("/", 1)[-1].endswith("kernel")]
+
+
+def validate_prune(prune):
+    if isinstance(prune, bool) or not isinstance(prune, (int, float)) or not 0 < prune < 1:
+        raise ValueError(f"prune must be a fraction strictly between 0 and 1. Received: prune={prune!r}")
+    return float(prune)
+
+
+class PackNet:
+    """A backbone packed with tasks; `add_task` trains one more.
+
+    Args:
+        backbone: the pretrained backbone (not modified: the pack trains its own copy).
+        prune: the fraction of each layer's weights freed after every task, by magnitude
+            (default 0.75, as in Table 2's PackNet rows); the backbone is pruned so too.
+        feature_layer: as for `piggyback`.
+
+    Example:
+    >>> pack = PackNet(backbone)
+    >>> pack.add_task(train_fn, num_classes=5)       # trains, prunes, retrains
+    >>> model = pack.task_model(1)                   # a plain Keras model for task 1
+    """
+
+    def __init__(self, backbone, prune=DEFAULT_PRUNE, *, feature_layer=None, _prune_backbone=True):
+        self.prune = validate_prune(prune)
+        self.backbone_name, self.fingerprint = backbone.name, fingerprint(backbone)
+        self.feature_layer = feature_layer
+        features = feature_model(backbone, feature_layer)
+        self.body = keras.models.clone_model(features, recursive=True)
+        self.body.set_weights(features.get_weights())
+        self.kernels = _kernels(self.body)
+        kernel_ids = {id(k) for k in self.kernels}
+        for layer in iter_layers(self.body):
+            layer.trainable = any(id(w) in kernel_ids for w in layer.weights) and \
+                not isinstance(layer, keras.layers.BatchNormalization)
+            for w in layer.weights:
+                if id(w) not in kernel_ids:
+                    w.trainable = False
+        self.owners = [np.zeros(k.shape, np.int8) for k in self.kernels]
+        # 1 where the current training phase may change a weight (read by the train step).
+        self.trainable_masks = [keras.Variable(np.zeros(k.shape, np.float32), trainable=False) for k in self.kernels]
+        self.tasks = []  # {"num_classes", "class_names", "metrics", "head": [arrays]}
+        if _prune_backbone:
+            self._prune(0)
+
+    def _prune(self, owner):
+        """Frees the `prune` fraction of `owner`'s weights with the smallest |w| in every layer."""
+        for kernel, owners in zip(self.kernels, self.owners):
+            values = keras.ops.convert_to_numpy(kernel)
+            owned = np.flatnonzero(owners == owner)
+            count = int(round(self.prune * owned.size))
+            order = np.argsort(np.abs(values.reshape(-1)[owned]), kind="stable")
+            freed = owned[order[:count]]
+            owners.reshape(-1)[freed] = FREE
+            values.reshape(-1)[freed] = 0.0
+            kernel.assign(values)
+
+    def _allow(self, owner):
+        for mask, owners in zip(self.trainable_masks, self.owners):
+            mask.assign((owners == owner).astype(np.float32))
+
+    def gradient_masks(self):
+        """`{id(kernel): 0/1 mask}` for `trainer.train(..., gradient_masks=...)`."""
+        return {id(k): m for k, m in zip(self.kernels, self.trainable_masks)}
+
+    def training_model(self, num_classes):
+        """The shared network and a new head, trained in place by `add_task`."""
+        return _add_head(self.body, num_classes, name=f"packnet_{self.backbone_name}_{len(self.tasks) + 1}")
+
+    def add_task(self, fit, num_classes, class_names=None):
+        """Learns task `len(tasks) + 1`: train the free weights, prune, retrain the kept ones.
+
+        Args:
+            fit: `fit(model, phase)` trains `model` (phase `"train"`, then `"retrain"`), e.g. with
+                `trainer.train(..., gradient_masks=pack.gradient_masks())`.
+            num_classes: classes of the new task.
+            class_names: optional names, stored with the task.
+
+        Returns:
+            The new task's index k (>= 1), for `task_model(k)`.
+        """
+        k = len(self.tasks) + 1
+        model = self.training_model(num_classes)
+        self._allow(FREE)
+        fit(model, "train")
+        for owners in self.owners:
+            owners[owners == FREE] = k
+        self._prune(k)
+        self._allow(k)
+        fit(model, "retrain")
+        self._allow(None)
+        head = model.get_layer("head")
+        self.tasks.append({"num_classes": int(num_classes), "metrics": {},
+                           "class_names": list(class_names or [str(i) for i in range(num_classes)]),
+                           "head": [keras.ops.convert_to_numpy(w) for w in head.weights]})
+        return k
+
+    def task_model(self, k):
+        """A plain Keras model for task k: the weights of the backbone and tasks 1..k, and k's head."""
+        if not 1 <= k <= len(self.tasks):
+            raise ValueError(f"this pack has tasks 1..{len(self.tasks)}. Received: k={k!r}")
+        body = keras.models.clone_model(self.body, recursive=True)
+        body.set_weights(self.body.get_weights())
+        for kernel, source, owners in zip(_kernels(body), self.kernels, self.owners):
+            kernel.assign(keras.ops.convert_to_numpy(source) * ((owners >= 0) & (owners <= k)))
+        model = _add_head(body, self.tasks[k - 1]["num_classes"], name=f"packnet_task{k}")
+        model.get_layer("head").set_weights(self.tasks[k - 1]["head"])
+        return model
+
+    def free_fraction(self):
+        """The fraction of kernel weights no task owns: the room left for later tasks."""
+        return float(sum(np.count_nonzero(o == FREE) for o in self.owners) / sum(o.size for o in self.owners))
+
+    def save(self, path):
+        """Writes the pack to `path` (`.npz`), atomically."""
+        arrays = {}
+        for i, (kernel, owners) in enumerate(zip(self.kernels, self.owners)):
+            arrays[f"k{i}"], arrays[f"o{i}"] = keras.ops.convert_to_numpy(kernel), owners
+        for t, task in enumerate(self.tasks):
+            for j, w in enumerate(task["head"]):
+                arrays[f"h{t}_{j}"] = w
+        manifest = {
+            "format": FORMAT, "version": VERSION, "prune": self.prune, "feature_layer": self.feature_layer,
+            "backbone": {"name": self.backbone_name, "fingerprint": self.fingerprint},
+            "kernels": [{"name": k.path, "shape": list(k.shape)} for k in self.kernels],
+            "tasks": [{key: value for key, value in task.items() if key != "head"} | {"heads": len(task["head"])}
+                      for task in self.tasks],
+            "sha256": {name: _sha256(array) for name, array in arrays.items()},
+        }
+        arrays = {"manifest": np.frombuffer(json.dumps(manifest).encode("utf-8"), np.uint8), **arrays}
+        write_atomic(path, lambda f: _write_npz(f, arrays))
+
+    @classmethod
+    def load(cls, path, backbone):
+        """The pack saved at `path`, on `backbone` (checked by fingerprint); raises `TaskFileError`."""
+        manifest, arrays = read_npz(path, FORMAT, VERSION)
+        if fingerprint(backbone) != manifest["backbone"]["fingerprint"]:
+            raise TaskFileError(f"{path!r} was packed on another backbone than the given {backbone.name!r}; "
+                                "load it with the backbone and weights it was trained on")
+        pack = cls(backbone, manifest["prune"], feature_layer=manifest["feature_layer"], _prune_backbone=False)
+        if len(manifest["kernels"]) != len(pack.kernels):
+            raise TaskFileError(f"{path!r} has {len(manifest['kernels'])} kernels; the backbone has {len(pack.kernels)}")
+        for i, kernel in enumerate(pack.kernels):
+            if tuple(arrays[f"k{i}"].shape) != tuple(kernel.shape):
+                raise TaskFileError(f"{path!r}: kernel {i} has shape {arrays[f'k{i}'].shape}, not {tuple(kernel.shape)}")
+            kernel.assign(arrays[f"k{i}"])
+            pack.owners[i] = arrays[f"o{i}"].astype(np.int8)
+        for t, task in enumerate(manifest["tasks"]):
+            heads = task.pop("heads")
+            pack.tasks.append({**task, "head": [arrays[f"h{t}_{j}"] for j in range(heads)]})
+        return pack
