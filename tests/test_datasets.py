@@ -2,8 +2,9 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tf_piggyback.datasets import load_dataset, load_digits_variant
+from tf_piggyback.datasets import _fit_image, load_dataset, load_digits_variant
 
 
 def test_digits_variants():
@@ -43,19 +44,23 @@ def write_image_folder(root, classes=("five", "six"), per_class=8, corrupt=0):
             tf.io.write_file(os.path.join(root, name, f"{i}.png"), tf.io.encode_png(rgb))
         for i in range(corrupt):
             with open(os.path.join(root, name, f"broken{i}.png"), "wb") as f:
-                f.write(b"not a png at all")
+                f.write(b"not a png at all")  # skipped when listed
+            png = tf.io.encode_png(np.repeat(x[0], 3, axis=-1).astype(np.uint8)).numpy()
+            with open(os.path.join(root, name, f"truncated{i}.png"), "wb") as f:
+                f.write(png[: len(png) // 2])  # a PNG header: dropped when decoding fails
         with open(os.path.join(root, name, "notes.txt"), "w") as f:
             f.write("not an image; ignored")
 
 
-def test_folder_dataset_split_and_unreadable_files(tmp_path):
+def test_folder_dataset_split_and_unreadable_files(tmp_path, caplog):
     root = str(tmp_path / "images")
     write_image_folder(root, per_class=8, corrupt=1)
     splits = load_dataset(f"folder:{root}", image_shape=(32, 32, 1))
+    assert "skipped 2 of 20 files that are not images: five/broken0.png, six/broken0.png" in caplog.text
     assert splits.class_names == ["five", "six"]
-    assert (splits.train_size, splits.test_size) == (14, 4)  # a quarter of each class is test
+    assert (splits.train_size, splits.test_size) == (14, 4)  # a quarter of each class's 9 files is test
     train = list(splits.train)
-    assert len(train) + len(list(splits.test)) == 16  # the two broken files are skipped with a warning
+    assert len(train) + len(list(splits.test)) == 16  # the truncated files are dropped with a warning
     image, label = train[0]
     assert image.shape == (32, 32, 1) and image.dtype.name == "float32" and label.dtype.name == "int64"
     assert max(float(np.max(x)) for x, _ in train) > 100  # raw 0-255 pixels
@@ -82,6 +87,15 @@ def test_folder_dataset_errors(tmp_path):
         load_dataset(f"folder:{tmp_path}/two")
 
 
+def test_channel_counts_that_cannot_be_converted():
+    four = tf.data.Dataset.from_tensor_slices((np.zeros((2, 8, 8, 4), np.uint8), np.zeros(2, np.int64)))
+    with pytest.raises(ValueError, match="images have 4 channels and the backbone takes 3; only grayscale"):
+        four.map(lambda x, y: _fit_image(x, y, (8, 8, 3)))
+    gray = tf.data.Dataset.from_tensor_slices((np.full((2, 8, 8, 1), 7, np.uint8), np.zeros(2, np.int64)))
+    rgb, _ = next(iter(gray.map(lambda x, y: _fit_image(x, y, (8, 8, 3)))))
+    assert rgb.shape == (8, 8, 3) and float(tf.reduce_min(rgb)) == 7.0
+
+
 def test_tfds_dataset_with_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
@@ -98,3 +112,28 @@ def test_tfds_dataset_with_mock_data(tmp_path):
     assert 0.0 <= metrics["accuracy"] <= 1.0 and os.path.exists(tmp_path / "mnist" / "task.npz")
     with pytest.raises(ValueError, match="unknown TensorFlow Datasets name 'no_such_dataset'"):
         load_dataset("tfds:no_such_dataset")
+
+
+def test_augmentation_is_seeded_so_resumed_epochs_repeat():
+    from tf_piggyback.trainer import augment, epoch_batches
+
+    image = tf.reshape(tf.range(32 * 32, dtype=tf.float32), (32, 32, 1))
+    a, b = augment(image, tf.constant([1, 2], tf.int64)), augment(image, tf.constant([1, 3], tf.int64))
+    assert a.shape == (32, 32, 1) and not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, augment(image, tf.constant([1, 2], tf.int64)))
+    examples = load_dataset("digits:upper").train.take(64)
+    make = epoch_batches(examples, 16, seed=3, augment_images=True)
+    first = [x.numpy() for x, _ in make(1)]
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate([x.numpy() for x, _ in make(1)]))
+    assert not np.array_equal(np.concatenate(first), np.concatenate([x.numpy() for x, _ in make(2)]))
+    plain = sorted(float(tf.reduce_sum(x)) for x, _ in examples)
+    assert plain != sorted(float(tf.reduce_sum(x)) for batch, _ in make(1) for x in batch)
+
+
+def test_random_digits_backbone_is_the_same_everywhere():
+    from tf_piggyback.backbones import load_backbone
+    from tf_piggyback.fingerprint import fingerprint
+
+    random = load_backbone("digits", "none")
+    assert fingerprint(random) == fingerprint(load_backbone("digits", "none"))
+    assert fingerprint(random) != fingerprint(load_backbone("digits", "imagenet"))

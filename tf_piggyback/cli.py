@@ -8,7 +8,13 @@ import sys
 from absl import flags
 from absl import logging as absl_logging
 
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def _message(error):
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename!s}; check the path and its permissions"
+    return str(error)
 
 
 def user_errors(main):
@@ -26,7 +32,7 @@ def user_errors(main):
         except USER_ERRORS as e:
             if os.environ.get("TF_PIGGYBACK_DEBUG"):
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_message(e)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapped

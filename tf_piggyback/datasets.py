@@ -19,6 +19,7 @@ Images are upsampled to 32x32x1 and hold raw 0-255 pixel values; the split is fi
 
 import dataclasses
 import functools
+import logging
 import os
 
 import numpy as np
@@ -87,6 +88,8 @@ class Splits:
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# The first bytes of each format tf.io.decode_image reads.
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 
 
 def load_dataset(spec, image_shape=None, seed=SPLIT_SEED):
@@ -127,6 +130,9 @@ def load_dataset(spec, image_shape=None, seed=SPLIT_SEED):
 def _fit_image(image, label, shape):
     image = tf.cast(image, tf.float32)
     channels = image.shape[-1]
+    if channels != shape[-1] and not {channels, shape[-1]} <= {1, 3}:
+        raise ValueError(f"the dataset's images have {channels} channels and the backbone takes {shape[-1]}; "
+                         "only grayscale (1) and RGB (3) are converted into each other")
     if channels == 1 and shape[-1] == 3:
         image = tf.image.grayscale_to_rgb(image)
     elif channels == 3 and shape[-1] == 1:
@@ -149,11 +155,26 @@ def _list_class_folders(root):
                     labels.append(label)
     if len(names) < 2:
         raise ValueError(f"dataset folder {root!r} has {len(names)} class sub-folder(s); it needs at least 2")
+    readable = np.array([_is_image(f) for f in files], dtype=bool)
+    if not readable.all():
+        skipped = [os.path.relpath(f, root) for f in np.array(files)[~readable]]
+        logging.warning("dataset folder %s: skipped %d of %d files that are not images: %s%s", root, len(skipped),
+                        len(files), ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
+        files, labels = list(np.array(files)[readable]), list(np.array(labels)[readable])
     empty = [n for i, n in enumerate(names) if i not in set(labels)]
     if empty:
         raise ValueError(f"dataset folder {root!r}: class folder(s) {', '.join(empty)} hold no images "
                          f"({', '.join(IMAGE_EXTENSIONS)})")
     return names, np.array(files), np.array(labels, dtype=np.int64)
+
+
+def _is_image(path):
+    """Whether a file starts like a JPEG, PNG, GIF or BMP (truncated ones are caught at decoding)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8).startswith(IMAGE_SIGNATURES)
+    except OSError:
+        return False
 
 
 def _decode(path, label):
@@ -162,7 +183,8 @@ def _decode(path, label):
 
 
 def _image_files(files, labels):
-    # Unreadable files are dropped with a warning rather than stopping a long run.
+    # Files that are not images are skipped when listed; ones that fail to decode (truncated)
+    # are dropped with a warning rather than stopping a long run.
     ds = tf.data.Dataset.from_tensor_slices((files, labels)).map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.ignore_errors(log_warning=True)
 
