@@ -1,12 +1,14 @@
-"""The demo end to end, as `make demo` runs it, and the CLIs' error handling."""
+"""The demo end to end, as `make demo` runs it (at half the epochs), and the CLIs' error handling."""
 
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+import tf_piggyback as pb
 from conftest import REPO
 
 
@@ -18,7 +20,8 @@ def run_script(*args):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
-    result = run_script("demo.py", f"--out={out}")
+    # Half of `make demo`'s epochs, to keep `make test` short; the claims below hold at both.
+    result = run_script("demo.py", f"--out={out}", "--epochs=15", "--packnet_epochs=5")
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stdout
 
@@ -36,13 +39,39 @@ def test_demo_shows_piggyback_well_above_classifier_only(demo):
                 os.path.join(out, task, method, "model.keras" if method == "finetune" else "task.npz"))
         assert accuracy[task, "piggyback"] >= accuracy[task, "classifier"] + 0.10, accuracy
         assert accuracy[task, "finetune"] >= accuracy[task, "classifier"] + 0.10, accuracy
-    assert "| upper | piggyback |" in stdout
+    assert "| task | piggyback | classifier | finetune | packnet (upper → inverted) | packnet (inverted → upper) |" \
+        in stdout
+    # §7: learned on the device by LiteRT, within 5 points of the same epochs in TensorFlow
+    with open(os.path.join(out, "upper", "piggyback", "metrics.json")) as f:
+        in_tensorflow = json.load(f)["accuracy"]
+    assert pb.read_manifest(os.path.join(out, "ondevice", "task.npz"))["metrics"]["accuracy"] >= in_tensorflow - 0.05
+    # Table 5: masks alone make a randomly initialised backbone useful (chance is 20%)
+    with open(os.path.join(out, "random_backbone", "upper", "metrics.json")) as f:
+        assert json.load(f)["accuracy"] >= 0.4
+    # Fig. 3: deeper layers are sparser
+    for task in ("upper", "inverted"):
+        layers = pb.read_manifest(os.path.join(out, task, "piggyback", "task.npz"))["layers"]
+        half = len(layers) // 2
+        assert np.mean([e["sparsity"] for e in layers[half:]]) > np.mean([e["sparsity"] for e in layers[:half]])
+
+
+def test_demo_packnet_results_depend_on_task_order(demo):
+    out, _ = demo
+    packnet = {}
+    for order in ("upper_then_inverted", "inverted_then_upper"):
+        for task in ("upper", "inverted"):
+            with open(os.path.join(out, "packnet", order, task, "metrics.json")) as f:
+                packnet[order, task] = json.load(f)["accuracy"]
+    # the same task, trained with the same seed, differs with its position in the order
+    assert packnet["upper_then_inverted", "inverted"] != packnet["inverted_then_upper", "inverted"]
+    assert packnet["upper_then_inverted", "upper"] != packnet["inverted_then_upper", "upper"]
 
 
 def test_demo_writes_report_plot_and_reloadable_tasks(demo):
     out, _ = demo
     report = open(os.path.join(out, "report.md")).read()
     assert "| inverted | classifier |" in report and "exactly the same accuracy" in report
+    assert "| storage, all tasks |" in report and "## Masks over a random backbone (Table 5)" in report
     with open(os.path.join(out, "sparsity.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "| SavedModel `serving/digits_tasks/1` |" in report and "upper 100.00%, inverted 100.00%" in report
