@@ -98,3 +98,32 @@ def test_bad_batches_are_clear_errors(trained):
     assert result.returncode == 2 and "holds no model.tflite" in result.stderr.strip().splitlines()[-1]
     with pytest.raises(ValueError, match="other weights"):
         trainer.save_task(pb.digits_backbone(weights=None), os.path.join(model_dir, "x.npz"))
+
+
+def test_builtin_gradients_equal_tensorflows():
+    """The ReLU, max-pooling and kernel gradients written with builtins give TensorFlow's gradients."""
+    import tensorflow as tf
+
+    from tf_piggyback.ondevice import build_ondevice_module
+
+    module, model = build_ondevice_module(pb.digits_backbone(), 5, 8)
+    splits = pb.load_dataset("digits:upper")
+    x = np.stack([image.numpy() for image, _ in splits.train.take(8)])
+    y = tf.one_hot([int(label) for _, label in splits.train.take(8)], 5)
+
+    def loss(logits):
+        return -tf.reduce_mean(tf.reduce_sum(y * tf.nn.log_softmax(logits), -1))
+
+    @tf.function
+    def ours():
+        with tf.GradientTape() as tape:
+            current = [tf.identity(v) for v in module.weights_]
+            tape.watch(current)
+            value = loss(module._forward(x, current))
+        return tape.gradient(value, current)
+
+    with tf.GradientTape() as tape:
+        value = loss(model(x, training=False))
+    reference = tape.gradient(value, [v.value for v in module._trainable_keras])
+    for got, expected in zip(ours(), reference):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6)

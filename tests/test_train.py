@@ -151,6 +151,7 @@ def test_multi_worker_on_localhost(tmp_path):
     (["--epochs=0"], "epochs must be an integer > 0"),
     (["--batch_size=0"], "batch_size must be an integer > 0"),
     (["--mask_lr=0"], "mask_lr must be > 0"),
+    (["--backbone=ResNet50", "--weights=none", "--image_size=16"], "Input size must be at least 32x32"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
     flags = {a.split("=")[0]: a for a in [*BASE, "--epochs=1", f"--model_dir={tmp_path}/m", *args]}
@@ -160,6 +161,7 @@ def test_bad_input_is_one_line(tmp_path, args, message):
     assert last.startswith("error: ") and message in last, last
     assert "Traceback" not in result.stderr
     assert not os.path.exists(os.path.join(tmp_path, "m", "task.npz"))
+    assert not os.path.exists(os.path.join(tmp_path, "m", "config.json"))  # the model_dir stays free
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):

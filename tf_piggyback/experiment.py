@@ -110,15 +110,15 @@ def run(config, model_dir, *, strategy=None, log=print, verbose=0):
     strategy = strategy or tf.distribute.get_strategy()
     chief = is_chief(strategy)
     _check_same_run(config, model_dir)
-    if chief:
-        os.makedirs(model_dir, exist_ok=True)
-        write_atomic(os.path.join(model_dir, "config.json"), lambda f: f.write(config.to_json().encode()))
     with strategy.scope():
         backbone = load_backbone(config.backbone, config.weights, config.image_size)
         splits = load_dataset(config.dataset, image_shape=backbone.inputs[0].shape[1:], seed=config.train.seed)
         keras.utils.set_random_seed(config.train.seed)
         pack = _pack(config, backbone) if config.train.method == "packnet" else None
         model = build_model(config, backbone, len(splits.class_names)) if pack is None else None
+    if chief:  # only once the inputs are known good: a failed start must not claim the model_dir
+        os.makedirs(model_dir, exist_ok=True)
+        write_atomic(os.path.join(model_dir, "config.json"), lambda f: f.write(config.to_json().encode()))
     train_examples = splits.train.cache() if config.cache else splits.train
     batches = epoch_batches(train_examples, config.train.batch_size, seed=config.train.seed,
                              augment_images=config.augment)

@@ -83,10 +83,11 @@ def _convolution(inputs, kernel, strides=None, padding="VALID", data_format=None
     kh, kw, ci, co = kernel.shape
     stride = 1 if strides is None else (strides if isinstance(strides, int) else strides[0])
     dilation = 1 if dilations is None else (dilations if isinstance(dilations, int) else dilations[0])
-    if len(inputs.shape) != 4 or dilation != 1 or (not isinstance(strides, int) and strides is not None
-                                                   and len(set(strides)) != 1):
-        raise ValueError(f"on-device training supports 2-D convolutions with equal strides and no dilation. "
-                         f"Received: strides {strides}, dilations {dilations}")
+    if len(inputs.shape) != 4 or dilation != 1 or data_format not in (None, "NHWC") or inputs.shape[-1] != ci or (
+            not isinstance(strides, int) and strides is not None and len(set(strides)) != 1):
+        raise ValueError("on-device training supports channels-last 2-D convolutions without groups or dilation "
+                         f"and with equal strides. Received: input {inputs.shape}, kernel {kernel.shape}, "
+                         f"strides {strides}, dilations {dilations}, data_format {data_format}")
     n, h, w, _ = inputs.shape
     out_h, out_w = -(-h // stride) if padding == "SAME" else (h - kh) // stride + 1, \
         -(-w // stride) if padding == "SAME" else (w - kw) // stride + 1
@@ -213,7 +214,7 @@ def build_ondevice_module(backbone, num_classes, batch_size, optimizer="adam", m
         batch_size: the `train` signature's static batch size.
         optimizer: `"adam"` (§4) or `"sgd"` (momentum 0.9).
         mask_lr, head_lr: learning rates of the masks and of the head (constant).
-        **options: `piggyback` options (threshold, mask_init, mask_scale, train_bn); binary masks only.
+        **options: `piggyback` options (threshold, mask_init, mask_scale); binary masks, no train_bn.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}. Received: optimizer={optimizer!r}")
@@ -222,8 +223,9 @@ def build_ondevice_module(backbone, num_classes, batch_size, optimizer="adam", m
     for name, value in (("mask_lr", mask_lr), ("head_lr", head_lr)):
         if not value > 0:
             raise ValueError(f"{name} must be > 0. Received: {name}={value!r}")
-    if options.get("mask_type", "binary") != "binary":
-        raise ValueError("on-device training learns binary masks; mask_type must be 'binary'")
+    if options.get("mask_type", "binary") != "binary" or options.get("train_bn"):
+        raise ValueError("on-device training learns binary masks and a head; mask_type must be 'binary' and "
+                         "train_bn False")
     model = piggyback(backbone, num_classes, **options)
     return OnDeviceTask(model, batch_size, optimizer, mask_lr, head_lr), model
 

@@ -7,9 +7,10 @@ weights owned by the backbone and tasks 1..k. Earlier tasks keep their outputs, 
 fewer free weights, so results depend on the order tasks arrive (Table 2's ↓ and ↑ rows).
 Biases and BatchNormalization stay the backbone's, as in piggyback without `train_bn`.
 
-The paper prunes ImageNet once by 50 or 75% and retrains it on ImageNet; this implementation prunes
-the backbone by magnitude without retraining (ImageNet is not at hand), so the first task also
-relearns what the pruning removed. The pruning is written with NumPy: `tensorflow-model-optimization`
+As in §4 (Table 2's PackNet), the backbone starts 50% pruned and each task's weights are pruned by
+75%, then retrained at a tenth of the learning rate. The paper's initial network was pruned and
+retrained on ImageNet; this implementation prunes the backbone by magnitude without retraining
+(ImageNet is not at hand), so the first task also relearns what the pruning removed. The pruning is written with NumPy: `tensorflow-model-optimization`
 only works with legacy Keras 2 (BUILD.md).
 
 Stored as one pickle-free `.npz` (`save` / `PackNet.load`): the network's kernels (float32), their
@@ -27,6 +28,7 @@ from tf_piggyback.taskfile import TaskFileError, _sha256, _write_npz, read_npz, 
 
 FREE = -1
 DEFAULT_PRUNE = 0.75
+DEFAULT_BACKBONE_PRUNE = 0.5
 FORMAT = "tf_piggyback.packnet"
 VERSION = 1
 
@@ -46,8 +48,10 @@ class PackNet:
 
     Args:
         backbone: the pretrained backbone (not modified: the pack trains its own copy).
-        prune: the fraction of each layer's weights freed after every task, by magnitude
-            (default 0.75, as in Table 2's PackNet rows); the backbone is pruned so too.
+        prune: the fraction of each layer's weights a task frees after training, by magnitude
+            (default 0.75, as in §4).
+        backbone_prune: the fraction of the backbone's weights freed before the first task
+            (default 0.5, as in §4).
         feature_layer: as for `piggyback`.
 
     Example:
@@ -56,8 +60,9 @@ class PackNet:
     >>> model = pack.task_model(1)                   # a plain Keras model for task 1
     """
 
-    def __init__(self, backbone, prune=DEFAULT_PRUNE, *, feature_layer=None, _prune_backbone=True):
-        self.prune = validate_prune(prune)
+    def __init__(self, backbone, prune=DEFAULT_PRUNE, *, backbone_prune=DEFAULT_BACKBONE_PRUNE, feature_layer=None,
+                 _prune_backbone=True):
+        self.prune, self.backbone_prune = validate_prune(prune), validate_prune(backbone_prune)
         self.backbone_name, self.fingerprint = backbone.name, fingerprint(backbone)
         self.feature_layer = feature_layer
         features = feature_model(backbone, feature_layer)
@@ -76,14 +81,14 @@ class PackNet:
         self.trainable_masks = [keras.Variable(np.zeros(k.shape, np.float32), trainable=False) for k in self.kernels]
         self.tasks = []  # {"num_classes", "class_names", "metrics", "head": [arrays]}
         if _prune_backbone:
-            self._prune(0)
+            self._prune(0, self.backbone_prune)
 
-    def _prune(self, owner):
-        """Frees the `prune` fraction of `owner`'s weights with the smallest |w| in every layer."""
+    def _prune(self, owner, fraction):
+        """Frees `fraction` of `owner`'s weights, those with the smallest |w|, in every layer."""
         for kernel, owners in zip(self.kernels, self.owners):
             values = keras.ops.convert_to_numpy(kernel)
             owned = np.flatnonzero(owners == owner)
-            count = int(round(self.prune * owned.size))
+            count = int(round(fraction * owned.size))
             order = np.argsort(np.abs(values.reshape(-1)[owned]), kind="stable")
             freed = owned[order[:count]]
             owners.reshape(-1)[freed] = FREE
@@ -120,7 +125,7 @@ class PackNet:
         fit(model, "train")
         for owners in self.owners:
             owners[owners == FREE] = k
-        self._prune(k)
+        self._prune(k, self.prune)
         self._allow(k)
         fit(model, "retrain")
         self._allow(None)
@@ -155,7 +160,8 @@ class PackNet:
             for j, w in enumerate(task["head"]):
                 arrays[f"h{t}_{j}"] = w
         manifest = {
-            "format": FORMAT, "version": VERSION, "prune": self.prune, "feature_layer": self.feature_layer,
+            "format": FORMAT, "version": VERSION, "prune": self.prune, "backbone_prune": self.backbone_prune,
+            "feature_layer": self.feature_layer,
             "backbone": {"name": self.backbone_name, "fingerprint": self.fingerprint},
             "kernels": [{"name": k.path, "shape": list(k.shape)} for k in self.kernels],
             "tasks": [{key: value for key, value in task.items() if key != "head"} | {"heads": len(task["head"])}
@@ -172,7 +178,8 @@ class PackNet:
         if fingerprint(backbone) != manifest["backbone"]["fingerprint"]:
             raise TaskFileError(f"{path!r} was packed on another backbone than the given {backbone.name!r}; "
                                 "load it with the backbone and weights it was trained on")
-        pack = cls(backbone, manifest["prune"], feature_layer=manifest["feature_layer"], _prune_backbone=False)
+        pack = cls(backbone, manifest["prune"], backbone_prune=manifest["backbone_prune"],
+                   feature_layer=manifest["feature_layer"], _prune_backbone=False)
         if len(manifest["kernels"]) != len(pack.kernels):
             raise TaskFileError(f"{path!r} has {len(manifest['kernels'])} kernels; the backbone has {len(pack.kernels)}")
         for i, kernel in enumerate(pack.kernels):
