@@ -20,6 +20,7 @@ from absl import app, flags
 
 import tf_piggyback as pb
 from tf_piggyback.cli import user_errors
+from tf_piggyback.datasets import to_arrays
 from tf_piggyback.experiment import RunConfig, retrain_epochs, run
 from tf_piggyback.export import export_saved_model, export_tflite, representative_images
 from tf_piggyback.ondevice import LiteRTTrainer, export_ondevice
@@ -61,7 +62,7 @@ print(json.dumps({name: model.signatures[name](image=tf.constant(data[name]))["l
 
 
 def test_images(task):
-    return np.stack([x.numpy() for x, _ in pb.load_dataset(f"digits:{task}").test])
+    return to_arrays(pb.load_dataset(f"digits:{task}").test)[0]
 
 
 def export_and_check(out, task_paths):
@@ -122,14 +123,11 @@ def learn_on_device(out):
     export_ondevice(pb.digits_backbone(), 5, 32, model_dir, mask_lr=1e-4, head_lr=DEMO_HEAD_LR)
     trainer = LiteRTTrainer(model_dir)
     splits = pb.load_dataset("digits:upper")
-    x, y = (np.stack(a) for a in zip(*[(image.numpy(), int(label)) for image, label in splits.train]))
-    xt, yt = (np.stack(a) for a in zip(*[(image.numpy(), int(label)) for image, label in splits.test]))
+    (x, y), (xt, yt) = to_arrays(splits.train), to_arrays(splits.test)
     rng = np.random.default_rng(FLAGS.seed)
     for _ in range(FLAGS.epochs):
-        order = rng.permutation(len(x))
-        for i in range(0, len(x) - 31, 32):
-            trainer.train_step(x[order[i:i + 32]], y[order[i:i + 32]])
-    accuracy = float(np.mean(trainer.logits(xt).argmax(-1) == yt))
+        trainer.train_epoch(x, y, rng)
+    accuracy = trainer.accuracy(xt, yt)
     path = os.path.join(model_dir, "task.npz")
     trainer.save_task(pb.digits_backbone(), path, class_names=splits.class_names, metrics={"accuracy": accuracy})
     if reload_accuracy(path, "digits:upper") != accuracy:

@@ -13,7 +13,7 @@ import numpy as np
 from absl import app, flags
 
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
-from tf_piggyback.datasets import load_dataset
+from tf_piggyback.datasets import load_dataset, to_arrays
 from tf_piggyback.ondevice import LiteRTTrainer
 
 FLAGS = flags.FLAGS
@@ -30,11 +30,6 @@ def define_flags():
         flags.mark_flag_as_required(name)
 
 
-def arrays(dataset):
-    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset])
-    return np.stack(images), np.array(labels)
-
-
 @user_errors
 def main(argv):
     del argv
@@ -46,16 +41,14 @@ def main(argv):
     if len(splits.class_names) != trainer.config["num_classes"]:
         raise ValueError(f"{FLAGS.dataset} has {len(splits.class_names)} classes; the on-device model was exported "
                          f"for {trainer.config['num_classes']} (--num_classes)")
-    x, y = arrays(splits.train)
-    xt, yt = arrays(splits.test)
-    batch = trainer.config["batch_size"]
+    x, y = to_arrays(splits.train)
+    xt, yt = to_arrays(splits.test)
     rng = np.random.default_rng(FLAGS.seed)
     for epoch in range(FLAGS.epochs):
-        start, order = time.time(), rng.permutation(len(x))
-        losses = [trainer.train_step(x[order[i:i + batch]], y[order[i:i + batch]])
-                  for i in range(0, len(x) - batch + 1, batch)]
-        accuracy = float(np.mean(trainer.logits(xt).argmax(-1) == yt))
-        print(f"epoch {epoch + 1}/{FLAGS.epochs}  loss {np.mean(losses):.4f}  test accuracy {accuracy:.4f}  "
+        start = time.time()
+        loss = trainer.train_epoch(x, y, rng)
+        accuracy = trainer.accuracy(xt, yt)
+        print(f"epoch {epoch + 1}/{FLAGS.epochs}  loss {loss:.4f}  test accuracy {accuracy:.4f}  "
               f"({time.time() - start:.1f}s)", flush=True)
     path = FLAGS.task or f"{FLAGS.model.rstrip('/')}/task.npz"
     trainer.save_task(backbone, path, class_names=splits.class_names, metrics={"accuracy": accuracy})

@@ -127,6 +127,12 @@ def load_dataset(spec, image_shape=None, seed=SPLIT_SEED):
     return splits
 
 
+def to_arrays(dataset):
+    """An unbatched `(image, label)` dataset as NumPy `(images [N, H, W, C], labels [N])`."""
+    images, labels = zip(*[(x.numpy(), int(y)) for x, y in dataset])
+    return np.stack(images), np.array(labels)
+
+
 def _fit_image(image, label, shape):
     image = tf.cast(image, tf.float32)
     channels = image.shape[-1]

@@ -190,10 +190,9 @@ def _restored(loaded, name):
 
 def representative_images(spec, image_shape):
     """Up to `REPRESENTATIVE_SAMPLES` raw training images of a dataset spec, for int8 calibration."""
-    from tf_piggyback.datasets import load_dataset
+    from tf_piggyback.datasets import load_dataset, to_arrays
 
-    train = load_dataset(spec, image_shape=image_shape).train
-    return np.stack([x.numpy() for x, _ in train.take(REPRESENTATIVE_SAMPLES)])
+    return to_arrays(load_dataset(spec, image_shape=image_shape).train.take(REPRESENTATIVE_SAMPLES))[0]
 
 
 def next_version(output_dir):

@@ -297,8 +297,19 @@ class LiteRTTrainer:
         images, labels = self._check(images, labels)
         return float(self._train(image=images, label=labels)["loss"])
 
+    def train_epoch(self, images, labels, rng):
+        """One pass over NumPy `images`, `labels` in `rng`'s order, in full batches (a last partial
+        batch is left out); returns the mean loss."""
+        batch, order = self.config["batch_size"], rng.permutation(len(images))
+        return float(np.mean([self.train_step(images[order[i:i + batch]], labels[order[i:i + batch]])
+                              for i in range(0, len(images) - batch + 1, batch)]))
+
     def logits(self, images):
         return self._infer(image=self._check(images)[0])["logits"]
+
+    def accuracy(self, images, labels):
+        """Top-1 accuracy of `infer` on NumPy `images`, `labels`."""
+        return float(np.mean(self.logits(images).argmax(-1) == labels))
 
     def save_task(self, backbone, path, *, class_names=None, metrics=None):
         """Writes what the device learned as an ordinary task file; returns its manifest."""
@@ -314,8 +325,9 @@ def task_from_export(backbone, outputs, num_classes, path, *, class_names=None, 
     model = piggyback(backbone, num_classes, **options)
     masks = [m for layer in masked_layers(model) for m in layer.masks]
     own = task_weights(model)
-    if len([k for k in outputs if k.startswith("mask_")]) != len(masks):
-        raise ValueError(f"export_task returned {len([k for k in outputs if k.startswith('mask_')])} masks; "
+    returned = sum(key.startswith("mask_") for key in outputs)
+    if returned != len(masks):
+        raise ValueError(f"export_task returned {returned} masks; "
                          f"the backbone has {len(masks)} masked kernels: another backbone?")
     for i, mask in enumerate(masks):
         bits = np.unpackbits(np.asarray(outputs[f"mask_{i}"], np.uint8))[:int(np.prod(mask.shape))]
