@@ -21,7 +21,7 @@ from tf_piggyback.distribute import STRATEGIES, make_strategy
 from tf_piggyback.experiment import RunConfig, run
 from tf_piggyback.layers import DEFAULT_MASK_SCALE, MASK_INITS
 from tf_piggyback.packnet import DEFAULT_PRUNE, validate_prune
-from tf_piggyback.trainer import METHODS, TrainConfig
+from tf_piggyback.trainer import METHODS, PRECISIONS, TrainConfig
 
 FLAGS = flags.FLAGS
 
@@ -48,6 +48,9 @@ def define_flags():
                         "(empty: a new pack on the backbone).")
     flags.DEFINE_bool("augment", False, "The paper's random crop (after scaling by 256/224) and horizontal flip.")
     flags.DEFINE_bool("cache", True, "Keep decoded, resized training images in memory after the first epoch.")
+    flags.DEFINE_enum("precision", "float32", PRECISIONS, "float32, or mixed precision: mixed_float16 (GPUs; "
+                      "dynamic loss scaling) or mixed_bfloat16 (Ampere+ GPUs, TPUs, recent CPUs).")
+    flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
     flags.DEFINE_enum("strategy", "default", STRATEGIES, "Distribution: default, mirrored, multi_worker (TF_CONFIG).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_integer("verbose", 1, "1: a progress bar per epoch; 0: one line per epoch.")
@@ -58,7 +61,8 @@ def define_flags():
 def config_from_flags():
     train = TrainConfig(method=FLAGS.method, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
                         mask_lr=FLAGS.mask_lr, head_lr=FLAGS.head_lr, finetune_lr=FLAGS.finetune_lr,
-                        lr_decay_epochs=FLAGS.lr_decay_epochs, lr_decay=FLAGS.lr_decay, seed=FLAGS.seed)
+                        lr_decay_epochs=FLAGS.lr_decay_epochs, lr_decay=FLAGS.lr_decay, seed=FLAGS.seed,
+                        precision=FLAGS.precision, jit_compile=FLAGS.jit_compile)
     return RunConfig(backbone=FLAGS.backbone, weights=FLAGS.weights, image_size=FLAGS.image_size,
                      dataset=FLAGS.dataset, threshold=FLAGS.threshold, mask_init=FLAGS.mask_init,
                      mask_scale=FLAGS.mask_scale, mask_type=FLAGS.mask_type, train_bn=FLAGS.train_bn,

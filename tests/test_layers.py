@@ -98,3 +98,23 @@ def test_bad_arguments_are_one_line_errors():
         MaskedDense(keras.layers.Conv2D(2, 3))
     assert wrapper_for(keras.layers.Conv2DTranspose(2, 3)) is None
     assert wrapper_for(keras.layers.Conv1D(2, 3, padding="causal")) is None
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_thresholds_the_float32_mask(policy):
+    # In bfloat16, 0.00499 and tau = 0.005 round to the same number: thresholding an autocast
+    # m_r would keep a weight that the stored (float32) mask drops.
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        dense = keras.layers.Dense(2, use_bias=False, kernel_initializer="ones")
+        wrapped = MaskedDense(dense)
+        x = np.ones((1, 1), "float32")
+        wrapped(x)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    wrapped.masks[0].assign([[0.00499, 0.00501]])
+    outputs = wrapped(x)
+    assert wrapped.compute_dtype == policy.split("_")[1] and wrapped.masks[0].dtype == "float32"
+    np.testing.assert_array_equal(np.asarray(outputs, "float32"), [[0.0, 1.0]])
+    np.testing.assert_array_equal(wrapped.thresholded_masks()[0], [[0, 1]])

@@ -91,6 +91,10 @@ MIRRORED = textwrap.dedent("""
         pb.train(model, epoch_batches(splits.train, 32), config, strategy=strategy, log=lambda line: None)
         masks[name] = [m for layer in pb.masked_layers(model) for m in layer.thresholded_masks()]
         print(name, strategy.num_replicas_in_sync, flush=True)
+    try:  # XLA cannot run across replicas: refused up front
+        pb.train(model, epoch_batches(splits.train, 32), pb.TrainConfig(jit_compile=True), strategy=strategy)
+    except ValueError as error:
+        print("refused:", error, flush=True)
     same = all(np.array_equal(a, b) for a, b in zip(masks["default"], masks["mirrored"]))
     flipped = int(sum(np.sum(a != b) for a, b in zip(masks["default"], masks["mirrored"])))
     zeros = int(sum(np.sum(a == 0) for a in masks["default"]))
@@ -106,6 +110,7 @@ def test_mirrored_on_two_cpus_learns_the_same_masks():
     result = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mirrored 2" in result.stdout
+    assert "refused: jit_compile (XLA) needs a one-replica strategy; this one has 2 replicas" in result.stdout
     outcome = json.loads(result.stdout.splitlines()[-1])
     assert outcome["zeros"] > 1000 and outcome["flipped"] <= outcome["params"] * 1e-4, outcome
 
@@ -141,6 +146,77 @@ def test_multi_worker_on_localhost(tmp_path):
     assert os.path.exists(os.path.join(model_dir, "task.npz"))
     with open(os.path.join(model_dir, "metrics.json")) as f:
         assert json.load(f)["accuracy"] > 0.2
+
+
+@pytest.mark.parametrize("precision", [
+    "mixed_float16", pytest.param("mixed_bfloat16", marks=pytest.mark.slow)])  # bfloat16 is emulated on most CPUs
+def test_mixed_precision_writes_an_ordinary_float32_task(tmp_path, precision):
+    model_dir = str(tmp_path / precision)
+    result = train_cli(*BASE, f"--model_dir={model_dir}", "--epochs=2", f"--precision={precision}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["accuracy"] > 0.4 and metrics["config"]["train"]["precision"] == precision
+    # the task file is float32 (no policy inside) and gives the same predictions in float32 here
+    evaluate = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), "--backbone=digits",
+         f"--task={model_dir}/task.npz", "--dataset=digits:upper"], capture_output=True, text=True, cwd=REPO)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    assert abs(json.loads(evaluate.stdout.splitlines()[-1])["accuracy"] - metrics["accuracy"]) <= 0.02
+
+
+def test_xla_train_step_learns_what_graph_mode_learns():
+    import keras
+
+    import tf_piggyback as pb
+    from tf_piggyback.trainer import epoch_batches
+
+    batches = epoch_batches(pb.load_dataset("digits:upper").train, 32)
+    results = {}
+    for jit_compile in (False, True):
+        keras.utils.set_random_seed(0)
+        model = pb.piggyback(pb.digits_backbone(), 5)
+        history = pb.train(model, batches, pb.TrainConfig(epochs=2, head_lr=1e-3, jit_compile=jit_compile),
+                           log=lambda line: None)
+        results[jit_compile] = history[-1]["loss"], [m for layer in pb.masked_layers(model)
+                                                     for m in layer.thresholded_masks()]
+    assert abs(results[True][0] - results[False][0]) < 1e-3 * results[False][0]
+    flipped = sum(int(np.sum(a != b)) for a, b in zip(results[True][1], results[False][1]))
+    assert flipped <= 1e-4 * sum(m.size for m in results[False][1])
+
+
+def test_loss_scaling_keeps_every_group_on_its_own_scale():
+    import keras
+    import tensorflow as tf
+
+    import tf_piggyback as pb
+    from tf_piggyback.trainer import make_optimizers, make_train_step, precision_policy
+
+    images, labels = next(iter(pb.load_dataset("digits:upper").train.batch(32)))
+    first_moments = {}
+    for precision in ("float32", "mixed_float16"):
+        with precision_policy(precision):
+            model = pb.piggyback(pb.digits_backbone(), 5)
+        if precision == "float32":
+            start = [v.numpy() for v in model.trainable_variables]
+        else:
+            for v, value in zip(model.trainable_variables, start):
+                v.assign(value)
+        groups = make_optimizers(model, pb.TrainConfig(precision=precision, head_lr=1e-3), steps_per_epoch=10)
+        for optimizer, variables in groups:
+            optimizer.build(variables)
+        if precision == "mixed_float16":
+            assert all(isinstance(optimizer, keras.optimizers.LossScaleOptimizer) for optimizer, _ in groups)
+            # Scales as dynamic loss scaling leaves them after some overflows (the initial 2**15
+            # overflows float16 here, which skips the step), the head's drifted from the masks'.
+            groups[0][0].dynamic_scale.assign(2.0 ** 10)
+            groups[1][0].dynamic_scale.assign(2.0 ** 3)
+        make_train_step(model, groups, tf.distribute.get_strategy())(images, labels)
+        adams = [getattr(optimizer, "inner_optimizer", optimizer) for optimizer, _ in groups]
+        # Adam's first moment after one step is 0.1 * the gradient it was given
+        first_moments[precision] = [adam._momentums[0].numpy() for adam in adams]
+    for mixed, plain in zip(first_moments["mixed_float16"], first_moments["float32"]):
+        assert np.abs(mixed - plain).max() <= 0.05 * np.abs(plain).max()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -22,11 +22,13 @@ from tf_piggyback.export import _outputs, _signature, export_saved_model
 from tf_piggyback.surgery import classifier_only, finetune, masked_layers, piggyback
 from tf_piggyback.taskfile import save_task
 from tf_piggyback.datasets import load_dataset
-from tf_piggyback.trainer import TrainConfig, epoch_batches, make_optimizers, make_train_step
+from tf_piggyback.trainer import TrainConfig, epoch_batches, make_optimizers, make_train_step, precision_policy
 
 PRESETS = {
-    "cpu": dict(model="ResNet50", image_size=64, batch_size=8, repeats=5, jit_compile=False),
-    "gpu": dict(model="ResNet50", image_size=224, batch_size=16, repeats=20, jit_compile=True),
+    "cpu": dict(model="ResNet50", image_size=64, batch_size=8, repeats=5, jit_compile=False,
+                mixed_precision="mixed_bfloat16"),
+    "gpu": dict(model="ResNet50", image_size=224, batch_size=16, repeats=20, jit_compile=True,
+                mixed_precision="mixed_float16"),
 }
 
 
@@ -38,6 +40,7 @@ class BenchConfig:
     repeats: int = 5
     warmup: int = 2
     jit_compile: bool = False
+    mixed_precision: str = "mixed_bfloat16"
     num_classes: int = 10
 
 
@@ -64,11 +67,12 @@ def _inputs(model, config):
     return tf.constant(x), tf.constant(y)
 
 
-def _train_step(model, method, config):
-    groups = make_optimizers(model, TrainConfig(method=method), steps_per_epoch=100)
+def _train_step(model, method, config, jit_compile=None, precision="float32"):
+    groups = make_optimizers(model, TrainConfig(method=method, precision=precision), steps_per_epoch=100)
     for optimizer, variables in groups:
         optimizer.build(variables)
-    step = make_train_step(model, groups, tf.distribute.get_strategy(), jit_compile=config.jit_compile or None)
+    jit_compile = config.jit_compile if jit_compile is None else jit_compile
+    step = make_train_step(model, groups, tf.distribute.get_strategy(), jit_compile=jit_compile or None)
     x, y = _inputs(model, config)
     return lambda: [t.numpy() for t in step(x, y)]
 
@@ -123,6 +127,16 @@ def run(config, log=print):
         *timed(_train_step(pig, "piggyback", config), _train_step(fine, "finetune", config), config=config),
         target="<= 1.05")
     del fine
+    # 1b. the train step's options, each against the piggyback float32 step without XLA
+    with precision_policy(config.mixed_precision):
+        mixed = piggyback(load_backbone(config.model, "none", config.image_size), config.num_classes)
+    xla_time, mixed_time, plain_time = timed(
+        _train_step(pig, "piggyback", config, jit_compile=True),
+        _train_step(mixed, "piggyback", config, jit_compile=False, precision=config.mixed_precision),
+        _train_step(pig, "piggyback", config, jit_compile=False), config=config)
+    del mixed
+    add("train step, piggyback with XLA / without", xla_time, plain_time)
+    add(f"train step, piggyback {config.mixed_precision} / float32", mixed_time, plain_time)
 
     with tempfile.TemporaryDirectory() as tmp:
         # 2. baked SavedModel vs the plain keras.applications model (same head)

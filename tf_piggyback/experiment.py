@@ -20,7 +20,7 @@ from tf_piggyback.layers import DEFAULT_MASK_SCALE
 from tf_piggyback.packnet import DEFAULT_PRUNE, PackNet
 from tf_piggyback.surgery import classifier_only, finetune, mask_sparsity, masked_layers, piggyback
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
-from tf_piggyback.trainer import TrainConfig, epoch_batches, evaluate, is_chief, train
+from tf_piggyback.trainer import TrainConfig, epoch_batches, evaluate, is_chief, precision_policy, train
 
 
 @dataclasses.dataclass
@@ -82,12 +82,15 @@ def _stored_params(model, masks):
 
 
 def _check_same_run(config, model_dir):
-    """A model_dir holds one run: resuming it with other settings (bar epochs) is refused."""
+    """A model_dir holds one run: resuming it with other settings (bar epochs) is refused.
+    Settings that a run's config.json predates count as their defaults."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         return
     with open(path) as f:
-        previous = json.load(f)
+        written = json.load(f)
+    defaults = json.loads(RunConfig().to_json())
+    previous = {**defaults, **written, "train": {**defaults["train"], **written.get("train", {})}}
     current = json.loads(config.to_json())
     previous.get("train", {}).pop("epochs", None)
     current["train"].pop("epochs")
@@ -108,8 +111,14 @@ def run(config, model_dir, *, strategy=None, log=print, verbose=0):
     model_dir; empty: a new pack on the backbone) and writes the grown pack to `packnet.npz`.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    chief = is_chief(strategy)
+    config.train.check_strategy(strategy)
     _check_same_run(config, model_dir)
+    with precision_policy(config.train.precision):
+        return _run(config, model_dir, strategy, log, verbose)
+
+
+def _run(config, model_dir, strategy, log, verbose):
+    chief = is_chief(strategy)
     with strategy.scope():
         backbone = load_backbone(config.backbone, config.weights, config.image_size)
         splits = load_dataset(config.dataset, image_shape=backbone.inputs[0].shape[1:], seed=config.train.seed)

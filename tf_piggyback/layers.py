@@ -58,6 +58,7 @@ class MaskedWrapper(keras.layers.Wrapper):
                 f"Received: layer={layer.name!r} of type {type(layer).__name__}"
             )
         kwargs.setdefault("name", layer.name)
+        kwargs.setdefault("dtype", layer.dtype_policy)  # mixed precision follows the backbone
         super().__init__(layer, **kwargs)
         self.threshold = validate_threshold(threshold)
         if mask_init not in MASK_INITS:
@@ -83,6 +84,10 @@ class MaskedWrapper(keras.layers.Wrapper):
                     shape=tuple(kernel.shape),
                     initializer=self._mask_initializer(kernel),
                     trainable=True,
+                    # m_r is thresholded in float32 under mixed precision too, so training
+                    # sees exactly the mask that is stored (a bfloat16 m_r near tau could round
+                    # to the other side).
+                    autocast=False,
                 )
             )
         self.built = True
@@ -100,10 +105,11 @@ class MaskedWrapper(keras.layers.Wrapper):
         return [getattr(self.layer, name) for name in self.kernel_names]
 
     def masked_kernels(self):
-        """`W ⊙ m` for each kernel, differentiable in `m_r` (straight-through)."""
+        """`W ⊙ m` for each kernel in the compute dtype, differentiable in `m_r` (straight-through)."""
+        kernels = [ops.convert_to_tensor(kernel) for kernel in self.kernels]  # autocast under mixed precision
         return [
-            ops.convert_to_tensor(kernel) * threshold_mask(mask, self.threshold, self.mask_type)
-            for kernel, mask in zip(self.kernels, self.masks)
+            kernel * ops.cast(threshold_mask(mask, self.threshold, self.mask_type), kernel.dtype)
+            for kernel, mask in zip(kernels, self.masks)
         ]
 
     def thresholded_masks(self):

@@ -6,6 +6,7 @@ Reference: §4 "Training details" — Adam for masks and head, lr 1e-4, x0.1 aft
 epochs, batch 32; the finetuning baseline uses SGD with momentum and lr 1e-3.
 """
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -17,6 +18,7 @@ import tensorflow as tf
 from tf_piggyback.surgery import mask_sparsity, masked_layers
 
 METHODS = ("piggyback", "classifier", "finetune", "packnet")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclasses.dataclass
@@ -32,10 +34,22 @@ class TrainConfig:
     lr_decay_epochs: int = 15
     lr_decay: float = 0.1
     seed: int = 0
+    precision: str = "float32"
+    jit_compile: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}. Received: method={self.method!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}")
+
+    def check_strategy(self, strategy):
+        """Raises a one-line ValueError for settings that `strategy` cannot run."""
+        if self.jit_compile and strategy.num_replicas_in_sync > 1:
+            # XLA cannot reach the other replicas' variables from strategy.run (Keras turns it
+            # off under tf.distribute for the same reason).
+            raise ValueError(f"jit_compile (XLA) needs a one-replica strategy; this one has "
+                             f"{strategy.num_replicas_in_sync} replicas: drop --jit_compile or use --strategy=default")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -86,17 +100,33 @@ def _schedule(lr, config, steps_per_epoch):
 
 
 def make_optimizers(model, config, steps_per_epoch):
-    """`[(optimizer, variables), ...]`: one group per learning rate, as in §4."""
+    """`[(optimizer, variables), ...]`: one group per learning rate, as in §4. Under
+    `mixed_float16` each optimizer is wrapped in a `keras.optimizers.LossScaleOptimizer`."""
     if config.method in ("finetune", "packnet"):
         sgd = keras.optimizers.SGD(_schedule(config.finetune_lr, config, steps_per_epoch), momentum=0.9)
-        return [(sgd, list(model.trainable_variables))]
-    masks = [m for layer in masked_layers(model) for m in layer.masks]
-    mask_ids = {id(m) for m in masks}
-    others = [v for v in model.trainable_variables if id(v) not in mask_ids]
-    groups = [(keras.optimizers.Adam(_schedule(config.head_lr, config, steps_per_epoch)), others)]
-    if masks:
-        groups.insert(0, (keras.optimizers.Adam(_schedule(config.mask_lr, config, steps_per_epoch)), masks))
+        groups = [(sgd, list(model.trainable_variables))]
+    else:
+        masks = [m for layer in masked_layers(model) for m in layer.masks]
+        mask_ids = {id(m) for m in masks}
+        others = [v for v in model.trainable_variables if id(v) not in mask_ids]
+        groups = [(keras.optimizers.Adam(_schedule(config.head_lr, config, steps_per_epoch)), others)]
+        if masks:
+            groups.insert(0, (keras.optimizers.Adam(_schedule(config.mask_lr, config, steps_per_epoch)), masks))
+    if config.precision == "mixed_float16":
+        groups = [(keras.optimizers.LossScaleOptimizer(optimizer), vs) for optimizer, vs in groups]
     return groups
+
+
+@contextlib.contextmanager
+def precision_policy(precision):
+    """Keras' global dtype policy set to `precision` (see `PRECISIONS`) while models are built
+    inside; float32 variables always, so task files do not depend on it."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def make_train_step(model, groups, strategy, jit_compile=None, gradient_masks=None):
@@ -112,17 +142,27 @@ def make_train_step(model, groups, strategy, jit_compile=None, gradient_masks=No
     """
     variables = [v for _, vs in groups for v in vs]
     gradient_masks = gradient_masks or {}
+    # Mixed float16: the loss is scaled by the first group's dynamic loss scale; the other groups'
+    # gradients are rescaled to their own scale (powers of 2: exact), and each LossScaleOptimizer
+    # unscales and skips its step when its gradients overflowed.
+    scaled = isinstance(groups[0][0], keras.optimizers.LossScaleOptimizer)
 
     def step(images, labels):
         with tf.GradientTape() as tape:
-            logits = model(images, training=True)
+            logits = tf.cast(model(images, training=True), tf.float32)  # float16/bfloat16 under mixed precision
             per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
             loss = tf.nn.compute_average_loss(per_example)
+            if scaled:
+                loss = groups[0][0].scale_loss(loss)
         grads = tape.gradient(loss, variables)
         grads = [g * gradient_masks[id(v)] if id(v) in gradient_masks else g for g, v in zip(grads, variables)]
         start = 0
         for optimizer, vs in groups:
-            optimizer.apply_gradients(zip(grads[start:start + len(vs)], vs))
+            group_grads = grads[start:start + len(vs)]
+            if scaled and optimizer is not groups[0][0]:
+                ratio = optimizer.dynamic_scale / groups[0][0].dynamic_scale
+                group_grads = [g * ratio for g in group_grads]
+            optimizer.apply_gradients(zip(group_grads, vs))
             start += len(vs)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(labels, tf.int64)), tf.float32))
         return tf.reduce_sum(per_example), correct, tf.cast(tf.size(labels), tf.float32)
@@ -173,6 +213,7 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
         FloatingPointError: the loss became NaN or inf; the last good checkpoint is kept.
     """
     strategy = strategy or tf.distribute.get_strategy()
+    config.check_strategy(strategy)
     make_dataset = dataset if callable(dataset) else (lambda epoch: dataset)
     if steps_per_epoch is None:
         steps_per_epoch = int(make_dataset(0).cardinality())
@@ -195,7 +236,8 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
             log(f"resumed from {manager.latest_checkpoint} after epoch {int(epoch_var.numpy())}")
     writer = tf.summary.create_file_writer(summary_dir) if summary_dir and is_chief(strategy) else None
 
-    distributed_step = make_train_step(model, groups, strategy, gradient_masks=gradient_masks)
+    distributed_step = make_train_step(model, groups, strategy, jit_compile=config.jit_compile or None,
+                                       gradient_masks=gradient_masks)
 
     history = []
     for epoch in range(int(epoch_var.numpy()), config.epochs):
