@@ -257,3 +257,17 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 2; lower the learning rates.*last good"):
         pb.train(model, batches, pb.TrainConfig(epochs=3), checkpoint_dir=checkpoints, log=lambda line: None)
     assert tf.train.latest_checkpoint(checkpoints).endswith("ckpt-1")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(epochs=0), "epochs must be an integer > 0"),
+    (dict(batch_size=2.5), "batch_size must be an integer > 0"),
+    (dict(head_lr=-1.0), "head_lr must be > 0"),
+    (dict(method="sgd"), "method must be one of"),
+    (dict(precision="float16"), "precision must be one of float32, mixed_float16, mixed_bfloat16"),
+])
+def test_train_config_refuses_bad_values_when_made(kwargs, message):
+    import tf_piggyback as pb
+
+    with pytest.raises(ValueError, match=message):
+        pb.TrainConfig(**kwargs)

@@ -149,20 +149,22 @@ def _run(config, model_dir, strategy, log, verbose):
         with strategy.scope():
             model = pack.task_model(pack.add_task(fit_phase, len(splits.class_names), splits.class_names))
     accuracy = evaluate(model, splits.test)
-    masks = [m for layer in masked_layers(model) for m in layer.thresholded_masks()]
+    if pack is None:
+        masks = [m for layer in masked_layers(model) for m in layer.thresholded_masks()]
+        sparsity, params = mask_sparsity(masks), _stored_params(model, masks)
+    else:  # PackNet: the room left for later tasks, and the one network all tasks share
+        sparsity, params = pack.free_fraction(), int(sum(k.size for k in pack.owners))
     metrics = {
         "method": config.train.method,
         "dataset": config.dataset,
         "accuracy": accuracy,
         "top1_error": 1.0 - accuracy,
         "train_accuracy": history[-1]["accuracy"] if history else None,
-        "sparsity": mask_sparsity(masks),
-        "params": _stored_params(model, masks),
+        "sparsity": sparsity,
+        "params": params,
         "train_seconds": float(sum(h["seconds"] for h in history)),
     }
     if pack is not None:
-        metrics["sparsity"] = pack.free_fraction()  # the room left for later tasks
-        metrics["params"] = int(sum(k.size for k in pack.owners))
         metrics["task_index"] = len(pack.tasks)
         pack.tasks[-1]["metrics"] = {k: metrics[k] for k in ("accuracy", "top1_error")}
     if not chief:

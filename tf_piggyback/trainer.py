@@ -42,6 +42,13 @@ class TrainConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}. Received: method={self.method!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be an integer > 0. Received: {name}={value!r}")
+        for name in ("mask_lr", "head_lr", "finetune_lr", "lr_decay"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0. Received: {name}={getattr(self, name)!r}")
 
     def check_strategy(self, strategy):
         """Raises a one-line ValueError for settings that `strategy` cannot run."""
@@ -50,13 +57,6 @@ class TrainConfig:
             # off under tf.distribute for the same reason).
             raise ValueError(f"jit_compile (XLA) needs a one-replica strategy; this one has "
                              f"{strategy.num_replicas_in_sync} replicas: drop --jit_compile or use --strategy=default")
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be an integer > 0. Received: {name}={value!r}")
-        for name in ("mask_lr", "head_lr", "finetune_lr", "lr_decay"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0. Received: {name}={getattr(self, name)!r}")
 
 
 def augment(image, seed):
