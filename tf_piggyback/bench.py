@@ -67,7 +67,9 @@ def _inputs(model, config):
     return tf.constant(x), tf.constant(y)
 
 
-def _train_step(model, method, config, jit_compile=None, precision="float32"):
+def train_step(model, method, config, jit_compile=None, precision="float32"):
+    """A zero-argument function that runs one training step of `model` on a fixed random batch
+    (`config.batch_size`), with `config.jit_compile` unless `jit_compile` says otherwise."""
     groups = make_optimizers(model, TrainConfig(method=method, precision=precision), steps_per_epoch=100)
     for optimizer, variables in groups:
         optimizer.build(variables)
@@ -124,16 +126,16 @@ def run(config, log=print):
     pig = piggyback(backbone, config.num_classes)
     fine = finetune(backbone, config.num_classes)
     add("train step, piggyback / finetune",
-        *timed(_train_step(pig, "piggyback", config), _train_step(fine, "finetune", config), config=config),
+        *timed(train_step(pig, "piggyback", config), train_step(fine, "finetune", config), config=config),
         target="<= 1.05")
     del fine
     # 1b. the train step's options, each against the piggyback float32 step without XLA
     with precision_policy(config.mixed_precision):
         mixed = piggyback(load_backbone(config.model, "none", config.image_size), config.num_classes)
     xla_time, mixed_time, plain_time = timed(
-        _train_step(pig, "piggyback", config, jit_compile=True),
-        _train_step(mixed, "piggyback", config, jit_compile=False, precision=config.mixed_precision),
-        _train_step(pig, "piggyback", config, jit_compile=False), config=config)
+        train_step(pig, "piggyback", config, jit_compile=True),
+        train_step(mixed, "piggyback", config, jit_compile=False, precision=config.mixed_precision),
+        train_step(pig, "piggyback", config, jit_compile=False), config=config)
     del mixed
     add("train step, piggyback with XLA / without", xla_time, plain_time)
     add(f"train step, piggyback {config.mixed_precision} / float32", mixed_time, plain_time)
@@ -230,7 +232,7 @@ def ram_child(method, config):
     del backbone
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
-    step = _train_step(model, method, config)
+    step = train_step(model, method, config)
     for _ in range(3):
         step()
     return _vm_hwm()
