@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import tf_piggyback as pb
+from tf_piggyback.datasets import to_arrays
 from conftest import REPO
 from tf_piggyback.export import export_saved_model, export_tflite, next_version, representative_images
 
@@ -39,7 +40,7 @@ def tasks(tmp_path_factory):
         path = str(root / variant / "task.npz")
         pb.save_task(model, path)
         paths.append(path)
-        data[variant] = np.stack([x.numpy() for x, _ in splits.test])
+        data[variant] = to_arrays(splits.test)[0]
     return paths, data
 
 

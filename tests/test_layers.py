@@ -11,6 +11,7 @@ from tf_piggyback.layers import (
     MaskedSeparableConv2D,
     wrapper_for,
 )
+from tf_piggyback.trainer import precision_policy
 
 CASES = [
     (lambda: keras.layers.Dense(7, activation="tanh"), (5, 6)),
@@ -104,15 +105,11 @@ def test_bad_arguments_are_one_line_errors():
 def test_mixed_precision_thresholds_the_float32_mask(policy):
     # In bfloat16, 0.00499 and tau = 0.005 round to the same number: thresholding an autocast
     # m_r would keep a weight that the stored (float32) mask drops.
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
+    with precision_policy(policy):
         dense = keras.layers.Dense(2, use_bias=False, kernel_initializer="ones")
         wrapped = MaskedDense(dense)
         x = np.ones((1, 1), "float32")
         wrapped(x)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     wrapped.masks[0].assign([[0.00499, 0.00501]])
     outputs = wrapped(x)
     assert wrapped.compute_dtype == policy.split("_")[1] and wrapped.masks[0].dtype == "float32"

@@ -10,6 +10,7 @@ import pytest
 
 import tf_piggyback as pb
 from conftest import REPO
+from tf_piggyback.datasets import to_arrays
 from tf_piggyback.ondevice import LiteRTTrainer
 
 EPOCHS = 5
@@ -61,12 +62,11 @@ def test_learns_like_tensorflow_and_writes_an_ordinary_task_file(trained):
     assert accuracy >= pb.evaluate(reference, splits.test) - 0.05 and accuracy > 0.5, stdout
     # the task file it wrote, in TensorFlow, predicts what the device predicts
     model = pb.load_task(os.path.join(model_dir, "task.npz"), pb.digits_backbone())
-    x = np.stack([image.numpy() for image, _ in splits.test])
+    x = to_arrays(splits.test)[0]
     untrained = LiteRTTrainer(model_dir)  # a fresh interpreter starts from the exported state
     assert not np.allclose(untrained.logits(x), model(x).numpy(), atol=1e-3)
     trainer = LiteRTTrainer(model_dir)
-    labels = np.array([int(y) for _, y in splits.train])
-    images = np.stack([image.numpy() for image, _ in splits.train])
+    images, labels = to_arrays(splits.train)
     for i in range(3):
         trainer.train_step(images[32 * i:32 * (i + 1)], labels[32 * i:32 * (i + 1)])
     path = os.path.join(model_dir, "again.npz")
@@ -108,8 +108,8 @@ def test_builtin_gradients_equal_tensorflows():
 
     module, model = build_ondevice_module(pb.digits_backbone(), 5, 8)
     splits = pb.load_dataset("digits:upper")
-    x = np.stack([image.numpy() for image, _ in splits.train.take(8)])
-    y = tf.one_hot([int(label) for _, label in splits.train.take(8)], 5)
+    x, labels = to_arrays(splits.train.take(8))
+    y = tf.one_hot(labels, 5)
 
     def loss(logits):
         return -tf.reduce_mean(tf.reduce_sum(y * tf.nn.log_softmax(logits), -1))

@@ -145,22 +145,22 @@ def make_train_step(model, groups, strategy, jit_compile=None, gradient_masks=No
     # Mixed float16: the loss is scaled by the first group's dynamic loss scale; the other groups'
     # gradients are rescaled to their own scale (powers of 2: exact), and each LossScaleOptimizer
     # unscales and skips its step when its gradients overflowed.
-    scaled = isinstance(groups[0][0], keras.optimizers.LossScaleOptimizer)
+    scaler = groups[0][0] if isinstance(groups[0][0], keras.optimizers.LossScaleOptimizer) else None
 
     def step(images, labels):
         with tf.GradientTape() as tape:
             logits = tf.cast(model(images, training=True), tf.float32)  # float16/bfloat16 under mixed precision
             per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
             loss = tf.nn.compute_average_loss(per_example)
-            if scaled:
-                loss = groups[0][0].scale_loss(loss)
+            if scaler is not None:
+                loss = scaler.scale_loss(loss)
         grads = tape.gradient(loss, variables)
         grads = [g * gradient_masks[id(v)] if id(v) in gradient_masks else g for g, v in zip(grads, variables)]
         start = 0
         for optimizer, vs in groups:
             group_grads = grads[start:start + len(vs)]
-            if scaled and optimizer is not groups[0][0]:
-                ratio = optimizer.dynamic_scale / groups[0][0].dynamic_scale
+            if scaler is not None and optimizer is not scaler:
+                ratio = optimizer.dynamic_scale / scaler.dynamic_scale
                 group_grads = [g * ratio for g in group_grads]
             optimizer.apply_gradients(zip(group_grads, vs))
             start += len(vs)
