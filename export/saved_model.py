@@ -4,14 +4,17 @@ python export/saved_model.py --backbone=digits --task=runs/demo/upper/piggyback/
     --output=models/digits
 python export/saved_model.py --backbone=digits --task=A.npz --task=B.npz --output=models/multi
 
-One task: the mask is baked into plain layers. Several: one shared backbone, packed masks, one
-signature per task (named after the task file's folder); `serving_default` is the first task.
+One task: the mask is baked into plain layers. Several: one shared backbone traced once, packed
+masks, --slots unpacked working copies, one signature per task (named after the task file's
+folder; `serving_default` is the first task) and `tasks` / `tasks_by_name`, which take `image`
+and one task per example. `export/list_tasks.py` lists what an export holds.
 """
 
 from absl import app, flags
 
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
 from tf_piggyback.export import export_saved_model
+from tf_piggyback.taskbank import DEFAULT_SLOTS
 
 FLAGS = flags.FLAGS
 
@@ -22,6 +25,8 @@ def define_flags():
     flags.DEFINE_string("output", None, "Model base path; the version goes in OUTPUT/<version>/.")
     flags.DEFINE_integer("version", None, "Integer version; default the next free one.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
+    flags.DEFINE_integer("slots", DEFAULT_SLOTS, "Several tasks: how many tasks' masked kernels stay unpacked "
+                         "at once (each a float copy of the kernels); others unpack when called (tens of ms).")
     for name in ("task", "output"):
         flags.mark_flag_as_required(name)
 
@@ -30,7 +35,7 @@ def define_flags():
 def main(argv):
     del argv
     backbone = backbone_from_flags()
-    path = export_saved_model(backbone, FLAGS.task, FLAGS.output, FLAGS.version, FLAGS.overwrite)
+    path = export_saved_model(backbone, FLAGS.task, FLAGS.output, FLAGS.version, FLAGS.overwrite, FLAGS.slots)
     print(path)
 
 

@@ -1,17 +1,19 @@
-"""Benchmarks: piggyback's costs as ratios measured side by side in one run (issue 6).
+"""Benchmarks: piggyback's costs as ratios measured side by side in one run (DESIGN 3.6).
 
 python scripts/bench.py --preset=cpu            # a few minutes on 2 cores
 python scripts/bench.py --preset=gpu            # ResNet50, 224 px, batch 16, XLA, mixed_float16
+python scripts/bench.py --preset=serving        # 1, 10, 100 ResNet50 tasks in one SavedModel
 
-Prints a table (median, min, baseline, ratio, target) and writes --output (bench.json).
+Prints a table and writes --output (bench.json).
 """
 
 import dataclasses
 import json
 
+import keras
 from absl import app, flags
 
-from tf_piggyback import bench
+from tf_piggyback import bench, bench_serving
 from tf_piggyback.cli import user_errors
 from tf_piggyback.taskfile import write_atomic
 
@@ -19,27 +21,53 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_enum("preset", "cpu", list(bench.PRESETS), "Sizes: cpu (small, fast) or gpu (the paper's).")
+    flags.DEFINE_enum("preset", "cpu", [*bench.PRESETS, "serving"],
+                      "cpu (small, fast), gpu (the paper's sizes) or serving (many tasks in one SavedModel).")
     flags.DEFINE_string("model", None, "keras.applications backbone (preset: ResNet50).")
-    flags.DEFINE_integer("image_size", None, "Input size (preset: 64 on cpu, 224 on gpu).")
+    flags.DEFINE_integer("image_size", None, "Input size (preset: 64 on cpu, 224 on gpu, 128 for serving).")
     flags.DEFINE_integer("batch_size", None, "Batch size (preset: 8 on cpu, 16 on gpu).")
-    flags.DEFINE_integer("repeats", None, "Timed repeats after warm-up.")
+    flags.DEFINE_integer("repeats", None, "Timed repeats after warm-up (serving: fresh processes per model).")
     flags.DEFINE_bool("jit_compile", None, "XLA for the train steps (preset: off on cpu, on on gpu).")
     flags.DEFINE_enum("mixed_precision", None, ["mixed_float16", "mixed_bfloat16"],
                       "Policy of the mixed-precision train-step row (preset: bfloat16 on cpu, float16 on gpu).")
+    flags.DEFINE_list("tasks", None, "serving: task counts per SavedModel (default 1,10,100; 1 is the baked model).")
+    flags.DEFINE_integer("slots", None, "serving: unpacked working copies in each multi-task model (default 2).")
+    flags.DEFINE_string("workdir", None, "serving: where the random tasks and exports go (default runs/bench_serving).")
     flags.DEFINE_string("output", "bench.json", "Where the rows and the config go.")
+
+
+def _serving():
+    settings = {}
+    for name in ("model", "image_size", "repeats", "slots", "workdir"):
+        if getattr(FLAGS, name) is not None:
+            settings[name] = getattr(FLAGS, name)
+    if FLAGS.tasks:
+        counts = tuple(sorted({int(n) for n in FLAGS.tasks}))
+        if counts[0] != 1 or len(counts) < 2:
+            raise ValueError(f"--tasks must include 1 (the baked baseline) and a larger count. Received: {FLAGS.tasks}")
+        settings["tasks"] = counts
+    config = bench_serving.ServingConfig(**settings)
+    # The random (weights=None) backbone is seeded, so the tasks kept in --workdir load in the
+    # next run, whose backbone has the same fingerprint.
+    keras.utils.set_random_seed(0)
+    rows, table = bench_serving.run(config)
+    print("\n" + table)
+    return config, rows
 
 
 @user_errors
 def main(argv):
     del argv
-    settings = dict(bench.PRESETS[FLAGS.preset])
-    for name in ("model", "image_size", "batch_size", "repeats", "jit_compile", "mixed_precision"):
-        if getattr(FLAGS, name) is not None:
-            settings[name] = getattr(FLAGS, name)
-    config = bench.BenchConfig(**settings)
-    rows = bench.run(config)
-    print("\n" + bench.markdown(rows))
+    if FLAGS.preset == "serving":
+        config, rows = _serving()
+    else:
+        settings = dict(bench.PRESETS[FLAGS.preset])
+        for name in ("model", "image_size", "batch_size", "repeats", "jit_compile", "mixed_precision"):
+            if getattr(FLAGS, name) is not None:
+                settings[name] = getattr(FLAGS, name)
+        config = bench.BenchConfig(**settings)
+        rows = bench.run(config)
+        print("\n" + bench.markdown(rows))
     payload = {"config": dataclasses.asdict(config), "rows": rows}
     write_atomic(FLAGS.output, lambda f: f.write(json.dumps(payload, indent=2).encode()))
     print(f"wrote {FLAGS.output}")

@@ -10,6 +10,7 @@ from absl import app, flags
 
 import tf_piggyback as pb
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
+from tf_piggyback.datasets import SPLIT_SEED
 
 FLAGS = flags.FLAGS
 
@@ -19,6 +20,8 @@ def define_flags():
     flags.DEFINE_string("task", None, "A task file written by training (task.npz).")
     flags.DEFINE_string("dataset", None, "Dataset spec, e.g. digits:upper.")
     flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
+    flags.DEFINE_integer("split_seed", None, "Held-out split seed of a folder: dataset without train/ and test/ "
+                         "(default: the one the task was trained with, from its manifest).")
     for name in ("task", "dataset"):
         flags.mark_flag_as_required(name)
 
@@ -28,7 +31,10 @@ def main(argv):
     del argv
     backbone = backbone_from_flags()
     model = pb.load_task(FLAGS.task, backbone)
-    splits = pb.load_dataset(FLAGS.dataset, image_shape=backbone.inputs[0].shape[1:])
+    split_seed = FLAGS.split_seed
+    if split_seed is None:
+        split_seed = model.manifest["metrics"].get("split_seed", SPLIT_SEED)
+    splits = pb.load_dataset(FLAGS.dataset, image_shape=backbone.inputs[0].shape[1:], split_seed=split_seed)
     accuracy = pb.evaluate(model, splits.test, batch_size=FLAGS.batch_size)
     print(json.dumps({"task": FLAGS.task, "dataset": FLAGS.dataset, "accuracy": accuracy,
                       "top1_error": 1.0 - accuracy, "examples": splits.test_size}))

@@ -17,6 +17,7 @@ from absl import app, flags
 
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD, MASK_TYPES
 from tf_piggyback.cli import define_backbone_flags, user_errors
+from tf_piggyback.datasets import SPLIT_SEED
 from tf_piggyback.distribute import STRATEGIES, make_strategy
 from tf_piggyback.experiment import RunConfig, run
 from tf_piggyback.layers import DEFAULT_MASK_SCALE, MASK_INITS
@@ -52,7 +53,9 @@ def define_flags():
                       "dynamic loss scaling) or mixed_bfloat16 (Ampere+ GPUs, TPUs, recent CPUs).")
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
     flags.DEFINE_enum("strategy", "default", STRATEGIES, "Distribution: default, mirrored, multi_worker (TF_CONFIG).")
-    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_integer("seed", 0, "Random seed of initialisation, batch order and augmentation.")
+    flags.DEFINE_integer("split_seed", SPLIT_SEED, "Seed of the held-out split of a folder: dataset without "
+                         "train/ and test/; independent of --seed, recorded for evaluate.py.")
     flags.DEFINE_integer("verbose", 1, "1: a progress bar per epoch; 0: one line per epoch.")
     for name in ("dataset", "model_dir"):
         flags.mark_flag_as_required(name)
@@ -67,7 +70,7 @@ def config_from_flags():
                      dataset=FLAGS.dataset, threshold=FLAGS.threshold, mask_init=FLAGS.mask_init,
                      mask_scale=FLAGS.mask_scale, mask_type=FLAGS.mask_type, train_bn=FLAGS.train_bn,
                      prune=validate_prune(FLAGS.prune), packnet_base=FLAGS.packnet_base, augment=FLAGS.augment,
-                     cache=FLAGS.cache, train=train)
+                     cache=FLAGS.cache, split_seed=FLAGS.split_seed, train=train)
 
 
 @user_errors

@@ -37,7 +37,8 @@ def main(argv):
         raise ValueError(f"--epochs must be > 0. Received: {FLAGS.epochs}")
     trainer = LiteRTTrainer(FLAGS.model)
     backbone = backbone_from_flags()
-    splits = load_dataset(FLAGS.dataset, image_shape=trainer.config["image_size"], seed=FLAGS.seed)
+    # The default held-out split, as train.py and evaluate.py use it; --seed orders batches only.
+    splits = load_dataset(FLAGS.dataset, image_shape=trainer.config["image_size"])
     if len(splits.class_names) != trainer.config["num_classes"]:
         raise ValueError(f"{FLAGS.dataset} has {len(splits.class_names)} classes; the on-device model was exported "
                          f"for {trainer.config['num_classes']} (--num_classes)")

@@ -137,3 +137,68 @@ def test_random_digits_backbone_is_the_same_everywhere():
     random = load_backbone("digits", "none")
     assert fingerprint(random) == fingerprint(load_backbone("digits", "none"))
     assert fingerprint(random) != fingerprint(load_backbone("digits", "imagenet"))
+
+
+def test_folder_files_are_interleaved_across_classes_and_train_takes_them(tmp_path):
+    """Files are listed class by class; the dataset must not stream them so (a shuffle window
+    smaller than the set then sees a few classes per batch, and int8 calibration only the first
+    classes), and `pb.train` must take a folder dataset from Python (its size unknown to tf.data)."""
+    import tf_piggyback as pb
+
+    root = str(tmp_path / "images")
+    write_image_folder(root, classes=("a", "b", "c", "d"), per_class=8)
+    splits = load_dataset(f"folder:{root}", image_shape=(32, 32, 1))
+    first = [int(label) for _, label in splits.train.take(8)]
+    assert len(set(first)) >= 3, first
+    again = [int(label) for _, label in load_dataset(f"folder:{root}").train.take(8)]
+    assert again == first  # a fixed order: resumed runs repeat their batches
+    model = pb.piggyback(pb.digits_backbone(), 4)
+    history = pb.train(model, splits.train.batch(8), pb.TrainConfig(epochs=1), log=lambda line: None)
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+
+
+def test_held_out_split_does_not_follow_the_training_seed(tmp_path):
+    """train.py --seed=1 on a folder without train/ and test/: evaluate.py, in a fresh process,
+    scores the very images the run held out (its printed accuracy is the run's own)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    root = str(tmp_path / "images")
+    write_image_folder(root, classes=("a", "b", "c"), per_class=12)
+    model_dir = str(tmp_path / "run")
+    train = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "train.py"), "--backbone=digits",
+                            f"--dataset=folder:{root}", f"--model_dir={model_dir}", "--epochs=1", "--seed=1",
+                            "--verbose=0"], capture_output=True, text=True, cwd=REPO)
+    assert train.returncode == 0, train.stderr[-2000:]
+    metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
+    assert metrics["config"]["split_seed"] == 0 and metrics["split_seed"] == 0
+    evaluate = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), "--backbone=digits",
+                               f"--task={model_dir}/task.npz", f"--dataset=folder:{root}"],
+                              capture_output=True, text=True, cwd=REPO)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    assert json.loads(evaluate.stdout.strip().splitlines()[-1])["accuracy"] == metrics["accuracy"]
+
+
+def test_decathlon_evaluates_on_validation_and_refuses_unlabelled_splits():
+    """The Visual Decathlon's test labels are private (-1): its tasks are scored on validation,
+    and any split whose labels are all negative is refused with one line."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    def private_test_labels(self, split=None, *args, as_supervised=False, **kwargs):
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 255, (12, 24, 24, 3)).astype(np.uint8)
+        labels = (np.full(12, -1) if str(split).startswith("test") else rng.integers(0, 3, 12)).astype(np.int64)
+        if as_supervised:
+            return tf.data.Dataset.from_tensor_slices((images, labels))
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
+    with tfds.testing.mock_data(as_dataset_fn=private_test_labels):
+        splits = load_dataset("tfds:visual_domain_decathlon/aircraft", image_shape=(24, 24, 3))
+        labels = [int(y) for _, y in splits.test]
+        assert labels and min(labels) >= 0
+        with pytest.raises(ValueError, match="split 'test' has no labels"):
+            load_dataset("tfds:mnist", image_shape=(24, 24, 3))

@@ -78,7 +78,7 @@ def test_multi_task_saved_model_matches_each_task(tasks, tmp_path):
     paths, data = tasks
     path = export_saved_model(pb.digits_backbone(), paths, str(tmp_path / "multi"), version=7)
     loaded = tf.saved_model.load(path)
-    assert set(loaded.signatures) == {"serving_default", "upper", "inverted"}
+    assert set(loaded.signatures) == {"serving_default", "upper", "inverted", "tasks", "tasks_by_name"}
     for path_, name in zip(paths, ("upper", "inverted")):
         x = data[name][:64]
         out = loaded.signatures[name](image=tf.constant(x))
@@ -100,7 +100,7 @@ def test_multi_task_saved_model_matches_each_task(tasks, tmp_path):
 
 
 def test_multi_task_saved_model_under_concurrent_requests(tasks, tmp_path):
-    """Each task unpacks its masks into a cache on its first call; requests for both tasks racing
+    """Tasks unpack their masks into working slots when called; requests for both tasks racing
     on a fresh load (as TF Serving sends them) still get their own task's outputs."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -118,8 +118,8 @@ def test_multi_task_saved_model_under_concurrent_requests(tasks, tmp_path):
         results = list(pool.map(request, range(32)))
     for name, logits in results:
         np.testing.assert_allclose(logits, expected[name], atol=1e-5)
-    # the caches are not saved: the export stays 1 bit per parameter per task on disk
-    assert all(v.numpy().size == 0 for v in tf.saved_model.load(path).tasks[0].cache)
+    # the working slots are saved holding only their id: the export stays 1 bit per parameter
+    assert [v.numpy().tolist() for v in tf.saved_model.load(path).slots] == [[-1.0]] * 2
 
 
 def test_versions_and_overwrite(tasks, tmp_path):

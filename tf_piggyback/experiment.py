@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from tf_piggyback.backbones import load_backbone
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD
-from tf_piggyback.datasets import load_dataset
+from tf_piggyback.datasets import SPLIT_SEED, load_dataset
 from tf_piggyback.layers import DEFAULT_MASK_SCALE
 from tf_piggyback.packnet import DEFAULT_PRUNE, PackNet
 from tf_piggyback.surgery import classifier_only, finetune, mask_sparsity, masked_layers, piggyback
@@ -40,6 +40,9 @@ class RunConfig:
     packnet_base: str = ""
     augment: bool = False
     cache: bool = True
+    # The held-out split's seed (folder: datasets without train/ and test/), never the training
+    # seed: evaluate.py and train_on_device.py hold out the same images (datasets.load_dataset).
+    split_seed: int = SPLIT_SEED
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def to_json(self):
@@ -121,7 +124,7 @@ def _run(config, model_dir, strategy, log, verbose):
     chief = is_chief(strategy)
     with strategy.scope():
         backbone = load_backbone(config.backbone, config.weights, config.image_size)
-        splits = load_dataset(config.dataset, image_shape=backbone.inputs[0].shape[1:], seed=config.train.seed)
+        splits = load_dataset(config.dataset, image_shape=backbone.inputs[0].shape[1:], split_seed=config.split_seed)
         keras.utils.set_random_seed(config.train.seed)
         pack = _pack(config, backbone) if config.train.method == "packnet" else None
         model = build_model(config, backbone, len(splits.class_names)) if pack is None else None
@@ -157,6 +160,7 @@ def _run(config, model_dir, strategy, log, verbose):
     metrics = {
         "method": config.train.method,
         "dataset": config.dataset,
+        "split_seed": config.split_seed,
         "accuracy": accuracy,
         "top1_error": 1.0 - accuracy,
         "train_accuracy": history[-1]["accuracy"] if history else None,
@@ -181,7 +185,7 @@ def _run(config, model_dir, strategy, log, verbose):
         path = os.path.join(model_dir, "task.npz")
         # Only what the masks and head determine goes into the task file: reruns give the same bytes.
         save_task(model, path, class_names=splits.class_names,
-                  metrics={k: metrics[k] for k in ("accuracy", "top1_error", "sparsity")})
+                  metrics={k: metrics[k] for k in ("dataset", "split_seed", "accuracy", "top1_error", "sparsity")})
     metrics["task_bytes"] = os.path.getsize(path)
     metrics["config"] = dataclasses.asdict(config)
     write_atomic(os.path.join(model_dir, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))

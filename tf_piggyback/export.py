@@ -3,11 +3,16 @@
 Every exported signature takes `image` (float32 `[None, H, W, C]`, raw 0-255 pixels; the
 backbone's preprocessing is inside) and returns `logits` and `probabilities` (DESIGN 3.5).
 - One task: the mask is baked into ordinary layers (`bake`), so the graph is the plain backbone's.
-- Several tasks: one shared copy of the backbone; each task keeps its masks packed 1 bit per
-  parameter (uint8 variables, unpacked in-graph with integer floor-div/mod, which TFLite also
-  has) and its head; one signature per task, `serving_default` being the first.
+- Several tasks in a SavedModel: a `TaskBank` (one traced backbone; each task is data: masks
+  packed 1 bit per parameter and its head; a bounded set of unpacked working copies), one
+  signature per task, `serving_default` being the first, and `tasks` / `tasks_by_name` for
+  requests that mix tasks.
+- Several tasks in a TFLite file: one copy of the backbone weights; each task's graph unpacks
+  its masks on every call with integer floor-div/mod (TFLite has no BitwiseAnd, and freezes
+  variables, so there is no working copy to keep).
 """
 
+import json
 import os
 import re
 import shutil
@@ -19,9 +24,11 @@ import tensorflow as tf
 
 from tf_piggyback import coding
 from tf_piggyback.surgery import bake, bake_with_layers
+from tf_piggyback.taskbank import DEFAULT_SLOTS, TaskBank
 from tf_piggyback.taskfile import load_task, write_atomic
 
 QUANTIZATIONS = ("none", "float16", "int8")
+LISTING = "tf_piggyback_tasks.json"  # in a SavedModel's assets/: what `export/list_tasks.py` prints
 REPRESENTATIVE_SAMPLES = 500
 
 
@@ -58,19 +65,14 @@ def _unpack_bits(packed, count):
 
 
 class _PackedTask(tf.Module):
-    """One task of a multi-task model: its masks packed 1 bit per parameter, its own weights
-    (head, per-task BatchNormalization), and a forward pass through the task's baked model
-    (`stateless_call`) whose masked kernels are `W ⊙ m`, with `W` the shared backbone's.
-
-    With `cache`, a task unpacks its masks once, on its first call, into variables holding its
-    masked kernels; those are saved empty, so the SavedModel keeps 1 bit per parameter on disk,
-    and every later call costs what a baked single-task model costs. Filling writes the same
-    values whoever does it, and reads wait for the caller's own fill, so concurrent requests
-    (TensorFlow Serving) are safe. The price is RAM: one float copy of the masked kernels per
-    task that has been called. Without `cache` (TFLite, which freezes variables) each call unpacks.
+    """One task of a multi-task TFLite file: its masks packed 1 bit per parameter, its own
+    weights (head, per-task BatchNormalization), and a forward pass through the task's baked
+    model (`stateless_call`) whose masked kernels are `W ⊙ m`, unpacked on every call (TFLite
+    freezes variables, so there is no cache to fill), with `W` the shared backbone's.
+    SavedModels use `TaskBank` instead: one traced backbone for every task.
     """
 
-    def __init__(self, model, backbone_ids, cache):
+    def __init__(self, model, backbone_ids):
         super().__init__()
         baked, pairs = bake_with_layers(model)
         # Kept out of tracking (tf.Module tracks attributes): the baked kernels must not be
@@ -84,7 +86,7 @@ class _PackedTask(tf.Module):
                     kernels[id(weight)] = (source, *masks[id(source)])
                 else:
                     shared[id(weight)] = source
-        self.packed, self.own, self.cache = [], [], []
+        self.packed, self.own = [], []
         self.__dict__["_sources"] = []  # per baked variable: ("kernel", index, W, type) | ("own", index) | ("shared", var)
         for variable in baked.variables:
             if id(variable) in kernels:
@@ -92,16 +94,12 @@ class _PackedTask(tf.Module):
                 payload = coding.encode(mask, mask_type)[0] if mask_type == "ternary" else \
                     np.packbits(mask.astype(bool)).tobytes()
                 self.packed.append(tf.Variable(np.frombuffer(payload, np.uint8), trainable=False))
-                if cache:
-                    self.cache.append(tf.Variable(tf.zeros([0], variable.dtype), shape=tf.TensorShape(None),
-                                                  trainable=False))
                 self._sources.append(("kernel", len(self.packed) - 1, source, mask_type))
             elif id(variable) in shared or id(variable) in backbone_ids:
                 self._sources.append(("shared", shared.get(id(variable), variable)))
             else:
                 self.own.append(tf.Variable(keras.ops.convert_to_numpy(variable), trainable=False))
                 self._sources.append(("own", len(self.own) - 1))
-        self.filled = tf.Variable(False, trainable=False) if cache else None
 
     def _masked_kernel(self, index, kernel, mask_type):
         size = int(np.prod(kernel.shape))
@@ -112,26 +110,14 @@ class _PackedTask(tf.Module):
             mask = _unpack_bits(self.packed[index], size)
         return kernel.value * tf.reshape(mask, kernel.shape)
 
-    def _fill(self):
-        writes = [self.cache[source[1]].assign(self._masked_kernel(*source[1:]), read_value=False)
-                  for source in self._sources if source[0] == "kernel"]
-        with tf.control_dependencies(writes):
-            self.filled.assign(True, read_value=False)
-        return tf.constant(True)
-
     def _value(self, source):
         if source[0] == "shared":
             return source[1].value
         if source[0] == "own":
             return self.own[source[1]]
-        _, index, kernel, mask_type = source
-        if self.filled is None:
-            return self._masked_kernel(index, kernel, mask_type)
-        return tf.reshape(self.cache[index].value(), kernel.shape)
+        return self._masked_kernel(*source[1:])
 
     def __call__(self, image):
-        if self.filled is not None:
-            tf.cond(self.filled, lambda: tf.constant(False), self._fill)
         values = {id(v): self._value(source) for v, source in zip(self._model.variables, self._sources)}
         logits, _ = self._model.stateless_call(
             [values[id(v)] for v in self._model.trainable_variables],
@@ -148,36 +134,59 @@ def _signature(forward, spec, name):
     return tf.function(serve, input_signature=[spec])
 
 
-def build_serving_module(backbone, task_paths, cache=True):
-    """A `tf.Module` and `{name: tf.function}` with one signature per task (and serving_default).
+def _task_paths(task_paths):
+    if not task_paths:
+        raise ValueError("give at least one --task")
+    names, paths = zip(*[parse_task(p) for p in task_paths])
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must differ; got {list(names)}: name them with --task=NAME=PATH")
+    return names, paths
+
+
+def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS):
+    """A `tf.Module` and `{name: tf.function}`: the signatures of a SavedModel (DESIGN 3.5).
+
+    One task: its baked model (`bake`), signature `serving_default` and the task's name.
+    Several: a `TaskBank` module (one traced backbone, packed masks, `slots` unpacked working
+    copies) with one signature per task, `serving_default` (the first), `tasks` and
+    `tasks_by_name` (a task per example). The third value is the tasks' listing
+    (`TaskBank.listing`), which exports store as `assets/{LISTING}`.
 
     The module tracks the raw `tf.Variable`s behind the Keras variables, never a Keras model or
     Keras variable: those save a SavedModel that TF2 loads but TF1-style loaders (TensorFlow
     Serving, `saved_model_cli run`) cannot restore ("Could not find variable ..."), and
     `keras.export.ExportArchive` avoids that only by saving every variable twice.
-    With several tasks, `cache` makes each task unpack its masks once, on its first call (see
-    `_PackedTask`); TFLite conversion passes `cache=False`.
     """
-    if not task_paths:
-        raise ValueError("give at least one --task")
-    names, task_paths = zip(*[parse_task(p) for p in task_paths])
-    if len(set(names)) != len(names):
-        raise ValueError(f"task names must differ; got {list(names)}: name them with --task=NAME=PATH")
+    names, paths = _task_paths(task_paths)
+    bank = TaskBank(backbone, slots=slots)
+    for name, path in zip(names, paths):
+        bank.add(path, name)
+    if len(paths) > 1:
+        return bank.module, bank.serving_signatures(), bank.listing()
+    spec = tf.TensorSpec([None, *backbone.inputs[0].shape[1:]], tf.float32, name="image")
+    model = bake(load_task(paths[0], backbone))
+    module = tf.Module()
+    module.variables_ = [v.value for v in model.variables]
+    signature = _signature(_with_outputs(lambda image: model(image, training=False)), spec, names[0])
+    return module, {names[0]: signature, "serving_default": signature}, bank.listing()
+
+
+def _tflite_module(backbone, task_paths):
+    """The module and per-task signatures a TFLite file is converted from: one task baked,
+    several as `_PackedTask`s over one copy of the backbone."""
+    names, paths = _task_paths(task_paths)
     spec = tf.TensorSpec([None, *backbone.inputs[0].shape[1:]], tf.float32, name="image")
     module = tf.Module()
-    if len(task_paths) == 1:
-        model = bake(load_task(task_paths[0], backbone))
+    if len(paths) == 1:
+        model = bake(load_task(paths[0], backbone))
         module.variables_ = [v.value for v in model.variables]
         forwards = [lambda image: model(image, training=False)]
     else:
         module.variables_ = [v.value for v in backbone.variables]
         backbone_ids = {id(v) for v in backbone.variables}
-        module.tasks = [_PackedTask(load_task(p, backbone), backbone_ids, cache) for p in task_paths]
+        module.tasks = [_PackedTask(load_task(p, backbone), backbone_ids) for p in paths]
         forwards = [task.__call__ for task in module.tasks]
-    signatures = {name: _signature(_with_outputs(forward), spec, name) for name, forward in zip(names, forwards)}
-    module.signatures_ = dict(signatures)
-    signatures["serving_default"] = signatures[names[0]]
-    return module, signatures
+    return module, {name: _signature(_with_outputs(f), spec, name) for name, f in zip(names, forwards)}
 
 
 def _with_outputs(forward):
@@ -201,7 +210,7 @@ def next_version(output_dir):
     return max(versions, default=0) + 1
 
 
-def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite=False):
+def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite=False, slots=DEFAULT_SLOTS):
     """Writes `output_dir/<version>/` atomically; returns its path.
 
     Args:
@@ -211,6 +220,8 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
         output_dir: the TF Serving model base path.
         version: integer version; default the next free one.
         overwrite: replace an existing version instead of refusing.
+        slots: with several tasks, how many tasks' masked kernels are kept unpacked at once
+            (each a float copy of the masked kernels); others are unpacked when called.
     """
     if version is None:
         version = next_version(output_dir)
@@ -219,11 +230,16 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
     final = os.path.join(output_dir, str(version))
     if os.path.exists(final) and not overwrite:
         raise ValueError(f"{final} exists; pick another --version, omit it for the next free one, or pass --overwrite")
-    module, signatures = build_serving_module(backbone, task_paths)
+    module, signatures, listing = build_serving_module(backbone, task_paths, slots)
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=output_dir)
     try:
-        tf.saved_model.save(module, tmp, signatures=signatures)
+        with tempfile.TemporaryDirectory() as scratch:
+            listing_path = os.path.join(scratch, LISTING)
+            with open(listing_path, "w") as f:
+                json.dump(listing, f, indent=1)
+            module.listing = tf.saved_model.Asset(listing_path)  # copied to assets/
+            tf.saved_model.save(module, tmp, signatures=signatures)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -262,8 +278,8 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
             # The masked kernels of a multi-task file are computed at run time, and TFLite's int8
             # convolutions need constant, symmetric filters.
             raise ValueError("int8 quantization takes one --task; export each task to its own .tflite")
-    module, signatures = build_serving_module(backbone, task_paths, cache=False)
-    names = [parse_task(p)[0] for p in task_paths]
+    module, signatures = _tflite_module(backbone, task_paths)
+    names = list(signatures)
     # Through a SavedModel: functions restored from one read plain tf.Variables, which the
     # converter freezes into the flatbuffer (Keras variables in memory stay READ_VARIABLE ops).
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,3 +304,28 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
         flatbuffer = converter.convert()
     write_atomic(output_path, lambda f: f.write(flatbuffer))
     return len(flatbuffer)
+
+
+def list_tasks(path):
+    """What a multi-task (or single-task) export holds: a SavedModel folder's listing (names,
+    classes, sparsity, source task files' SHA-256; `TaskBank.listing`), or for a `.tflite`
+    file its signatures and their class counts, read with the LiteRT interpreter."""
+    if os.path.isdir(path):
+        listing = os.path.join(path, "assets", LISTING)
+        if not os.path.isfile(listing):
+            raise ValueError(f"{path} holds no {LISTING}: not a SavedModel written by export/saved_model.py")
+        with open(listing) as f:
+            return json.load(f)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist; pass a SavedModel version folder or a .tflite file")
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interpreter = Interpreter(model_path=path)
+    except ValueError as e:
+        raise ValueError(f"{path} is not a TFLite file ({e})") from None
+    tasks = []
+    for name, io in interpreter.get_signature_list().items():
+        runner = interpreter.get_signature_runner(name)
+        tasks.append({"name": name, "num_classes": int(runner.get_output_details()["logits"]["shape"][-1])})
+    return {"format": "tflite", "tasks": tasks}

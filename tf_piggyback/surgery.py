@@ -84,15 +84,21 @@ def feature_model(backbone, feature_layer=None):
     return backbone
 
 
+_POOLING = {3: keras.layers.GlobalAveragePooling1D, 4: keras.layers.GlobalAveragePooling2D,
+            5: keras.layers.GlobalAveragePooling3D}
+
+
+def pool_features(features):
+    """What the head sees: spatial features global-average-pooled (channels last), else as they are."""
+    if len(features.shape) in _POOLING:
+        return _POOLING[len(features.shape)](name="head_pool")(features)
+    return features
+
+
 def _add_head(body, num_classes, name):
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2. Received: num_classes={num_classes!r}")
-    x = body.output
-    pooling = {3: keras.layers.GlobalAveragePooling1D, 4: keras.layers.GlobalAveragePooling2D,
-               5: keras.layers.GlobalAveragePooling3D}
-    if len(x.shape) in pooling:
-        x = pooling[len(x.shape)](name="head_pool")(x)
-    logits = keras.layers.Dense(int(num_classes), name=HEAD_NAME)(x)
+    logits = keras.layers.Dense(int(num_classes), name=HEAD_NAME)(pool_features(body.output))
     return keras.Model(body.inputs, logits, name=name)
 
 

@@ -197,7 +197,8 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
         config: a `TrainConfig`.
         strategy: a `tf.distribute.Strategy`; default the current (single-device) one.
         steps_per_epoch: batches per epoch, for the learning-rate decay; default the
-            dataset's cardinality.
+            dataset's cardinality, counted in one pass where tf.data does not know it (image
+            folders drop files that fail to decode, so their length is known only once read).
         checkpoint_dir: where a checkpoint is written after every epoch (model, optimizers,
             epoch); a rerun restores the latest one and goes on from there.
         summary_dir: where TensorBoard scalars go: loss, accuracy, learning rates, overall and
@@ -216,7 +217,10 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
     config.check_strategy(strategy)
     make_dataset = dataset if callable(dataset) else (lambda epoch: dataset)
     if steps_per_epoch is None:
-        steps_per_epoch = int(make_dataset(0).cardinality())
+        first = make_dataset(0)
+        steps_per_epoch = int(first.cardinality())
+        if steps_per_epoch == tf.data.UNKNOWN_CARDINALITY:
+            steps_per_epoch = int(first.reduce(0, lambda count, _: count + 1))
     if steps_per_epoch <= 0:
         raise ValueError("the training dataset is empty or of unknown size; give it a known, finite length")
     with strategy.scope():

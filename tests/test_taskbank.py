@@ -1,0 +1,163 @@
+"""TaskBank and multi-task SavedModels: one traced backbone, tasks as data, bounded working slots."""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_piggyback as pb
+from conftest import REPO
+from tf_piggyback.export import export_saved_model, export_tflite, list_tasks
+from tf_piggyback.taskbank import TaskBank
+
+KINDS = {"bin": dict(), "ter": dict(mask_type="ternary"), "bn": dict(train_bn=True)}
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    """Random-mask digits tasks of every kind a bank holds: binary, ternary, per-task
+    BatchNormalization (its statistics changed) and classifier-only, with different class counts."""
+    root = tmp_path_factory.mktemp("bank")
+    rng = np.random.default_rng(0)
+    backbone = pb.digits_backbone()
+    paths = {}
+    for classes, (name, options) in enumerate(KINDS.items(), start=3):
+        model = pb.piggyback(backbone, classes, **options)
+        for layer in pb.masked_layers(model):
+            for mask in layer.masks:
+                mask.assign(rng.uniform(-0.01, 0.02, mask.shape).astype("float32"))
+        for layer in model.layers:
+            if options.get("train_bn") and "bn" in layer.name:
+                layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape).astype("float32"))
+        head = model.get_layer("head")
+        head.set_weights([rng.normal(0, 0.3, w.shape).astype("float32") for w in head.get_weights()])
+        paths[name] = str(root / name / "task.npz")
+        pb.save_task(model, paths[name])
+    classifier = pb.classifier_only(backbone, 4)
+    classifier.get_layer("head").set_weights([rng.normal(0, 0.3, w.shape).astype("float32")
+                                              for w in classifier.get_layer("head").get_weights()])
+    paths["cls"] = str(root / "cls" / "task.npz")
+    pb.save_task(classifier, paths["cls"])
+    images = rng.uniform(0, 255, (12, 32, 32, 1)).astype("float32")
+    expected = {name: pb.bake(pb.load_task(path, pb.digits_backbone()))(images).numpy() for name, path in paths.items()}
+    return paths, images, expected
+
+
+def test_bank_equals_baked_models_and_mixes_tasks(task_files):
+    paths, images, expected = task_files
+    bank = TaskBank(pb.digits_backbone(), slots=1)
+    assert [bank.add(path) for path in paths.values()] == list(paths)
+    for _ in range(2):  # the second round evicts and refills the single slot
+        for name in paths:
+            np.testing.assert_allclose(bank.predict(images, task=name), expected[name], atol=1e-5)
+    order = [list(paths)[i % len(paths)] for i in range(len(images))]
+    mixed = bank.predict(images, task=order)
+    assert mixed.shape == (len(images), max(e.shape[1] for e in expected.values()))
+    for row, name in enumerate(order):
+        classes = expected[name].shape[1]
+        np.testing.assert_allclose(mixed[row, :classes], expected[name][row], atol=1e-5)
+        assert not mixed[row, classes:].any()
+    bank.remove("ter")
+    assert bank.names == ["bin", "bn", "cls"]
+    np.testing.assert_allclose(bank.predict(images, task="bn"), expected["bn"], atol=1e-5)
+    listing = bank.listing()
+    assert [t["name"] for t in listing["tasks"]] == ["bin", "bn", "cls"]
+    assert listing["tasks"][0]["num_classes"] == 3 and listing["tasks"][2]["method"] == "classifier"
+
+
+def test_bank_refuses_what_it_cannot_serve(task_files):
+    paths, images, _ = task_files
+    bank = TaskBank(pb.digits_backbone())
+    bank.add(paths["bin"])
+    with pytest.raises(ValueError, match="already in the bank"):
+        bank.add(paths["bin"])
+    with pytest.raises(ValueError, match="reserved signature name"):
+        bank.add(paths["ter"], name="tasks")
+    with pytest.raises(ValueError, match="no task named 'nope'; the bank has bin"):
+        bank.predict(images, task="nope")
+    with pytest.raises(pb.TaskFileError, match="load it with the backbone and weights it was trained on"):
+        TaskBank(pb.digits_backbone(weights=None)).add(paths["bin"])
+    with pytest.raises(ValueError, match="slots must be an integer >= 1"):
+        TaskBank(pb.digits_backbone(), slots=0)
+
+
+def test_saved_model_one_backbone_for_every_task(task_files, tmp_path):
+    """More tasks than slots, requests from 8 threads mixing every signature (as TF Serving
+    sends them): every answer equals the baked model's; the graph holds one backbone."""
+    paths, images, expected = task_files
+    names = list(paths)
+    path = export_saved_model(pb.digits_backbone(), list(paths.values()), str(tmp_path / "multi"), slots=1)
+    loaded = tf.saved_model.load(path)
+    assert set(loaded.signatures) == {*names, "serving_default", "tasks", "tasks_by_name"}
+
+    def request(i):
+        name = names[i % len(names)]
+        if i % 3 == 2:  # a request that mixes tasks, by name
+            order = [names[(i + k) % len(names)] for k in range(len(images))]
+            out = loaded.signatures["tasks_by_name"](image=tf.constant(images), task=tf.constant(order))
+            return order, out["logits"].numpy(), out["num_classes"].numpy()
+        return name, loaded.signatures[name](image=tf.constant(images))["logits"].numpy(), None
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(request, range(48)))
+    for key, logits, classes in results:
+        if isinstance(key, str):
+            np.testing.assert_allclose(logits, expected[key], atol=1e-5)
+            continue
+        for row, name in enumerate(key):
+            assert classes[row] == expected[name].shape[1]
+            np.testing.assert_allclose(logits[row, :classes[row]], expected[name][row], atol=1e-5)
+    # by index, as the Python API and the by-name signature agree
+    by_index = loaded.signatures["tasks"](image=tf.constant(images[:4]), task=tf.constant([3, 2, 1, 0]))
+    for row, name in enumerate(reversed(names)):
+        np.testing.assert_allclose(by_index["logits"][row, :expected[name].shape[1]], expected[name][row], atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="task index out of range"):
+        loaded.signatures["tasks"](image=tf.constant(images[:1]), task=tf.constant([9]))
+    # the backbone is traced once: one function holds the convolutions, whatever the task count
+    graph = loaded.signatures["serving_default"].graph.as_graph_def()
+    with_convs = [f for f in graph.library.function if any(n.op == "Conv2D" for n in f.node_def)]
+    assert len(with_convs) == 1, [f.signature.name for f in with_convs]
+    # TF1-style loading, as TensorFlow Serving does it, of a request that mixes tasks
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    run = subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def", "tasks", "--input_exprs",
+                          f"image={json.dumps(images[:2].tolist())};task=[1,3]"], capture_output=True, text=True)
+    assert run.returncode == 0 and "Result for output key num_classes" in run.stdout, run.stderr[-2000:]
+    assert "[4 4]" in run.stdout
+
+
+def test_list_tasks_of_saved_model_and_tflite(task_files, tmp_path):
+    paths, _, _ = task_files
+    backbone = pb.digits_backbone()
+    model = export_saved_model(backbone, [paths["bin"], paths["cls"]], str(tmp_path / "sm"))
+    command = [sys.executable, os.path.join(REPO, "export", "list_tasks.py"), f"--model={model}"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("backbone digits") and lines[2].startswith("bin\t3\tpiggyback\t")
+    listing = json.loads(subprocess.run(command + ["--json"], capture_output=True, text=True, cwd=REPO).stdout)
+    import hashlib
+    with open(paths["cls"], "rb") as f:
+        assert listing["tasks"][1]["source_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    file = str(tmp_path / "two.tflite")
+    export_tflite(backbone, [paths["bin"], paths["ter"]], file)
+    assert list_tasks(file)["tasks"] == [{"name": "bin", "num_classes": 3}, {"name": "ter", "num_classes": 4}] or \
+        sorted(t["name"] for t in list_tasks(file)["tasks"]) == ["bin", "ter"]
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "export", "list_tasks.py"), f"--model={tmp_path}/none"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:") and "does not exist" in bad.stderr
+
+
+def test_serving_bench_runs(tmp_path):
+    """The serving preset end to end at digits size (no timing is asserted)."""
+    from tf_piggyback import bench_serving
+
+    config = bench_serving.ServingConfig(model="digits", image_size=None, tasks=(1, 3), repeats=1, calls=1,
+                                         workdir=str(tmp_path))
+    rows, table = bench_serving.run(config, log=lambda line: None)
+    assert [r["tasks"] for r in rows] == [1, 3] and rows[1]["cold_b8_s"] > 0 and rows[1]["graph_ratio"] > 0
+    assert "| 3 |" in table

@@ -1,0 +1,167 @@
+"""The serving benchmark (`scripts/bench.py --preset=serving`): N tasks in one SavedModel.
+
+Builds `max(tasks)` random piggyback tasks over one backbone (per-layer sparsity rising with
+depth, as `bench.paper_sparsities`), exports a baked single-task SavedModel and one multi-task
+SavedModel per N, then measures each in its own fresh process, round after round in turn (so
+the sides of every ratio share the machine's state): load time, resident memory after loading
+and after calling every task once, the first (cold) call of a task not in a working slot, and
+warm calls, at batch 1 and 8. Ratios are against the baked single-task model.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SERVING_CHILD = """
+import json, sys
+from tf_piggyback.bench_serving import serving_child
+print(json.dumps(serving_child(**json.loads(sys.argv[1]))))
+"""
+
+
+@dataclasses.dataclass
+class ServingConfig:
+    model: str = "ResNet50"
+    image_size: int = 128
+    tasks: tuple = (1, 10, 100)
+    slots: int = 2
+    repeats: int = 3
+    calls: int = 7
+    workdir: str = os.path.join("runs", "bench_serving")
+
+
+def _rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def random_tasks(backbone, count, folder, num_classes=10, log=print):
+    """`count` task files of random piggyback masks over `backbone`, in `folder/tNNN/task.npz`
+    (reused when already there: the same seeds give the same files)."""
+    from tf_piggyback.bench import paper_sparsities
+    from tf_piggyback.surgery import piggyback
+    from tf_piggyback.taskfile import save_task
+
+    paths = [os.path.join(folder, f"t{i:03d}", "task.npz") for i in range(count)]
+    missing = [i for i, p in enumerate(paths) if not os.path.exists(p)]
+    if missing:
+        model = piggyback(backbone, num_classes)
+        head = model.get_layer("head")
+        start = time.perf_counter()
+        for i in missing:
+            paper_sparsities(model, seed=i)
+            rng = np.random.default_rng(i)
+            head.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in head.get_weights()])
+            save_task(model, paths[i])
+        log(f"built {len(missing)} random tasks in {time.perf_counter() - start:.0f} s")
+    return paths
+
+
+def serving_child(path, tasks, batch_sizes, calls, image_shape):
+    """Measured in a fresh process: load seconds, RSS, cold and warm call seconds per batch size."""
+    import tensorflow as tf
+
+    start = time.perf_counter()
+    loaded = tf.saved_model.load(path)
+    result = {"load_s": time.perf_counter() - start, "rss_loaded": _rss()}
+    rng = np.random.default_rng(0)
+    images = {b: tf.constant(rng.uniform(0, 255, (b, *image_shape)).astype("float32")) for b in batch_sizes}
+
+    def call(name, batch):
+        begin = time.perf_counter()
+        loaded.signatures[name](image=images[batch])["logits"].numpy()
+        return time.perf_counter() - begin
+
+    result["first_call_s"] = call(tasks[0], batch_sizes[0])
+    for batch in batch_sizes:
+        call(tasks[0], batch)
+        result[f"warm_b{batch}_s"] = float(np.median([call(tasks[0], batch) for _ in range(calls)]))
+        if len(tasks) > 2:
+            # Tasks called in turn, never twice in a row, more of them than slots: each call is cold.
+            others = [tasks[1 + (i % (len(tasks) - 1))] for i in range(calls)]
+            result[f"cold_b{batch}_s"] = float(np.median([call(name, batch) for name in others]))
+    for name in tasks:
+        call(name, batch_sizes[0])
+    result["rss_all_called"] = _rss()
+    return result
+
+
+def run(config, log=print):
+    """Builds the tasks and exports, measures; returns `(rows, table)`: JSON rows and Markdown."""
+    from tf_piggyback.backbones import load_backbone
+    from tf_piggyback.export import export_saved_model
+    from tf_piggyback.taskbank import TaskBank
+
+    backbone = load_backbone(config.model, "none", config.image_size)
+    paths = random_tasks(backbone, max(config.tasks), os.path.join(config.workdir, "tasks"), log=log)
+    bank = TaskBank(backbone)
+    bank.add(paths[0])
+    kernel_bytes = 4 * bank.flat_size
+    packed_bytes = bank.tasks()[0]["packed_bytes"]
+    models = {}
+    for n in config.tasks:
+        name = "baked" if n == 1 else f"n{n}"
+        folder = os.path.join(config.workdir, "models", name)
+        path = os.path.join(folder, "1")
+        if not os.path.isdir(path):
+            start = time.perf_counter()
+            export_saved_model(backbone, [f"t{i:03d}={p}" for i, p in enumerate(paths[:n])], folder, version=1,
+                               slots=config.slots)
+            log(f"exported {name} ({n} tasks) in {time.perf_counter() - start:.0f} s")
+        models[name] = (path, n)
+    samples = {name: [] for name in models}
+    image_shape = list(backbone.inputs[0].shape[1:])
+    for round_ in range(config.repeats):
+        for name, (path, n) in models.items():  # in turn, round after round
+            args = dict(path=path, tasks=[f"t{i:03d}" for i in range(n)], batch_sizes=[1, 8], calls=config.calls,
+                        image_shape=image_shape)
+            out = subprocess.run([sys.executable, "-c", SERVING_CHILD, json.dumps(args)], check=True,
+                                 capture_output=True, text=True)
+            samples[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        log(f"round {round_ + 1}/{config.repeats} measured")
+    rows = []
+    for name, (path, n) in models.items():
+        row = {"tasks": n, "graph_bytes": os.path.getsize(os.path.join(path, "saved_model.pb"))}
+        for key in samples[name][0]:
+            row[key] = float(np.median([s[key] for s in samples[name]]))
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["graph_ratio"] = row["graph_bytes"] / base["graph_bytes"]
+        row["load_ratio"] = row["load_s"] / base["load_s"]
+        row["warm_b1_ratio"] = row["warm_b1_s"] / base["warm_b1_s"]
+        row["warm_b8_ratio"] = row["warm_b8_s"] / base["warm_b8_s"]
+        row["rss_bound"] = base["rss_all_called"] + row["tasks"] * packed_bytes + config.slots * kernel_bytes
+        if "cold_b8_s" in row:
+            row["cold_b8_over_warm"] = row["cold_b8_s"] / row["warm_b8_s"]
+            row["cold_b1_extra_s"] = row["cold_b1_s"] - row["warm_b1_s"]
+    return rows, markdown(rows, config, packed_bytes, kernel_bytes)
+
+
+def markdown(rows, config, packed_bytes, kernel_bytes):
+    def mb(value):
+        return f"{value / 1e6:,.1f} MB"
+
+    def ms(value):
+        return f"{value * 1000:,.0f} ms"
+
+    lines = [f"{config.model} at {config.image_size} px, {config.slots} working slots; packed masks "
+             f"{mb(packed_bytes)} per task, one working copy {mb(kernel_bytes)}; medians of {config.repeats} "
+             "fresh processes per model, interleaved. Ratios are against the baked single-task model.", "",
+             "| tasks | saved_model.pb (ratio) | load (ratio) | RSS all called (bound) | first call b1 | "
+             "warm b1 (ratio) | warm b8 (ratio) | cold b1 (extra) | cold b8 / warm b8 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cold = (f"{ms(r['cold_b1_s'])} (+{ms(r['cold_b1_extra_s'])}) | {r['cold_b8_over_warm']:.2f}"
+                if "cold_b8_s" in r else "— | —")
+        lines.append(
+            f"| {'1 (baked)' if r['tasks'] == 1 else r['tasks']} | {mb(r['graph_bytes'])} ({r['graph_ratio']:.2f}) | "
+            f"{r['load_s']:.2f} s ({r['load_ratio']:.2f}) | {mb(r['rss_all_called'])} ({mb(r['rss_bound'])}) | "
+            f"{ms(r['first_call_s'])} | {ms(r['warm_b1_s'])} ({r['warm_b1_ratio']:.3f}) | "
+            f"{ms(r['warm_b8_s'])} ({r['warm_b8_ratio']:.3f}) | {cold} |")
+    return "\n".join(lines) + "\n"

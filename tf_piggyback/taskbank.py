@@ -1,0 +1,465 @@
+"""Many tasks over one backbone, served at the cost of their task files (DESIGN 3.5).
+
+A `TaskBank` holds one backbone and any number of task files. The backbone's graph is traced
+once; a task is data, not a graph: its masks packed 1 bit per parameter (2 for ternary) and
+its own weights (head, per-task BatchNormalization). A call for a task reads its masked
+kernels `W ⊙ m` from a small, fixed set of working slots (least recently used first out);
+a task not in a slot is unpacked with one table gather (tens of ms for ResNet-50's 23M
+masked weights) into the slot that was used longest ago. So memory is the backbone, the
+packed masks and `slots` float copies of the masked kernels (one more while a slot is being
+refilled: its old copy lives until the new one replaces it), whatever the number of tasks.
+
+The same `tf.Module` is what `export_saved_model` saves for several tasks, so the Python API
+and TensorFlow Serving run one implementation.
+
+Concurrency (TensorFlow Serving runs requests in parallel): each slot is one variable whose
+last element is the id of the task whose kernels it holds. A TensorFlow variable read is a
+snapshot (an assignment while a reader holds the buffer writes a new one), so a call that
+reads a slot and finds its own task's id there uses kernels of that task only; otherwise it
+computes them itself and leaves them in a slot for the next call. Racing fills may evict
+each other, never mix.
+
+Reference: §3, last paragraph (only the thresholded masks are kept); §5 and Table 3 (one
+backbone, many tasks at about 1 bit per parameter each).
+"""
+
+import dataclasses
+import hashlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_piggyback import coding
+from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.surgery import HEAD_NAME, feature_model, pool_features
+from tf_piggyback.taskfile import TaskFileError, read_task
+
+DEFAULT_SLOTS = 2
+MIXED_SIGNATURES = ("tasks", "tasks_by_name")
+KINDS = {"none": 0, "binary": 1, "ternary": 2}
+# Each kernel starts at a multiple of 16 floats (64 bytes) in the flat slot, so slicing it out
+# shares the slot's buffer instead of copying it (TensorFlow's aligned dim-0 slices).
+ALIGN = 16
+
+
+def _aligned(size):
+    return -(-size // ALIGN) * ALIGN
+
+
+# Every byte's 8 mask values (MSB first, as `np.packbits`), and for ternary masks its four
+# 2-bit codes minus one (`coding.encode`): unpacking is one gather straight to floats, with
+# no byte-sized intermediates (they fragmented the heap: +180 MB resident after a fill).
+_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32)
+_TERNARY = ((np.arange(256)[:, None] >> np.array([6, 4, 2, 0])) & 3).astype(np.float32) - 1.0
+
+
+def unpack_binary(packed):
+    """uint8 bytes -> float mask values in {0, 1}, 8 per byte, MSB first (`np.packbits`)."""
+    return tf.reshape(tf.gather(tf.constant(_BITS), tf.cast(packed, tf.int32)), [-1])
+
+
+def unpack_ternary(packed):
+    """uint8 bytes -> float mask values in {-1, 0, 1}: 2 bits each, MSB first (`coding.encode`)."""
+    return tf.reshape(tf.gather(tf.constant(_TERNARY), tf.cast(packed, tf.int32)), [-1])
+
+
+@dataclasses.dataclass
+class BankTask:
+    """One task in a bank: what its file holds, laid out for the bank.
+
+    Attributes:
+        name: signature / lookup name.
+        uid: an id never reused in this bank (slots are tagged with it).
+        kind: "none" (classifier-only), "binary" or "ternary".
+        packed: the masks over the bank's flat kernel layout, packed, plus spare bytes for the
+            `ALIGN` entries at its end that hold the slot's id.
+        own: `{backbone variable path: value}` for per-task BatchNormalization.
+        head: `(kernel [F, C], bias [C])`.
+        info: manifest summary for listings (classes, sparsity, source file SHA-256).
+    """
+
+    name: str
+    uid: int
+    kind: str
+    packed: np.ndarray
+    own: dict
+    head: tuple
+    info: dict
+
+
+class TaskBank:
+    """One backbone, many task files, a bounded set of unpacked working copies.
+
+    Args:
+        backbone: the backbone every task was trained on (fingerprints are checked).
+        slots: how many tasks' masked kernels are kept unpacked (floats) at once; >= 1.
+
+    Example:
+    >>> bank = TaskBank(pb.digits_backbone(), slots=2)
+    >>> bank.add("upper/task.npz")
+    'upper'
+    >>> logits = bank.predict(images, task="upper")
+
+    Reference: §3 and §5 (one backbone, a mask per task).
+    """
+
+    def __init__(self, backbone, slots=DEFAULT_SLOTS):
+        if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
+            raise ValueError(f"slots must be an integer >= 1. Received: slots={slots!r}")
+        self.backbone = backbone
+        self.slots = int(slots)
+        self.fingerprint = fingerprint(backbone)
+        self._tasks = []
+        self._next_uid = 0
+        self._feature_layer = None
+        self._kernel_paths = None  # backbone variable paths with masks, in the bank's flat order
+        self._module = None
+
+    # ---- the set of tasks -------------------------------------------------------------------
+    @property
+    def names(self):
+        return [task.name for task in self._tasks]
+
+    def tasks(self):
+        """One dict per task: `name`, `num_classes`, `class_names`, `method`, `mask_type`,
+        `sparsity`, `image_size`, `packed_bytes` (in memory), `source_sha256` (of the task file)."""
+        return [{"name": t.name, **t.info} for t in self._tasks]
+
+    def add(self, path, name=None):
+        """Adds a task file; returns its name (default from the path, `export.task_name`)."""
+        from tf_piggyback.export import task_name
+
+        name = name or task_name(path)
+        if name in self.names:
+            raise ValueError(f"a task named {name!r} is already in the bank; name it with NAME=PATH")
+        if name in MIXED_SIGNATURES or name == "serving_default":
+            raise ValueError(f"{name!r} is a reserved signature name; name the task with NAME=PATH")
+        manifest, arrays = read_task(path)
+        self._check_backbone(path, manifest)
+        options = manifest.get("options", {})
+        feature_layer = options.get("feature_layer")
+        if self._tasks and feature_layer != self._feature_layer:
+            raise TaskFileError(
+                f"{path!r} feeds its head from feature_layer={feature_layer!r}, the bank's tasks from "
+                f"{self._feature_layer!r}; a bank holds tasks over one feature model")
+        self._feature_layer = feature_layer
+        variables = {v.path: v for v in feature_model(self.backbone, feature_layer).variables}
+        kind, packed = self._pack_masks(path, manifest, arrays, variables)
+        own, head = {}, None
+        weights = manifest["weights"]
+        for i, entry in enumerate(weights):
+            value = np.asarray(arrays[f"w{i}"], np.float32)
+            if entry["name"].startswith(f"{HEAD_NAME}/"):
+                continue
+            if entry["name"] not in variables or tuple(variables[entry["name"]].shape) != value.shape:
+                raise TaskFileError(f"{path!r}: task weight {entry['name']} does not fit this backbone")
+            own[entry["name"]] = value
+        heads = [np.asarray(arrays[f"w{i}"], np.float32) for i, e in enumerate(weights)
+                 if e["name"].startswith(f"{HEAD_NAME}/")]
+        if len(heads) != 2 or heads[0].ndim != 2 or heads[0].shape[1] != manifest["num_classes"]:
+            raise TaskFileError(f"{path!r} has no Dense head of {manifest['num_classes']} classes")
+        head = (heads[0], heads[1])
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        info = {"num_classes": int(manifest["num_classes"]), "class_names": manifest.get("class_names"),
+                "method": manifest["method"], "mask_type": kind, "sparsity": float(manifest.get("sparsity", 0.0)),
+                "image_size": manifest.get("image_size"), "packed_bytes": int(packed.size), "source_sha256": digest}
+        self._tasks.append(BankTask(name, self._next_uid, kind, packed, own, head, info))
+        self._next_uid += 1
+        self._module = None
+        return name
+
+    def remove(self, name):
+        """Removes a task by name."""
+        index = self.index(name)
+        del self._tasks[index]
+        self._module = None
+
+    def index(self, name):
+        if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
+            if not 0 <= name < len(self._tasks):
+                raise ValueError(f"task index {name} is out of range; the bank has {len(self._tasks)} tasks")
+            return int(name)
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ValueError(f"no task named {name!r}; the bank has {', '.join(self.names) or 'no tasks'}") from None
+
+    def _check_backbone(self, path, manifest):
+        expected = manifest["backbone"]
+        if expected["fingerprint"] != self.fingerprint:
+            raise TaskFileError(
+                f"{path!r} was trained on backbone {expected['name']!r} (fingerprint "
+                f"{expected['fingerprint'][:12]}), not on the given {self.backbone.name!r} (fingerprint "
+                f"{self.fingerprint[:12]}); load it with the backbone and weights it was trained on")
+
+    def _pack_masks(self, path, manifest, arrays, variables):
+        layers = manifest["layers"]
+        if not layers:
+            return "none", np.zeros(0, np.uint8)
+        paths = [entry["name"] for entry in layers]
+        if self._kernel_paths is None:
+            missing = [p for p in paths if p not in variables]
+            if missing:
+                raise TaskFileError(f"{path!r} masks {missing[0]}, which the backbone does not have")
+            self._kernel_paths = paths
+            self._kernel_shapes = [tuple(variables[p].shape) for p in paths]
+        elif paths != self._kernel_paths:
+            raise TaskFileError(f"{path!r} masks other layers than the bank's tasks do")
+        kind = manifest["options"].get("mask_type", "binary")
+        flat = np.zeros(self.flat_size, np.int8)
+        offset = 0
+        for entry, shape in zip(layers, self._kernel_shapes):
+            if tuple(entry["shape"]) != shape:
+                raise TaskFileError(f"{path!r}: {entry['name']} has shape {tuple(entry['shape'])}, the backbone's {shape}")
+            payload = arrays["masks"][entry["offset"]:entry["offset"] + entry["nbytes"]].tobytes()
+            mask = coding.decode(payload, entry, shape).ravel()
+            flat[offset:offset + mask.size] = mask
+            offset += _aligned(mask.size)
+        if kind == "ternary":
+            codes = (flat + 1).astype(np.uint8)
+            packed = np.packbits(np.stack([codes >> 1, codes & 1], axis=-1).ravel())
+        else:
+            packed = np.packbits(flat.astype(bool))
+        spare = ALIGN * (2 if kind == "ternary" else 1) // 8  # unpacks to the id's entries: see _fill
+        return kind, np.concatenate([packed, np.zeros(spare, np.uint8)])
+
+    @property
+    def flat_size(self):
+        """Floats in one slot's kernel layout (each kernel aligned), without the id element."""
+        return sum(_aligned(int(np.prod(s))) for s in self._kernel_shapes) if self._kernel_paths else 0
+
+    # ---- serving ----------------------------------------------------------------------------
+    @property
+    def module(self):
+        """The `BankModule` over the current tasks (rebuilt after `add` / `remove`)."""
+        if not self._tasks:
+            raise ValueError("the bank has no tasks; add a task file first")
+        if self._module is None:
+            self._module = BankModule(self)
+        return self._module
+
+    def predict(self, images, task):
+        """Logits for `images` under `task`: a name or index, or one per image (mixed).
+
+        Returns:
+            `[B, num_classes]` logits for one task; for one task per image, `[B, C_max]`
+            logits padded with zeros past each task's class count.
+        """
+        images = tf.convert_to_tensor(images, tf.float32)
+        if isinstance(task, (str, int, np.integer)):
+            return self.module.forward(images, tf.constant(self.index(task), tf.int32)).numpy()
+        indices = [self.index(t) for t in task]
+        return self.module.mixed(images, tf.constant(indices, tf.int32))["logits"].numpy()
+
+    def serving_signatures(self):
+        """`{name: tf.function}`: one signature per task, `serving_default` (the first task),
+        `tasks` (`image`, int32 `task` per example) and `tasks_by_name` (string `task`)."""
+        module = self.module
+        spec = tf.TensorSpec([None, *self.backbone.inputs[0].shape[1:]], tf.float32, name="image")
+        signatures = {}
+        for index, task in enumerate(self._tasks):
+            signatures[task.name] = _task_signature(module, index, task.info["num_classes"], spec, task.name)
+        signatures["serving_default"] = signatures[self._tasks[0].name]
+        signatures["tasks"] = tf.function(
+            lambda image, task: module.mixed(image, task), autograph=False,
+            input_signature=[spec, tf.TensorSpec([None], tf.int32, name="task")])
+        signatures["tasks_by_name"] = tf.function(
+            lambda image, task: module.mixed(image, module.lookup(task)), autograph=False,
+            input_signature=[spec, tf.TensorSpec([None], tf.string, name="task")])
+        return signatures
+
+    def listing(self):
+        """The JSON-ready description of the bank that exports store and `export/list_tasks.py` prints."""
+        return {"format": "tf_piggyback.bank", "version": 1, "backbone": {"name": self.backbone.name,
+                "fingerprint": self.fingerprint}, "slots": self.slots, "tasks": self.tasks()}
+
+
+def _task_signature(module, index, num_classes, spec, name):
+    def serve(image):
+        logits = tf.ensure_shape(module.forward(image, tf.constant(index, tf.int32)), [None, num_classes])
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
+
+    serve.__name__ = name
+    return tf.function(serve, input_signature=[spec], autograph=False)
+
+
+class BankModule(tf.Module):
+    """The bank as TensorFlow state and two functions, `forward` and `mixed`; see `TaskBank`.
+
+    It tracks raw `tf.Variable`s only, never Keras objects: a SavedModel that tracks Keras
+    variables loads in TF2 but not in TF1-style loaders such as TensorFlow Serving.
+    """
+
+    def __init__(self, bank):
+        super().__init__()
+        template = feature_model(bank.backbone, bank._feature_layer)
+        # Untracked (tf.Module tracks attributes): the template's Keras variables are never
+        # read, every call passes their values (stateless_call).
+        self.__dict__["_template"] = template
+        tasks = bank._tasks
+        kernel_paths = bank._kernel_paths or []
+        own_paths = sorted({p for t in tasks for p in t.own}, key=[v.path for v in template.variables].index)
+        by_path = {v.path: v for v in template.variables}
+        values = {p: np.asarray(keras.ops.convert_to_numpy(v), np.float32) for p, v in by_path.items()}
+
+        # The masked kernels W, flat and aligned, then ALIGN zeros where a slot keeps its task's id.
+        self._kernel_layout = []
+        weights = np.zeros(bank.flat_size + ALIGN, np.float32)
+        offset = 0
+        for p in kernel_paths:
+            size = values[p].size
+            weights[offset:offset + size] = values[p].ravel()
+            self._kernel_layout.append((p, offset, values[p].shape))
+            offset += _aligned(size)
+        self.flat_size = offset
+        self.weights = tf.Variable(weights, trainable=False, name="weights")
+
+        # Everything else of the backbone that is float32 and no task owns: one flat variable.
+        shared = [p for p in by_path if p not in kernel_paths and p not in own_paths
+                  and by_path[p].dtype == "float32"]
+        self._shared_layout, offset = [], 0
+        for p in shared:
+            self._shared_layout.append((p, offset, values[p].shape))
+            offset += values[p].size
+        self.shared = tf.Variable(np.concatenate([values[p].ravel() for p in shared] or [np.zeros(0, np.float32)]),
+                                  trainable=False, name="shared")
+        self.others = [tf.Variable(keras.ops.convert_to_numpy(by_path[p]), trainable=False)
+                       for p in by_path if p not in kernel_paths and p not in own_paths and p not in shared]
+        self._other_paths = [p for p in by_path if p not in kernel_paths and p not in own_paths and p not in shared]
+
+        # Per task: own weights (per-task BN, then the head) one segment each, packed masks.
+        self._own_layout, offset = [], 0
+        for p in own_paths:
+            self._own_layout.append((p, offset, values[p].shape))
+            offset += values[p].size
+        self._head_offset = offset
+        self.features = int(tasks[0].head[0].shape[0])
+        segments = [np.concatenate([t.own.get(p, values[p]).ravel() for p in own_paths]
+                                   + [t.head[0].ravel(), t.head[1].ravel()]) for t in tasks]
+        self.own = tf.Variable(np.concatenate(segments), trainable=False, name="own")
+        self.own_offsets = tf.Variable(np.cumsum([0] + [s.size for s in segments]), trainable=False, dtype=tf.int64)
+        self.packed = tf.Variable(np.concatenate([t.packed for t in tasks]), trainable=False, name="packed")
+        self.packed_offsets = tf.Variable(np.cumsum([0] + [t.packed.size for t in tasks]), trainable=False,
+                                          dtype=tf.int64)
+        self.kinds = tf.Variable([KINDS[t.kind] for t in tasks], trainable=False, dtype=tf.int32)
+        self.uids = tf.Variable([float(t.uid) for t in tasks], trainable=False, dtype=tf.float32)
+        self.num_classes = tf.Variable([t.info["num_classes"] for t in tasks], trainable=False, dtype=tf.int32)
+        self.names = tf.Variable([t.name for t in tasks], trainable=False, dtype=tf.string)
+
+        # The working slots: saved holding only their id element (-1, no task), so the file
+        # keeps 1 bit per parameter; filled on first use.
+        self.slots = [tf.Variable([-1.0], shape=tf.TensorShape([None]), trainable=False, name=f"slot{i}")
+                      for i in range(bank.slots)]
+        self.slot_uids = tf.Variable([-1.0] * bank.slots, trainable=False)  # a hint; the slot's id element decides
+        self.slot_used = tf.Variable([0] * bank.slots, trainable=False, dtype=tf.int64)
+        self.clock = tf.Variable(0, trainable=False, dtype=tf.int64)
+
+        spec = tf.TensorSpec([None, *bank.backbone.inputs[0].shape[1:]], tf.float32)
+        # Not inlined into its callers: every signature calls this one function, so the backbone's
+        # graph is optimized and instantiated once, not once per signature (measured: inlined,
+        # each task's first call took 0.65 s and kept ~100 MB for its own copy of the graph).
+        # autograph=False: control flow is written out (tf.cond, tf.switch_case, tf.while_loop).
+        self.forward = tf.function(self._forward, input_signature=[spec, tf.TensorSpec([], tf.int32)],
+                                   autograph=False, experimental_attributes={"_noinline": True})
+        self.mixed = tf.function(self._mixed, input_signature=[spec, tf.TensorSpec([None], tf.int32)], autograph=False)
+        self.lookup = tf.function(self._lookup, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+
+    # ---- masked kernels ------------------------------------------------------------------
+    def _kernels(self, task):
+        """`[flat_size + ALIGN]`: the task's masked kernels (flat, aligned) and its id at the end."""
+        uid = self.uids[task]
+        kind = self.kinds[task]
+
+        def from_slots():
+            tick = self.clock.assign_add(1)
+            hits = tf.where(tf.equal(self.slot_uids, uid))[:, 0]
+            slot = tf.cond(tf.size(hits) > 0, lambda: tf.cast(hits[0], tf.int32), lambda: tf.constant(0))
+            held = tf.switch_case(slot, [lambda s=s: s.read_value() for s in self.slots])
+            hit = tf.logical_and(tf.equal(tf.size(held), self.flat_size + ALIGN), tf.equal(held[-1], uid))
+
+            def use():
+                self.slot_used.scatter_nd_update([[slot]], [tick])
+                return held
+
+            return tf.cond(hit, use, lambda: self._fill(task, uid, kind, tick))
+
+        return tf.cond(tf.equal(kind, 0), self.weights.read_value, from_slots)
+
+    def _fill(self, task, uid, kind, tick):
+        """Unpacks the task's masks into `W ⊙ m` and stores it in the least recently used slot."""
+        packed = self.packed[self.packed_offsets[task]:self.packed_offsets[task + 1]]
+        weights = self.weights.read_value()
+        # The spare bytes unpack to the last ALIGN entries, the id's among them: no slicing (an
+        # unaligned slice would copy).
+        flat = weights * tf.cond(tf.equal(kind, 1), lambda: unpack_binary(packed), lambda: unpack_ternary(packed))
+        flat = tf.tensor_scatter_nd_update(flat, [[self.flat_size + ALIGN - 1]], [uid])  # in place
+        slot = tf.cast(tf.argmin(self.slot_used), tf.int32)
+        self.slot_uids.scatter_nd_update([[slot]], [uid])
+        self.slot_used.scatter_nd_update([[slot]], [tick])
+
+        # The slot adopts `flat`'s buffer (its only user is the assignment) and the call reads
+        # it back: no copy. Measured: TensorFlow's CPU allocator keeps freed buffers resident,
+        # so every transient 94 MB copy of ResNet-50's kernels would stay in RSS for good.
+        def store(variable):
+            return variable.assign(flat, read_value=True)
+
+        return tf.switch_case(slot, [lambda s=s: store(s) for s in self.slots])
+
+    # ---- forward passes -------------------------------------------------------------------
+    def _forward(self, image, task):
+        flat = self._kernels(task)
+        own = self.own[self.own_offsets[task]:self.own_offsets[task + 1]]
+        values = {}
+        for path, offset, shape in self._kernel_layout:
+            values[path] = tf.reshape(flat[offset:offset + int(np.prod(shape))], shape)
+        for path, offset, shape in self._shared_layout:
+            values[path] = tf.reshape(self.shared[offset:offset + int(np.prod(shape))], shape)
+        for path, offset, shape in self._own_layout:
+            values[path] = tf.reshape(own[offset:offset + int(np.prod(shape))], shape)
+        for path, variable in zip(self._other_paths, self.others):
+            values[path] = variable.read_value()
+        template = self._template
+        features, _ = template.stateless_call(
+            [values[v.path] for v in template.trainable_variables],
+            [values[v.path] for v in template.non_trainable_variables], image, training=False)
+        features = pool_features(features)
+        classes = self.num_classes[task]
+        head = own[self._head_offset:]
+        kernel = tf.reshape(head[:self.features * classes], [self.features, classes])
+        return tf.matmul(features, kernel) + head[self.features * classes:]
+
+    def _lookup(self, names):
+        """Task names -> indices; an unknown name is an InvalidArgument error naming the tasks."""
+        matches = tf.equal(names[:, None], self.names[None, :])
+        check = tf.debugging.assert_equal(tf.reduce_all(tf.reduce_any(matches, axis=1)), True,
+                                          message="unknown task name; the model's tasks are its signature names")
+        with tf.control_dependencies([check]):
+            return tf.cast(tf.argmax(tf.cast(matches, tf.int32), axis=1), tf.int32)
+
+    def _mixed(self, image, task):
+        """One task per example: examples are grouped by task, each group runs once."""
+        check = tf.debugging.assert_equal(
+            tf.reduce_all(tf.logical_and(task >= 0, task < tf.size(self.num_classes))), True,
+            message="task index out of range")
+        with tf.control_dependencies([check]):
+            task = tf.identity(task)
+        widest = tf.reduce_max(self.num_classes)
+        batch = tf.shape(image)[0]
+        groups, group_of = tf.unique(task)
+
+        def body(i, logits, probabilities):
+            rows = tf.where(tf.equal(group_of, i))
+            out = self.forward(tf.gather_nd(image, rows), groups[i])
+            pad = [[0, 0], [0, widest - tf.shape(out)[1]]]
+            logits = tf.tensor_scatter_nd_update(logits, rows, tf.pad(out, pad))
+            probabilities = tf.tensor_scatter_nd_update(
+                probabilities, rows, tf.pad(tf.nn.softmax(out, axis=-1), pad))
+            return i + 1, logits, probabilities
+
+        zeros = tf.zeros([batch, widest])
+        _, logits, probabilities = tf.while_loop(
+            lambda i, *_: i < tf.size(groups), body, (tf.constant(0), zeros, zeros),
+            shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, None]), tf.TensorShape([None, None])))
+        return {"logits": logits, "probabilities": probabilities, "num_classes": tf.gather(self.num_classes, task)}
