@@ -27,6 +27,9 @@ def define_flags():
     flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
     flags.DEFINE_integer("slots", DEFAULT_SLOTS, "Several tasks: how many tasks' masked kernels stay unpacked "
                          "at once (each a float copy of the kernels); others unpack when called (tens of ms).")
+    flags.DEFINE_bool("per_task_signatures", True, "Several tasks: a signature per task besides serving_default, "
+                      "tasks and tasks_by_name. Each costs load time and memory in TensorFlow (ResNet-50, 100 tasks: "
+                      "1.7 s instead of 0.55 s to load); with many tasks, serve them through `tasks`.")
     for name in ("task", "output"):
         flags.mark_flag_as_required(name)
 
@@ -35,7 +38,8 @@ def define_flags():
 def main(argv):
     del argv
     backbone = backbone_from_flags()
-    path = export_saved_model(backbone, FLAGS.task, FLAGS.output, FLAGS.version, FLAGS.overwrite, FLAGS.slots)
+    path = export_saved_model(backbone, FLAGS.task, FLAGS.output, FLAGS.version, FLAGS.overwrite, FLAGS.slots,
+                              FLAGS.per_task_signatures)
     print(path)
 
 

@@ -3,6 +3,7 @@
 python scripts/bench.py --preset=cpu            # a few minutes on 2 cores
 python scripts/bench.py --preset=gpu            # ResNet50, 224 px, batch 16, XLA, mixed_float16
 python scripts/bench.py --preset=serving        # 1, 10, 100 ResNet50 tasks in one SavedModel
+python scripts/bench.py --preset=pipeline --dataset=folder:runs/wikiart_like --image_size=224
 
 Prints a table and writes --output (bench.json).
 """
@@ -13,16 +14,20 @@ import json
 import keras
 from absl import app, flags
 
-from tf_piggyback import bench, bench_serving
+from tf_piggyback import bench, bench_pipeline, bench_serving
 from tf_piggyback.cli import user_errors
+from tf_piggyback.datasets import DEFAULT_CACHE_MB
+from tf_piggyback.experiment import RunConfig
+from tf_piggyback.trainer import TrainConfig
 from tf_piggyback.taskfile import write_atomic
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_enum("preset", "cpu", [*bench.PRESETS, "serving"],
-                      "cpu (small, fast), gpu (the paper's sizes) or serving (many tasks in one SavedModel).")
+    flags.DEFINE_enum("preset", "cpu", [*bench.PRESETS, "serving", "pipeline"],
+                      "cpu (small, fast), gpu (the paper's sizes), serving (many tasks in one SavedModel) or "
+                      "pipeline (one epoch of train.py's input, no model).")
     flags.DEFINE_string("model", None, "keras.applications backbone (preset: ResNet50).")
     flags.DEFINE_integer("image_size", None, "Input size (preset: 64 on cpu, 224 on gpu, 128 for serving).")
     flags.DEFINE_integer("batch_size", None, "Batch size (preset: 8 on cpu, 16 on gpu).")
@@ -33,6 +38,9 @@ def define_flags():
     flags.DEFINE_list("tasks", None, "serving: task counts per SavedModel (default 1,10,100; 1 is the baked model).")
     flags.DEFINE_integer("slots", None, "serving: unpacked working copies in each multi-task model (default 2).")
     flags.DEFINE_string("workdir", None, "serving: where the random tasks and exports go (default runs/bench_serving).")
+    flags.DEFINE_string("dataset", None, "pipeline: the dataset spec, as train.py takes it.")
+    flags.DEFINE_integer("cache_mb", DEFAULT_CACHE_MB, "pipeline: train.py's --cache_mb (0: no cache).")
+    flags.DEFINE_integer("channels", 3, "pipeline: image channels the backbone would take.")
     flags.DEFINE_string("output", "bench.json", "Where the rows and the config go.")
 
 
@@ -55,9 +63,26 @@ def _serving():
     return config, rows
 
 
+def _pipeline():
+    if not FLAGS.dataset:
+        raise ValueError("--preset=pipeline needs --dataset (e.g. folder:runs/wikiart_like)")
+    size = FLAGS.image_size or 224
+    config = RunConfig(dataset=FLAGS.dataset, cache=FLAGS.cache_mb > 0, cache_mb=FLAGS.cache_mb,
+                       train=TrainConfig(batch_size=FLAGS.batch_size or 32))
+    row = bench_pipeline.run(config, (size, size, FLAGS.channels))
+    print("\n" + bench_pipeline.markdown(row))
+    return config, row
+
+
 @user_errors
 def main(argv):
     del argv
+    if FLAGS.preset == "pipeline":
+        config, row = _pipeline()
+        payload = {"config": dataclasses.asdict(config), **row}
+        write_atomic(FLAGS.output, lambda f: f.write(json.dumps(payload, indent=2).encode()))
+        print(f"wrote {FLAGS.output}")
+        return
     if FLAGS.preset == "serving":
         config, rows = _serving()
     else:

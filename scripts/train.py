@@ -17,7 +17,7 @@ from absl import app, flags
 
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD, MASK_TYPES
 from tf_piggyback.cli import define_backbone_flags, user_errors
-from tf_piggyback.datasets import SPLIT_SEED
+from tf_piggyback.datasets import DEFAULT_CACHE_MB, SPLIT_SEED
 from tf_piggyback.distribute import STRATEGIES, make_strategy
 from tf_piggyback.experiment import RunConfig, run
 from tf_piggyback.layers import DEFAULT_MASK_SCALE, MASK_INITS
@@ -44,11 +44,16 @@ def define_flags():
     flags.DEFINE_float("mask_scale", DEFAULT_MASK_SCALE, "Constant / range of the mask init (paper: 1e-2).")
     flags.DEFINE_enum("mask_type", "binary", MASK_TYPES, "binary {0,1} or ternary {-1,0,1} masks.")
     flags.DEFINE_bool("train_bn", False, "Learn per-task BatchNormalization (paper §5.3).")
+    flags.DEFINE_string("feature_layer", None, "The backbone layer whose output feeds the head (default: its output).")
+    flags.DEFINE_bool("skip_unsupported", False, "Keep layers whose kernels cannot be masked (e.g. Conv2DTranspose) "
+                      "frozen and unmasked instead of stopping.")
     flags.DEFINE_float("prune", DEFAULT_PRUNE, "PackNet: fraction of each layer's weights freed after a task.")
     flags.DEFINE_string("packnet_base", "", "PackNet: the --model_dir of the previous task's PackNet run "
                         "(empty: a new pack on the backbone).")
     flags.DEFINE_bool("augment", False, "The paper's random crop (after scaling by 256/224) and horizontal flip.")
-    flags.DEFINE_bool("cache", True, "Keep decoded, resized training images in memory after the first epoch.")
+    flags.DEFINE_bool("cache", True, "Keep decoded, resized training images (uint8) in memory after the first "
+                      "epoch, up to --cache_mb; the rest are decoded every epoch.")
+    flags.DEFINE_integer("cache_mb", DEFAULT_CACHE_MB, "Memory budget of --cache in MiB (224 px RGB: 147 KiB an image).")
     flags.DEFINE_enum("precision", "float32", PRECISIONS, "float32, or mixed precision: mixed_float16 (GPUs; "
                       "dynamic loss scaling) or mixed_bfloat16 (Ampere+ GPUs, TPUs, recent CPUs).")
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
@@ -69,8 +74,9 @@ def config_from_flags():
     return RunConfig(backbone=FLAGS.backbone, weights=FLAGS.weights, image_size=FLAGS.image_size,
                      dataset=FLAGS.dataset, threshold=FLAGS.threshold, mask_init=FLAGS.mask_init,
                      mask_scale=FLAGS.mask_scale, mask_type=FLAGS.mask_type, train_bn=FLAGS.train_bn,
+                     feature_layer=FLAGS.feature_layer, skip_unsupported=FLAGS.skip_unsupported,
                      prune=validate_prune(FLAGS.prune), packnet_base=FLAGS.packnet_base, augment=FLAGS.augment,
-                     cache=FLAGS.cache, split_seed=FLAGS.split_seed, train=train)
+                     cache=FLAGS.cache, cache_mb=FLAGS.cache_mb, split_seed=FLAGS.split_seed, train=train)
 
 
 @user_errors

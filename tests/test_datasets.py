@@ -202,3 +202,50 @@ def test_decathlon_evaluates_on_validation_and_refuses_unlabelled_splits():
         assert labels and min(labels) >= 0
         with pytest.raises(ValueError, match="split 'test' has no labels"):
             load_dataset("tfds:mnist", image_shape=(24, 24, 3))
+
+
+def test_cache_keeps_uint8_images_under_a_budget_and_streams_the_rest(tmp_path):
+    """A float32 cache of every image does not fit at paper scale (WikiArt: 25 GB): the cache
+    holds rounded uint8 pixels, only as many images as the budget takes; the rest stream."""
+    root = str(tmp_path / "images")
+    write_image_folder(root, classes=("a", "b", "c"), per_class=8)
+    shape = (20, 20, 3)
+    plain = load_dataset(f"folder:{root}", image_shape=shape)
+    budget = 5 * int(np.prod(shape))  # five images
+    cached = load_dataset(f"folder:{root}", image_shape=shape, cache_bytes=budget)
+    assert cached.train.element_spec[0].dtype.name == "float32"
+    expected = [(x.numpy(), int(y)) for x, y in plain.train]
+    for _ in range(2):  # the first epoch fills the cache, the second reads it
+        got = [(x.numpy(), int(y)) for x, y in cached.train]
+        assert [y for _, y in got] == [y for _, y in expected]
+        for i, ((x, _), (e, _)) in enumerate(zip(got, expected)):
+            if i < 5:
+                np.testing.assert_array_equal(x, np.clip(np.round(e), 0, 255))  # stored as uint8
+            else:
+                np.testing.assert_array_equal(x, e)  # streamed, as read
+    with pytest.raises(ValueError, match="cache budget must be >= 0"):
+        load_dataset(f"folder:{root}", image_shape=shape, cache_bytes=-1)
+
+
+def test_pipeline_bench_reports_the_published_keys(tmp_path):
+    """`scripts/bench.py --preset=pipeline` over a folder made by scripts/make_image_folder.py."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    folder = tmp_path / "folder"
+    made = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_image_folder.py"),
+                           f"--output={folder}", "--images=120", "--classes=12", "--size=32"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert len(os.listdir(folder)) == 12
+    out = tmp_path / "bench.json"
+    bench = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--preset=pipeline",
+                            f"--dataset=folder:{folder}", "--image_size=24", "--batch_size=8", f"--output={out}"],
+                           capture_output=True, text=True, cwd=REPO)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["pipeline_images_per_s"] > 0 and row["pipeline_peak_rss_bytes"] > 0
+    assert row["train_size"] == 96 and row["pipeline_classes_per_batch"] >= 5  # 8 draws of 12 classes: ~6.1

@@ -122,8 +122,28 @@ def test_load_backbone_takes_raw_pixels(name, module):
 
     backbone = load_backbone(name, weights="none", image_size=32)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    inner = backbone.layers[-1]
-    expected = inner(getattr(keras.applications, module).preprocess_input(x.copy()))
+    # the same network and weights, built as keras.applications builds it, fed preprocessed pixels
+    plain = getattr(keras.applications, name)(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
+    plain.set_weights(backbone.get_weights())
+    expected = plain(getattr(keras.applications, module).preprocess_input(x.copy()))
     np.testing.assert_allclose(backbone(x), expected, rtol=1e-4, atol=1e-4)
     model = piggyback(backbone, 3)
     np.testing.assert_allclose(features_of(model)(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vgg_keeps_fc6_and_fc7_and_replaces_only_the_classifier():
+    """Table 2 and Fig. 3 mask VGG-16's fc6 and fc7; classifier-only reads fc7's features."""
+    from tf_piggyback.backbones import load_backbone
+
+    import tf_piggyback as pb
+
+    vgg = load_backbone("VGG16", "none", 32)
+    assert vgg.output.shape[-1] == 4096 and vgg.layers[-1].name == "fc2"
+    masked = [layer.name for layer in pb.masked_layers(pb.piggyback(vgg, 5))]
+    assert masked[-2:] == ["fc1", "fc2"] and len(masked) == 15  # 13 convolutions, fc6, fc7
+    assert pb.classifier_only(vgg, 5).get_layer("head").kernel.shape == (4096, 5)
+    with pytest.raises(ValueError, match="imagenet weights takes 224 px images"):
+        load_backbone("VGG16", "imagenet", 64)
+    # a flat keras.applications backbone: any inner layer can feed the head
+    resnet = load_backbone("ResNet50", "none", 32)
+    assert pb.piggyback(resnet, 5, feature_layer="conv4_block6_out").output.shape[-1] == 5

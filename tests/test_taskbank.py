@@ -143,10 +143,14 @@ def test_list_tasks_of_saved_model_and_tflite(task_files, tmp_path):
     import hashlib
     with open(paths["cls"], "rb") as f:
         assert listing["tasks"][1]["source_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    shared = export_saved_model(backbone, [paths["bin"], paths["cls"]], str(tmp_path / "shared"),
+                                per_task_signatures=False)
+    assert set(tf.saved_model.load(shared).signatures) == {"serving_default", "tasks", "tasks_by_name"}
+    assert [t["name"] for t in list_tasks(shared)["tasks"]] == ["bin", "cls"]
     file = str(tmp_path / "two.tflite")
     export_tflite(backbone, [paths["bin"], paths["ter"]], file)
-    assert list_tasks(file)["tasks"] == [{"name": "bin", "num_classes": 3}, {"name": "ter", "num_classes": 4}] or \
-        sorted(t["name"] for t in list_tasks(file)["tasks"]) == ["bin", "ter"]
+    assert sorted(list_tasks(file)["tasks"], key=lambda t: t["name"]) == [
+        {"name": "bin", "num_classes": 3}, {"name": "ter", "num_classes": 4}]
     bad = subprocess.run([sys.executable, os.path.join(REPO, "export", "list_tasks.py"), f"--model={tmp_path}/none"],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:") and "does not exist" in bad.stderr
@@ -159,5 +163,6 @@ def test_serving_bench_runs(tmp_path):
     config = bench_serving.ServingConfig(model="digits", image_size=None, tasks=(1, 3), repeats=1, calls=1,
                                          workdir=str(tmp_path))
     rows, table = bench_serving.run(config, log=lambda line: None)
-    assert [r["tasks"] for r in rows] == [1, 3] and rows[1]["cold_b8_s"] > 0 and rows[1]["graph_ratio"] > 0
-    assert "| 3 |" in table
+    assert [(r["tasks"], r["per_task_signatures"]) for r in rows] == [(1, True), (3, True), (3, False)]
+    assert rows[1]["cold_b8_s"] > 0 and rows[1]["graph_ratio"] > 0 and "signature_first_call_s" not in rows[2]
+    assert "| 3 |" in table and "| 3 (no per-task signatures) |" in table

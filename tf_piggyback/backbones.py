@@ -56,6 +56,10 @@ class ImagePreprocessing(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+# keras.applications modules whose models have fully-connected layers before the classifier,
+# and the last of them (VGG's fc7): the features a task's head reads.
+FULLY_CONNECTED = {"vgg16": "fc2", "vgg19": "fc2"}
+
 DIGITS_WEIGHTS = os.path.join(os.path.dirname(__file__), "assets", "digits_backbone.weights.h5")
 DIGITS_FEATURES = 128
 
@@ -114,7 +118,9 @@ def load_backbone(name, weights="imagenet", image_size=None):
     """A headless backbone from a name: `digits`, a `keras.applications` model, or a `.keras` file.
 
     Every backbone takes raw 0-255 pixels: a `keras.applications` model gets its own
-    `preprocess_input` in front, as an `ImagePreprocessing` layer, and global average pooling.
+    `preprocess_input` in front, as an `ImagePreprocessing` layer, and global average pooling;
+    VGG16/VGG19 keep their fully-connected fc6 and fc7 (`fc1`, `fc2` in Keras) and lose only
+    the 1000-way classifier, as in the paper's Table 2.
 
     Args:
         name: `"digits"`, e.g. `"ResNet50"` (any `keras.applications` callable), or a path
@@ -140,11 +146,23 @@ def load_backbone(name, weights="imagenet", image_size=None):
         )
     size = image_size or 224
     weights = None if weights in (None, "none") else weights
-    base = factory(weights=weights, include_top=False, pooling="avg", input_shape=(size, size, 3))
-    mode = PREPROCESSING.get(factory.__module__.rsplit(".", 1)[-1], "none")
+    module = factory.__module__.rsplit(".", 1)[-1]
+    mode = PREPROCESSING.get(module, "none")
     inputs = keras.Input((size, size, 3), name="image")
-    return keras.Model(inputs, base(ImagePreprocessing(mode, name="preprocessing")(inputs)), name=base.name)
-
+    # Built on the preprocessing layer's output (input_tensor), so the model is flat: any of
+    # its layers can be named as a feature_layer.
+    preprocessed = ImagePreprocessing(mode, name="preprocessing")(inputs)
+    if module in FULLY_CONNECTED:
+        # The paper masks VGG's fc6 and fc7 (Table 2, Fig. 3) and classifier-only reads fc7:
+        # build the top and drop only the 1000-way classifier.
+        if weights == "imagenet" and size != 224:
+            raise ValueError(f"{name} with its fully-connected layers and imagenet weights takes 224 px images; "
+                             f"pass --image_size=224. Received: image_size={size}")
+        base = factory(weights=weights, include_top=True, input_tensor=preprocessed, input_shape=(size, size, 3))
+        return keras.Model(inputs, base.get_layer(FULLY_CONNECTED[module]).output, name=base.name)
+    base = factory(weights=weights, include_top=False, pooling="avg", input_tensor=preprocessed,
+                   input_shape=(size, size, 3))  # input_shape: keras.applications checks its minimum size
+    return keras.Model(inputs, base.output, name=base.name)
 
 if __name__ == "__main__":
     trained, _ = pretrain_digits_backbone()

@@ -5,7 +5,8 @@ depth, as `bench.paper_sparsities`), exports a baked single-task SavedModel and 
 SavedModel per N, then measures each in its own fresh process, round after round in turn (so
 the sides of every ratio share the machine's state): load time, resident memory after loading
 and after calling every task once, the first (cold) call of a task not in a working slot, and
-warm calls, at batch 1 and 8. Ratios are against the baked single-task model.
+warm calls, at batch 1 and 8, through the `tasks` signature; then the first call of every
+per-task signature and the memory after it. Ratios are against the baked single-task model.
 """
 
 import dataclasses
@@ -30,6 +31,9 @@ class ServingConfig:
     image_size: int = 128
     tasks: tuple = (1, 10, 100)
     slots: int = 2
+    # Also export the largest N without per-task signatures (only serving_default, tasks,
+    # tasks_by_name): what load time and memory are when tasks are served through `tasks`.
+    shared_only: bool = True
     repeats: int = 3
     calls: int = 7
     workdir: str = os.path.join("runs", "bench_serving")
@@ -62,8 +66,13 @@ def random_tasks(backbone, count, folder, num_classes=10, log=print):
     return paths
 
 
-def serving_child(path, tasks, batch_sizes, calls, image_shape):
-    """Measured in a fresh process: load seconds, RSS, cold and warm call seconds per batch size."""
+def serving_child(path, tasks, batch_sizes, calls, image_shape, per_task=True):
+    """Measured in a fresh process: load seconds, RSS, cold and warm call seconds per batch size.
+
+    A multi-task model is called through its `tasks` signature (one function for every task);
+    then each per-task signature is called once (`signature_first_call_s`: TensorFlow
+    instantiates every signature's graph on its first call) and RSS is read again.
+    """
     import tensorflow as tf
 
     start = time.perf_counter()
@@ -71,23 +80,36 @@ def serving_child(path, tasks, batch_sizes, calls, image_shape):
     result = {"load_s": time.perf_counter() - start, "rss_loaded": _rss()}
     rng = np.random.default_rng(0)
     images = {b: tf.constant(rng.uniform(0, 255, (b, *image_shape)).astype("float32")) for b in batch_sizes}
+    multi = len(tasks) > 1
 
-    def call(name, batch):
+    def call(index, batch):
         begin = time.perf_counter()
-        loaded.signatures[name](image=images[batch])["logits"].numpy()
+        if multi:
+            task = tf.fill([batch], index)
+            loaded.signatures["tasks"](image=images[batch], task=task)["logits"].numpy()
+        else:
+            loaded.signatures["serving_default"](image=images[batch])["logits"].numpy()
         return time.perf_counter() - begin
 
-    result["first_call_s"] = call(tasks[0], batch_sizes[0])
+    result["first_call_s"] = call(0, batch_sizes[0])
     for batch in batch_sizes:
-        call(tasks[0], batch)
-        result[f"warm_b{batch}_s"] = float(np.median([call(tasks[0], batch) for _ in range(calls)]))
+        call(0, batch)
+        result[f"warm_b{batch}_s"] = float(np.median([call(0, batch) for _ in range(calls)]))
         if len(tasks) > 2:
             # Tasks called in turn, never twice in a row, more of them than slots: each call is cold.
-            others = [tasks[1 + (i % (len(tasks) - 1))] for i in range(calls)]
-            result[f"cold_b{batch}_s"] = float(np.median([call(name, batch) for name in others]))
-    for name in tasks:
-        call(name, batch_sizes[0])
+            others = [1 + (i % (len(tasks) - 1)) for i in range(calls)]
+            result[f"cold_b{batch}_s"] = float(np.median([call(index, batch) for index in others]))
+    for index in range(len(tasks)):
+        call(index, batch_sizes[0])
     result["rss_all_called"] = _rss()
+    if multi and per_task:
+        firsts = []
+        for name in tasks:
+            begin = time.perf_counter()
+            loaded.signatures[name](image=images[batch_sizes[0]])["logits"].numpy()
+            firsts.append(time.perf_counter() - begin)
+        result["signature_first_call_s"] = float(np.median(firsts))
+        result["rss_all_signatures"] = _rss()
     return result
 
 
@@ -104,29 +126,32 @@ def run(config, log=print):
     kernel_bytes = 4 * bank.flat_size
     packed_bytes = bank.tasks()[0]["packed_bytes"]
     models = {}
-    for n in config.tasks:
-        name = "baked" if n == 1 else f"n{n}"
+    exports = [("baked" if n == 1 else f"n{n}", n, True) for n in config.tasks]
+    if config.shared_only:
+        exports.append((f"n{max(config.tasks)}-shared", max(config.tasks), False))
+    for name, n, per_task in exports:
         folder = os.path.join(config.workdir, "models", name)
         path = os.path.join(folder, "1")
         if not os.path.isdir(path):
             start = time.perf_counter()
             export_saved_model(backbone, [f"t{i:03d}={p}" for i, p in enumerate(paths[:n])], folder, version=1,
-                               slots=config.slots)
+                               slots=config.slots, per_task_signatures=per_task)
             log(f"exported {name} ({n} tasks) in {time.perf_counter() - start:.0f} s")
-        models[name] = (path, n)
+        models[name] = (path, n, per_task)
     samples = {name: [] for name in models}
     image_shape = list(backbone.inputs[0].shape[1:])
     for round_ in range(config.repeats):
-        for name, (path, n) in models.items():  # in turn, round after round
+        for name, (path, n, per_task) in models.items():  # in turn, round after round
             args = dict(path=path, tasks=[f"t{i:03d}" for i in range(n)], batch_sizes=[1, 8], calls=config.calls,
-                        image_shape=image_shape)
+                        image_shape=image_shape, per_task=per_task)
             out = subprocess.run([sys.executable, "-c", SERVING_CHILD, json.dumps(args)], check=True,
                                  capture_output=True, text=True)
             samples[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
         log(f"round {round_ + 1}/{config.repeats} measured")
     rows = []
-    for name, (path, n) in models.items():
-        row = {"tasks": n, "graph_bytes": os.path.getsize(os.path.join(path, "saved_model.pb"))}
+    for name, (path, n, per_task) in models.items():
+        row = {"model": name, "tasks": n, "per_task_signatures": per_task,
+               "graph_bytes": os.path.getsize(os.path.join(path, "saved_model.pb"))}
         for key in samples[name][0]:
             row[key] = float(np.median([s[key] for s in samples[name]]))
         rows.append(row)
@@ -136,11 +161,17 @@ def run(config, log=print):
         row["load_ratio"] = row["load_s"] / base["load_s"]
         row["warm_b1_ratio"] = row["warm_b1_s"] / base["warm_b1_s"]
         row["warm_b8_ratio"] = row["warm_b8_s"] / base["warm_b8_s"]
-        row["rss_bound"] = base["rss_all_called"] + row["tasks"] * packed_bytes + config.slots * kernel_bytes
+        row["rss_bound"] = base["rss_all_called"] + row["tasks"] * packed_bytes + (config.slots + 1) * kernel_bytes
         if "cold_b8_s" in row:
             row["cold_b8_over_warm"] = row["cold_b8_s"] / row["warm_b8_s"]
             row["cold_b1_extra_s"] = row["cold_b1_s"] - row["warm_b1_s"]
     return rows, markdown(rows, config, packed_bytes, kernel_bytes)
+
+
+def _label(row):
+    if row["tasks"] == 1:
+        return "1 (baked)"
+    return str(row["tasks"]) + ("" if row["per_task_signatures"] else " (no per-task signatures)")
 
 
 def markdown(rows, config, packed_bytes, kernel_bytes):
@@ -152,16 +183,21 @@ def markdown(rows, config, packed_bytes, kernel_bytes):
 
     lines = [f"{config.model} at {config.image_size} px, {config.slots} working slots; packed masks "
              f"{mb(packed_bytes)} per task, one working copy {mb(kernel_bytes)}; medians of {config.repeats} "
-             "fresh processes per model, interleaved. Ratios are against the baked single-task model.", "",
+             "fresh processes per model, interleaved; calls through the `tasks` signature. Ratios are against "
+             "the baked single-task model; the RSS bound is its RSS + N x packed masks + (slots + 1) working copies.",
+             "",
              "| tasks | saved_model.pb (ratio) | load (ratio) | RSS all called (bound) | first call b1 | "
-             "warm b1 (ratio) | warm b8 (ratio) | cold b1 (extra) | cold b8 / warm b8 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "warm b1 (ratio) | warm b8 (ratio) | cold b1 (extra) | cold b8 / warm b8 | "
+             "per-task signature: first call, RSS all called |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cold = (f"{ms(r['cold_b1_s'])} (+{ms(r['cold_b1_extra_s'])}) | {r['cold_b8_over_warm']:.2f}"
                 if "cold_b8_s" in r else "— | —")
+        signatures = (f"{ms(r['signature_first_call_s'])}, {mb(r['rss_all_signatures'])}"
+                      if "signature_first_call_s" in r else "—")
         lines.append(
-            f"| {'1 (baked)' if r['tasks'] == 1 else r['tasks']} | {mb(r['graph_bytes'])} ({r['graph_ratio']:.2f}) | "
+            f"| {_label(r)} | {mb(r['graph_bytes'])} ({r['graph_ratio']:.2f}) | "
             f"{r['load_s']:.2f} s ({r['load_ratio']:.2f}) | {mb(r['rss_all_called'])} ({mb(r['rss_bound'])}) | "
             f"{ms(r['first_call_s'])} | {ms(r['warm_b1_s'])} ({r['warm_b1_ratio']:.3f}) | "
-            f"{ms(r['warm_b8_s'])} ({r['warm_b8_ratio']:.3f}) | {cold} |")
+            f"{ms(r['warm_b8_s'])} ({r['warm_b8_ratio']:.3f}) | {cold} | {signatures} |")
     return "\n".join(lines) + "\n"

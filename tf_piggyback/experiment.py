@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from tf_piggyback.backbones import load_backbone
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD
-from tf_piggyback.datasets import SPLIT_SEED, load_dataset
+from tf_piggyback.datasets import DEFAULT_CACHE_MB, SPLIT_SEED, load_dataset
 from tf_piggyback.layers import DEFAULT_MASK_SCALE
 from tf_piggyback.packnet import DEFAULT_PRUNE, PackNet
 from tf_piggyback.surgery import classifier_only, finetune, mask_sparsity, masked_layers, piggyback
@@ -36,10 +36,13 @@ class RunConfig:
     mask_scale: float = DEFAULT_MASK_SCALE
     mask_type: str = "binary"
     train_bn: bool = False
+    feature_layer: str = None
+    skip_unsupported: bool = False
     prune: float = DEFAULT_PRUNE
     packnet_base: str = ""
     augment: bool = False
     cache: bool = True
+    cache_mb: int = DEFAULT_CACHE_MB
     # The held-out split's seed (folder: datasets without train/ and test/), never the training
     # seed: evaluate.py and train_on_device.py hold out the same images (datasets.load_dataset).
     split_seed: int = SPLIT_SEED
@@ -59,7 +62,7 @@ def retrain_epochs(epochs):
 
 def _pack(config, backbone):
     if not config.packnet_base:
-        return PackNet(backbone, config.prune)
+        return PackNet(backbone, config.prune, feature_layer=config.feature_layer)
     path = os.path.join(config.packnet_base, PACKNET_FILE)
     if not os.path.exists(path):
         raise ValueError(f"--packnet_base={config.packnet_base} holds no {PACKNET_FILE}; "
@@ -72,10 +75,11 @@ def build_model(config, backbone, num_classes):
     method = config.train.method
     if method == "piggyback":
         return piggyback(backbone, num_classes, threshold=config.threshold, mask_init=config.mask_init,
-                         mask_scale=config.mask_scale, mask_type=config.mask_type, train_bn=config.train_bn)
+                         mask_scale=config.mask_scale, mask_type=config.mask_type, train_bn=config.train_bn,
+                         feature_layer=config.feature_layer, skip_unsupported=config.skip_unsupported)
     if method == "classifier":
-        return classifier_only(backbone, num_classes)
-    return finetune(backbone, num_classes)
+        return classifier_only(backbone, num_classes, feature_layer=config.feature_layer)
+    return finetune(backbone, num_classes, feature_layer=config.feature_layer)
 
 
 def _stored_params(model, masks):
@@ -105,6 +109,15 @@ def _check_same_run(config, model_dir):
         )
 
 
+def input_pipeline(config, image_shape):
+    """`(splits, epoch -> batches)`: the training input as `run` builds it (also what
+    `scripts/bench.py --preset=pipeline` measures, with no model)."""
+    splits = load_dataset(config.dataset, image_shape=image_shape, split_seed=config.split_seed,
+                          cache_bytes=config.cache_mb * 2**20 if config.cache else 0)
+    return splits, epoch_batches(splits.train, config.train.batch_size, seed=config.train.seed,
+                                 augment_images=config.augment)
+
+
 def run(config, model_dir, *, strategy=None, log=print, verbose=0):
     """Trains one task as `config` says and writes it to `model_dir`; returns the metrics dict.
 
@@ -124,16 +137,13 @@ def _run(config, model_dir, strategy, log, verbose):
     chief = is_chief(strategy)
     with strategy.scope():
         backbone = load_backbone(config.backbone, config.weights, config.image_size)
-        splits = load_dataset(config.dataset, image_shape=backbone.inputs[0].shape[1:], split_seed=config.split_seed)
+        splits, batches = input_pipeline(config, backbone.inputs[0].shape[1:])
         keras.utils.set_random_seed(config.train.seed)
         pack = _pack(config, backbone) if config.train.method == "packnet" else None
         model = build_model(config, backbone, len(splits.class_names)) if pack is None else None
     if chief:  # only once the inputs are known good: a failed start must not claim the model_dir
         os.makedirs(model_dir, exist_ok=True)
         write_atomic(os.path.join(model_dir, "config.json"), lambda f: f.write(config.to_json().encode()))
-    train_examples = splits.train.cache() if config.cache else splits.train
-    batches = epoch_batches(train_examples, config.train.batch_size, seed=config.train.seed,
-                             augment_images=config.augment)
     fit = functools.partial(train, dataset=batches, strategy=strategy, log=log, verbose=verbose,
                             steps_per_epoch=-(-splits.train_size // config.train.batch_size))
     if pack is None:

@@ -143,13 +143,14 @@ def _task_paths(task_paths):
     return names, paths
 
 
-def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS):
+def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_signatures=True):
     """A `tf.Module` and `{name: tf.function}`: the signatures of a SavedModel (DESIGN 3.5).
 
     One task: its baked model (`bake`), signature `serving_default` and the task's name.
     Several: a `TaskBank` module (one traced backbone, packed masks, `slots` unpacked working
     copies) with one signature per task, `serving_default` (the first), `tasks` and
-    `tasks_by_name` (a task per example). The third value is the tasks' listing
+    `tasks_by_name` (a task per example); with `per_task_signatures=False` only the last
+    three (see `TaskBank.serving_signatures` for what each signature costs). The third value is the tasks' listing
     (`TaskBank.listing`), which exports store as `assets/{LISTING}`.
 
     The module tracks the raw `tf.Variable`s behind the Keras variables, never a Keras model or
@@ -162,7 +163,7 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS):
     for name, path in zip(names, paths):
         bank.add(path, name)
     if len(paths) > 1:
-        return bank.module, bank.serving_signatures(), bank.listing()
+        return bank.module, bank.serving_signatures(per_task_signatures), bank.listing()
     spec = tf.TensorSpec([None, *backbone.inputs[0].shape[1:]], tf.float32, name="image")
     model = bake(load_task(paths[0], backbone))
     module = tf.Module()
@@ -210,7 +211,8 @@ def next_version(output_dir):
     return max(versions, default=0) + 1
 
 
-def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite=False, slots=DEFAULT_SLOTS):
+def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite=False, slots=DEFAULT_SLOTS,
+                       per_task_signatures=True):
     """Writes `output_dir/<version>/` atomically; returns its path.
 
     Args:
@@ -222,6 +224,9 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
         overwrite: replace an existing version instead of refusing.
         slots: with several tasks, how many tasks' masked kernels are kept unpacked at once
             (each a float copy of the masked kernels); others are unpacked when called.
+        per_task_signatures: with several tasks, one signature per task besides
+            `serving_default`, `tasks` and `tasks_by_name`; off, the model loads as fast as a
+            single task's whatever the number of tasks (`TaskBank.serving_signatures`).
     """
     if version is None:
         version = next_version(output_dir)
@@ -230,7 +235,7 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
     final = os.path.join(output_dir, str(version))
     if os.path.exists(final) and not overwrite:
         raise ValueError(f"{final} exists; pick another --version, omit it for the next free one, or pass --overwrite")
-    module, signatures, listing = build_serving_module(backbone, task_paths, slots)
+    module, signatures, listing = build_serving_module(backbone, task_paths, slots, per_task_signatures)
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=output_dir)
     try:

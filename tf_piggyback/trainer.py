@@ -59,6 +59,10 @@ class TrainConfig:
                              f"{strategy.num_replicas_in_sync} replicas: drop --jit_compile or use --strategy=default")
 
 
+SHUFFLE_BUFFER_BYTES = 256 * 2**20
+MAX_SHUFFLE_BUFFER = 10_000
+
+
 def augment(image, seed):
     """The paper's training augmentation (§4): scale up by 256/224, random crop back, random
     horizontal flip. Stateless: `seed` (a shape-[2] integer tensor) fixes the crop and the flip."""
@@ -68,15 +72,24 @@ def augment(image, seed):
     return tf.image.stateless_random_flip_left_right(cropped, seed=seed[::-1])
 
 
-def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=10_000, augment_images=False):
+def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=None, augment_images=False):
     """`epoch -> batched dataset`: a fixed shuffle per epoch, so a resumed run sees the same batches.
 
     Args:
         examples: an unbatched `tf.data.Dataset` of `(image, label)`.
         batch_size: the global batch size.
         seed: with the epoch number, seeds that epoch's shuffle (and augmentation).
+        buffer_size: the shuffle window, in images; default as many as fit in
+            `SHUFFLE_BUFFER_BYTES` (at most 10,000): the window holds decoded float images, and
+            10,000 of them at 224 px would take 6 GB. Folder datasets come in an order already
+            mixed across classes (`datasets`), so a window of hundreds still gives batches
+            with as many classes as a full shuffle.
         augment_images: apply `augment`, seeded by (seed, epoch, position in the epoch).
     """
+    if buffer_size is None:
+        shape = examples.element_spec[0].shape
+        image_bytes = 4 * int(np.prod(shape)) if shape.is_fully_defined() else 1
+        buffer_size = int(min(MAX_SHUFFLE_BUFFER, max(batch_size, SHUFFLE_BUFFER_BYTES // image_bytes)))
 
     def make(epoch):
         ds = examples
