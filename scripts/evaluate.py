@@ -10,7 +10,8 @@ from absl import app, flags
 
 import tf_piggyback as pb
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
-from tf_piggyback.datasets import SPLIT_SEED
+from tf_piggyback.datasets import PROTOCOLS, SPLIT_SEED
+from tf_piggyback.trainer import accuracies
 
 FLAGS = flags.FLAGS
 
@@ -22,6 +23,7 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
     flags.DEFINE_integer("split_seed", None, "Held-out split seed of a folder: dataset without train/ and test/ "
                          "(default: the one the task was trained with, from its manifest).")
+    flags.DEFINE_enum("protocol", None, PROTOCOLS, "Test-image handling (default: the task's, from its manifest).")
     for name in ("task", "dataset"):
         flags.mark_flag_as_required(name)
 
@@ -31,13 +33,15 @@ def main(argv):
     del argv
     backbone = backbone_from_flags()
     model = pb.load_task(FLAGS.task, backbone)
-    split_seed = FLAGS.split_seed
-    if split_seed is None:
-        split_seed = model.manifest["metrics"].get("split_seed", SPLIT_SEED)
-    splits = pb.load_dataset(FLAGS.dataset, image_shape=backbone.inputs[0].shape[1:], split_seed=split_seed)
-    accuracy = pb.evaluate(model, splits.test, batch_size=FLAGS.batch_size)
-    print(json.dumps({"task": FLAGS.task, "dataset": FLAGS.dataset, "accuracy": accuracy,
-                      "top1_error": 1.0 - accuracy, "examples": splits.test_size}))
+    recorded = model.manifest["metrics"]  # how the task was trained and held out its test images
+    split_seed = recorded.get("split_seed", SPLIT_SEED) if FLAGS.split_seed is None else FLAGS.split_seed
+    protocol = recorded.get("protocol", "simple") if FLAGS.protocol is None else FLAGS.protocol
+    splits = pb.load_dataset(FLAGS.dataset, image_shape=backbone.inputs[0].shape[1:], split_seed=split_seed,
+                             protocol=protocol)
+    top = accuracies(model, splits.test, batch_size=FLAGS.batch_size)
+    print(json.dumps({"task": FLAGS.task, "dataset": FLAGS.dataset, "accuracy": top[1], "top1_error": 1.0 - top[1],
+                      "top5_error": 1.0 - top[5] if len(splits.class_names) > 5 else None,
+                      "examples": splits.test_size}))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from absl import app, flags
 
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD, MASK_TYPES
 from tf_piggyback.cli import define_backbone_flags, user_errors
-from tf_piggyback.datasets import DEFAULT_CACHE_MB, SPLIT_SEED
+from tf_piggyback.datasets import DEFAULT_CACHE_MB, PROTOCOLS, SPLIT_SEED
 from tf_piggyback.distribute import STRATEGIES, make_strategy
 from tf_piggyback.experiment import RunConfig, run
 from tf_piggyback.layers import DEFAULT_MASK_SCALE, MASK_INITS
@@ -50,7 +50,10 @@ def define_flags():
     flags.DEFINE_float("prune", DEFAULT_PRUNE, "PackNet: fraction of each layer's weights freed after a task.")
     flags.DEFINE_string("packnet_base", "", "PackNet: the --model_dir of the previous task's PackNet run "
                         "(empty: a new pack on the backbone).")
-    flags.DEFINE_bool("augment", False, "The paper's random crop (after scaling by 256/224) and horizontal flip.")
+    flags.DEFINE_bool("augment", False, "A random crop (after scaling by 256/224) and horizontal flip.")
+    flags.DEFINE_enum("protocol", "simple", PROTOCOLS, "simple: images resized to the input size. paper: the paper's "
+                      "data handling (CUBS/Cars cropped to their boxes, Flowers on train+validation, shorter side "
+                      "scaled to 256, random-sized 224 crops and flips for training, center crops for testing).")
     flags.DEFINE_bool("cache", True, "Keep decoded, resized training images (uint8) in memory after the first "
                       "epoch, up to --cache_mb; the rest are decoded every epoch.")
     flags.DEFINE_integer("cache_mb", DEFAULT_CACHE_MB, "Memory budget of --cache in MiB (224 px RGB: 147 KiB an image).")
@@ -76,6 +79,7 @@ def config_from_flags():
                      mask_scale=FLAGS.mask_scale, mask_type=FLAGS.mask_type, train_bn=FLAGS.train_bn,
                      feature_layer=FLAGS.feature_layer, skip_unsupported=FLAGS.skip_unsupported,
                      prune=validate_prune(FLAGS.prune), packnet_base=FLAGS.packnet_base, augment=FLAGS.augment,
+                     protocol=FLAGS.protocol,
                      cache=FLAGS.cache, cache_mb=FLAGS.cache_mb, split_seed=FLAGS.split_seed, train=train)
 
 

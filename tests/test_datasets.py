@@ -249,3 +249,42 @@ def test_pipeline_bench_reports_the_published_keys(tmp_path):
     row = json.loads(out.read_text())
     assert row["pipeline_images_per_s"] > 0 and row["pipeline_peak_rss_bytes"] > 0
     assert row["train_size"] == 96 and row["pipeline_classes_per_batch"] >= 5  # 8 draws of 12 classes: ~6.1
+
+
+def test_paper_protocol_boxes_flowers_splits_and_crops():
+    """--protocol=paper: Cars (and CUBS) cropped to their bounding boxes, Flowers-102 trained on
+    train + validation (Table 1's 2,040), training images scaled so the shorter side is 256 (a
+    random-sized 224 crop is taken per epoch), test images center-cropped to 224."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from tf_piggyback.trainer import epoch_batches
+
+    sizes = {"train": 6, "validation": 4, "test": 5}
+
+    def fake(self, split=None, *args, as_supervised=False, **kwargs):
+        rng = np.random.default_rng(0)
+        n = sum(sizes[part] for part in str(split).split("+"))
+        image = np.zeros((n, 100, 300, 3), np.uint8)
+        image[:, 20:60, 100:200] = 255  # the object: inside the box, the rest is black
+        box = np.tile(np.array([[0.2, 1 / 3, 0.6, 2 / 3]], np.float32), (n, 1))
+        labels = rng.integers(0, 3, n).astype(np.int64)
+        if as_supervised:
+            return tf.data.Dataset.from_tensor_slices((image, labels))
+        return tf.data.Dataset.from_tensor_slices({"image": image, "bbox": box, "label": labels})
+
+    with tfds.testing.mock_data(as_dataset_fn=fake):
+        cars = load_dataset("tfds:cars196", image_shape=(224, 224, 3), protocol="paper")
+        image, _ = next(iter(cars.train))
+        assert image.shape[0] == 256 and image.shape[1] == 640 and float(tf.reduce_min(image)) > 250  # the box only
+        test_image, _ = next(iter(cars.test))
+        assert test_image.shape == (224, 224, 3)
+        plain = load_dataset("tfds:cars196", image_shape=(224, 224, 3))
+        assert float(tf.reduce_min(next(iter(plain.train))[0])) == 0.0  # the simple protocol keeps the frame
+        flowers = load_dataset("tfds:oxford_flowers102", image_shape=(224, 224, 3), protocol="paper")
+        assert flowers.train_size == sizes["train"] + sizes["validation"] and flowers.test_size == sizes["test"]
+        batches = epoch_batches(cars.train, 2, crop_to=(224, 224, 3))
+        first, again = [next(iter(batches(1)))[0].numpy() for _ in range(2)]
+        assert first.shape == (2, 224, 224, 3) and np.array_equal(first, again)  # seeded: resumes repeat
+    with pytest.raises(ValueError, match="protocol must be one of simple, paper"):
+        load_dataset("digits:upper", protocol="official")

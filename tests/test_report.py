@@ -68,3 +68,13 @@ def test_comparison_table_and_report_cli(tmp_path):
     assert (out / "report.csv").read_text().count("\n") == 7 and (out / "sparsity.png").exists()
     result = subprocess.run(args + [f"--model_dir={tmp_path}/nothing"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "holds no metrics.json" in result.stderr.strip().splitlines()[-1]
+
+
+def test_several_seeds_show_mean_and_std_and_top5_in_parentheses(tmp_path):
+    """Runs of one task and method (seeds) are all reported: mean ± std over them, with their
+    count, not one of them silently; top-5 errors stand in parentheses, as in Table 2."""
+    root = str(tmp_path)
+    dirs = [fake_run(root, f"s{seed}", "tfds:cars196", "piggyback", error, 10_000, top5_error=top5)
+            for seed, (error, top5) in enumerate([(0.10, 0.02), (0.14, 0.04), (0.12, 0.03)])]
+    table = comparison(collect(dirs), backbone_bytes=400_000)
+    assert "| cars196 | 12.00 ± 2.00 (3.00 ± 1.00) [n=3] |" in table, table

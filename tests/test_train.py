@@ -296,3 +296,20 @@ def test_feature_layer_and_skip_unsupported_flags(tmp_path):
     assert json.loads(evaluate.stdout.splitlines()[-1])["accuracy"] == metrics["accuracy"]
     bad = train_cli(*BASE, f"--model_dir={tmp_path}/bad", "--epochs=1", "--feature_layer=nope")
     assert bad.returncode == 2 and "feature_layer 'nope' is not a layer of backbone 'digits'" in bad.stderr
+
+
+def test_paper_protocol_from_the_cli_and_top5_in_metrics(tmp_path):
+    """--protocol=paper trains on random-sized crops; evaluate.py reads the protocol from the task
+    file and reproduces the run's top-1 and top-5 errors in a fresh process."""
+    model_dir = str(tmp_path / "run")
+    result = train_cli("--backbone=digits", "--dataset=digits:inverted", "--verbose=0", f"--model_dir={model_dir}",
+                       "--epochs=1", "--protocol=paper")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
+    assert metrics["protocol"] == "paper" and 0 <= metrics["top5_error"] <= metrics["top1_error"]
+    evaluate = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), "--backbone=digits",
+         f"--task={model_dir}/task.npz", "--dataset=digits:inverted"], capture_output=True, text=True, cwd=REPO)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    printed = json.loads(evaluate.stdout.splitlines()[-1])
+    assert printed["accuracy"] == metrics["accuracy"] and printed["top5_error"] == metrics["top5_error"]

@@ -32,7 +32,12 @@ SPLIT_SEED = 0
 # tfds names whose test split has private labels (-1): evaluated on validation instead.
 PRIVATE_TEST_LABELS = ("visual_domain_decathlon",)
 DEFAULT_CACHE_MB = 1024  # training images kept in memory (uint8) by default; the rest stream
-LABEL_CHECK = 64  # labels read from each tfds split to refuse one without labels
+LABEL_CHECK = 64
+PROTOCOLS = ("simple", "paper")
+# The paper's protocol (see `load_dataset`): tfds datasets cropped to their bounding boxes, and
+# those trained on train + validation.
+BOXED = ("caltech_birds2011", "cars196")
+TRAIN_PLUS_VALIDATION = ("oxford_flowers102",)  # labels read from each tfds split to refuse one without labels
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,7 +104,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 
 
-def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0):
+def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, protocol="simple"):
     """Resolves a dataset spec to `Splits` with images of `image_shape` (default: as stored).
 
     Args:
@@ -114,12 +119,20 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0):
             in memory after the first epoch, as many as fit in this many bytes; the rest are
             read and decoded every epoch. 0: no cache. (A float32 cache of WikiArt's 42k
             images at 224 px would take 25 GB; uint8 takes 6.3 GB, so a budget is needed.)
+        protocol: `"simple"`: every image resized to `image_shape`. `"paper"`: the data
+            handling of the paper's experiments as the official code runs it: CUBS-200 and
+            Stanford Cars cropped to their bounding boxes, Flowers-102 trained on train +
+            validation (Table 1's 2,040 images); training images scaled so the shorter side
+            is 256/224 of the input size (random-sized crops are taken per epoch:
+            `trainer.random_sized_crop`), test images scaled so and center-cropped.
 
     Example:
     >>> splits = load_dataset("digits:inverted")
     >>> splits.class_names[:3]
     ['0', '1', '2']
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}. Received: protocol={protocol!r}")
     kind, _, arg = spec.partition(":")
     if kind == "digits":
         (x, y), (xt, yt), names = load_digits_variant(arg)
@@ -129,26 +142,53 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0):
     elif kind == "folder":
         splits = _folder(arg, split_seed)
     elif kind == "tfds":
-        splits = _tfds(arg)
+        splits = _tfds(arg, protocol)
     else:
         raise ValueError(
             f"unknown dataset {spec!r}; use digits:VARIANT (VARIANT one of {', '.join(DIGITS_VARIANTS)}), "
             "tfds:NAME[/CONFIG] or folder:PATH"
         )
     if image_shape is not None:
-        fit = functools.partial(_fit_image, shape=tuple(image_shape))
+        shape = tuple(image_shape)
+        fit = functools.partial(_fit_image, shape=shape)
+        fit_train, stored = fit, shape
+        if protocol == "paper":
+            side = paper_scale(shape)
+            fit_train = functools.partial(_scale_shorter_side, side=side, channels=shape[-1])
+            fit = functools.partial(_center_crop, side=side, shape=shape)
+            stored = (side, side, shape[-1])  # at least: the shorter side is `side`
         if cache_bytes < 0:
             raise ValueError(f"the cache budget must be >= 0 bytes. Received: cache_bytes={cache_bytes}")
-        cached = min(splits.train_size, int(cache_bytes) // int(np.prod(image_shape)))
+        cached = min(splits.train_size, int(cache_bytes) // int(np.prod(stored)))
         if cached > 0:
             head, tail = splits.train_parts(cached)
-            head = head.map(fit, num_parallel_calls=tf.data.AUTOTUNE).map(_to_uint8).cache().map(_to_float)
+            head = head.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE).map(_to_uint8).cache().map(_to_float)
             splits.train = head if cached == splits.train_size else head.concatenate(
-                tail.map(fit, num_parallel_calls=tf.data.AUTOTUNE))
+                tail.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE))
         else:
-            splits.train = splits.train.map(fit, num_parallel_calls=tf.data.AUTOTUNE)
+            splits.train = splits.train.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE)
         splits.test = splits.test.map(fit, num_parallel_calls=tf.data.AUTOTUNE)
     return splits
+
+
+def paper_scale(shape):
+    """The shorter side images are scaled to before a crop of `shape` (256 for 224 px)."""
+    return int(round(max(shape[:2]) * 256 / 224))
+
+
+def _scale_shorter_side(image, label, side, channels):
+    image = _channels(tf.cast(image, tf.float32), channels)
+    size = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = side / tf.reduce_min(size)
+    new = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), side)
+    return tf.image.resize(image, new, method="bilinear"), tf.cast(label, tf.int64)
+
+
+def _center_crop(image, label, side, shape):
+    image, label = _scale_shorter_side(image, label, side, shape[-1])
+    size = tf.shape(image)[:2]
+    top, left = (size[0] - shape[0]) // 2, (size[1] - shape[1]) // 2
+    return tf.ensure_shape(image[top:top + shape[0], left:left + shape[1]], shape), label
 
 
 def _to_uint8(image, label):
@@ -165,16 +205,20 @@ def to_arrays(dataset):
     return np.stack(images), np.array(labels)
 
 
-def _fit_image(image, label, shape):
-    image = tf.cast(image, tf.float32)
+def _channels(image, wanted):
     channels = image.shape[-1]
-    if channels != shape[-1] and not {channels, shape[-1]} <= {1, 3}:
-        raise ValueError(f"the dataset's images have {channels} channels and the backbone takes {shape[-1]}; "
+    if channels != wanted and not {channels, wanted} <= {1, 3}:
+        raise ValueError(f"the dataset's images have {channels} channels and the backbone takes {wanted}; "
                          "only grayscale (1) and RGB (3) are converted into each other")
-    if channels == 1 and shape[-1] == 3:
-        image = tf.image.grayscale_to_rgb(image)
-    elif channels == 3 and shape[-1] == 1:
-        image = tf.image.rgb_to_grayscale(image)
+    if channels == 1 and wanted == 3:
+        return tf.image.grayscale_to_rgb(image)
+    if channels == 3 and wanted == 1:
+        return tf.image.rgb_to_grayscale(image)
+    return image
+
+
+def _fit_image(image, label, shape):
+    image = _channels(tf.cast(image, tf.float32), shape[-1])
     if tuple(image.shape[:2]) != shape[:2]:
         image = tf.image.resize(image, shape[:2], method="bilinear")
     return tf.ensure_shape(image, shape), tf.cast(label, tf.int64)
@@ -263,7 +307,7 @@ def _folder(root, seed):
                   len(test_files), lambda k: (_image_files(files[:k], labels[:k]), _image_files(files[k:], labels[k:])))
 
 
-def _tfds(name):
+def _tfds(name, protocol="simple"):
     import tensorflow_datasets as tfds
 
     try:
@@ -277,22 +321,44 @@ def _tfds(name):
         # tables, and the paper's Table 8, score the validation split.
         test_split = "validation"
     train_split, test_split = ("train", test_split) if test_split else ("train[:80%]", "train[80%:]")
-    try:
-        train, test = tfds.load(name, split=[train_split, test_split], as_supervised=True)
-    except Exception as e:
-        raise ValueError(f"could not load tfds:{name} ({type(e).__name__}: {e}); download it with "
-                         f"`tfds build {name}` or set TFDS_DATA_DIR") from None
+    paper = protocol == "paper"
+    if paper and name.split("/")[0] in TRAIN_PLUS_VALIDATION:
+        train_split = "train+validation"  # Flowers-102: 2,040 training images (Table 1)
+    boxed = paper and name.split("/")[0] in BOXED
+
+    def load(split):
+        try:
+            datasets = tfds.load(name, split=split, as_supervised=not boxed)
+        except Exception as e:
+            raise ValueError(f"could not load tfds:{name} ({type(e).__name__}: {e}); download it with "
+                             f"`tfds build {name}` or set TFDS_DATA_DIR") from None
+        return [ds.map(_crop_to_box, num_parallel_calls=tf.data.AUTOTUNE) for ds in datasets] if boxed else datasets
+
+    train, test = load([train_split, test_split])
     for split, ds in ((train_split, train), (test_split, test)):
         labels = np.array([int(label) for _, label in ds.take(LABEL_CHECK)])
         if labels.size and (labels < 0).all():
             raise ValueError(f"tfds:{name} split {split!r} has no labels (all {labels.size} checked are negative: "
                              "private test labels); evaluate on a split with labels, such as validation")
+
     def train_parts(k):
         if train_split == "train":  # tfds slices by record: neither part reads the other's
-            return tuple(tfds.load(name, split=[f"train[:{k}]", f"train[{k}:]"], as_supervised=True))
+            return tuple(load([f"train[:{k}]", f"train[{k}:]"]))
         return train.take(k), train.skip(k)
 
     return Splits(train, test, list(builder.info.features["label"].names), _size(train), _size(test), train_parts)
+
+
+def _crop_to_box(example):
+    """The paper's CUBS and Cars images: cropped to the object's bounding box (tfds `bbox`,
+    normalized `[ymin, xmin, ymax, xmax]`), as the official code's data does."""
+    image = example["image"]
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    box = example["bbox"]
+    top, left = tf.cast(tf.round(box[0] * shape[0]), tf.int32), tf.cast(tf.round(box[1] * shape[1]), tf.int32)
+    bottom = tf.maximum(tf.cast(tf.round(box[2] * shape[0]), tf.int32), top + 1)
+    right = tf.maximum(tf.cast(tf.round(box[3] * shape[1]), tf.int32), left + 1)
+    return image[top:bottom, left:right], example["label"]
 
 
 def _size(ds):

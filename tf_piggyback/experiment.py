@@ -20,7 +20,7 @@ from tf_piggyback.layers import DEFAULT_MASK_SCALE
 from tf_piggyback.packnet import DEFAULT_PRUNE, PackNet
 from tf_piggyback.surgery import classifier_only, finetune, mask_sparsity, masked_layers, piggyback
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
-from tf_piggyback.trainer import TrainConfig, epoch_batches, evaluate, is_chief, precision_policy, train
+from tf_piggyback.trainer import TrainConfig, accuracies, epoch_batches, is_chief, precision_policy, train
 
 
 @dataclasses.dataclass
@@ -41,6 +41,9 @@ class RunConfig:
     prune: float = DEFAULT_PRUNE
     packnet_base: str = ""
     augment: bool = False
+    # "simple" or "paper": the paper's data handling (datasets.load_dataset); "paper" crops
+    # training images with trainer.random_sized_crop, so it needs no --augment.
+    protocol: str = "simple"
     cache: bool = True
     cache_mb: int = DEFAULT_CACHE_MB
     # The held-out split's seed (folder: datasets without train/ and test/), never the training
@@ -113,9 +116,10 @@ def input_pipeline(config, image_shape):
     """`(splits, epoch -> batches)`: the training input as `run` builds it (also what
     `scripts/bench.py --preset=pipeline` measures, with no model)."""
     splits = load_dataset(config.dataset, image_shape=image_shape, split_seed=config.split_seed,
-                          cache_bytes=config.cache_mb * 2**20 if config.cache else 0)
+                          cache_bytes=config.cache_mb * 2**20 if config.cache else 0, protocol=config.protocol)
     return splits, epoch_batches(splits.train, config.train.batch_size, seed=config.train.seed,
-                                 augment_images=config.augment)
+                                 augment_images=config.augment,
+                                 crop_to=tuple(image_shape) if config.protocol == "paper" else None)
 
 
 def run(config, model_dir, *, strategy=None, log=print, verbose=0):
@@ -161,7 +165,8 @@ def _run(config, model_dir, strategy, log, verbose):
 
         with strategy.scope():
             model = pack.task_model(pack.add_task(fit_phase, len(splits.class_names), splits.class_names))
-    accuracy = evaluate(model, splits.test)
+    top = accuracies(model, splits.test)
+    accuracy = top[1]
     if pack is None:
         masks = [m for layer in masked_layers(model) for m in layer.thresholded_masks()]
         sparsity, params = mask_sparsity(masks), _stored_params(model, masks)
@@ -173,6 +178,8 @@ def _run(config, model_dir, strategy, log, verbose):
         "split_seed": config.split_seed,
         "accuracy": accuracy,
         "top1_error": 1.0 - accuracy,
+        "top5_error": 1.0 - top[5] if len(splits.class_names) > 5 else None,
+        "protocol": config.protocol,
         "train_accuracy": history[-1]["accuracy"] if history else None,
         "sparsity": sparsity,
         "params": params,
@@ -195,7 +202,8 @@ def _run(config, model_dir, strategy, log, verbose):
         path = os.path.join(model_dir, "task.npz")
         # Only what the masks and head determine goes into the task file: reruns give the same bytes.
         save_task(model, path, class_names=splits.class_names,
-                  metrics={k: metrics[k] for k in ("dataset", "split_seed", "accuracy", "top1_error", "sparsity")})
+                  metrics={k: metrics[k] for k in ("dataset", "split_seed", "protocol", "accuracy", "top1_error",
+                                                   "top5_error", "sparsity")})
     metrics["task_bytes"] = os.path.getsize(path)
     metrics["config"] = dataclasses.asdict(config)
     write_atomic(os.path.join(model_dir, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))

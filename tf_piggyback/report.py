@@ -9,10 +9,11 @@ import csv
 import io
 import json
 import os
+import statistics
 
 from tf_piggyback.taskfile import read_manifest, write_atomic
 
-COLUMNS = ("task", "method", "accuracy", "top1_error", "sparsity", "params", "task_bytes")
+COLUMNS = ("task", "method", "accuracy", "top1_error", "top5_error", "sparsity", "params", "task_bytes")
 
 
 def markdown_table(rows):
@@ -22,8 +23,10 @@ def markdown_table(rows):
         cells = []
         for column in COLUMNS:
             value = row.get(column, "")
-            if column in ("accuracy", "top1_error", "sparsity") and value != "":
+            if column in ("accuracy", "top1_error", "top5_error", "sparsity") and value not in ("", None):
                 value = f"{100 * value:.2f}%"
+            elif value is None:
+                value = ""
             elif column in ("params", "task_bytes") and value != "":
                 value = f"{value:,}"
             cells.append(str(value))
@@ -111,7 +114,8 @@ def collect(model_dirs):
         config = metrics["config"]
         row = {"task": _task_name(config["dataset"]), "method": metrics["method"], "model_dir": model_dir,
                "backbone": f"{config['backbone']}:{config['weights']}", "task_index": metrics.get("task_index"),
-               **{k: metrics.get(k) for k in ("accuracy", "top1_error", "sparsity", "params", "task_bytes")}}
+               **{k: metrics.get(k) for k in ("accuracy", "top1_error", "top5_error", "sparsity", "params",
+                                              "task_bytes")}}
         if row["method"] == "packnet":  # grouped by the pack's first run, found through packnet_base
             first, base = model_dir, config.get("packnet_base")
             while base:
@@ -127,23 +131,43 @@ def collect(model_dirs):
     return rows
 
 
+def _error_cell(runs):
+    """Top-1 error in % (top-5 in parentheses, as in Table 2); mean ± std over several runs."""
+    def stat(key):
+        values = [100 * run[key] for run in runs if run.get(key) is not None]
+        if not values:
+            return None
+        if len(values) == 1:
+            return f"{values[0]:.2f}"
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+    top1, top5 = stat("top1_error"), stat("top5_error")
+    if top1 is None:
+        return ""
+    return top1 + (f" ({top5})" if top5 else "") + (f" [n={len(runs)}]" if len(runs) > 1 else "")
+
+
 def comparison(rows, backbone_bytes):
-    """Table 2's layout as Markdown: top-1 error (%) per task (rows) and method (columns), then the
-    storage of all tasks per method next to one backbone's (`backbone_bytes`, float32 weights).
+    """Table 2's layout as Markdown: top-1 error (%) per task (rows) and method (columns), top-5
+    error in parentheses where a task has more than 5 classes, then the storage of all tasks per
+    method next to one backbone's (`backbone_bytes`, float32 weights). Several runs of one task
+    and method (seeds) show as mean ± standard deviation over the runs, with their count.
 
     Storage: piggyback and classifier-only keep one backbone and each task file; finetune one
-    model per task; PackNet one pack, the one written after its last task.
+    model per task; PackNet one pack, the one written after its last task (per task, the
+    first run's files count).
     """
     methods = list(dict.fromkeys(row["method"] for row in rows))
     tasks = list(dict.fromkeys(row["task"] for row in rows))
-    cell = {(row["task"], row["method"]): row for row in rows}
+    cells = {}
+    for row in rows:
+        cells.setdefault((row["task"], row["method"]), []).append(row)
     lines = ["| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for task in tasks:
-        errors = [cell.get((task, m), {}).get("top1_error") for m in methods]
-        lines.append(f"| {task} | " + " | ".join("" if e is None else f"{100 * e:.2f}" for e in errors) + " |")
+        lines.append(f"| {task} | " + " | ".join(_error_cell(cells.get((task, m), [])) for m in methods) + " |")
     storage, counts = [], []
     for method in methods:
-        own = [row for row in rows if row["method"] == method]
+        own = [runs[0] for (_, m), runs in cells.items() if m == method]
         if method.startswith("packnet"):
             total, models = max(own, key=lambda row: row["task_index"])["task_bytes"], 1
         elif method == "finetune":
@@ -160,7 +184,8 @@ def comparison(rows, backbone_bytes):
 def write_csv(rows, path):
     """The rows as CSV (one line per run), atomically."""
     buffer = io.StringIO()
-    columns = ("task", "method", "accuracy", "top1_error", "sparsity", "params", "task_bytes", "backbone", "model_dir")
+    columns = ("task", "method", "accuracy", "top1_error", "top5_error", "sparsity", "params", "task_bytes", "backbone",
+               "model_dir")
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
@@ -185,9 +210,10 @@ def build_report(model_dirs, output):
         raise ValueError(f"the runs use different backbones ({', '.join(sorted(backbones))}); report one at a time")
     text = ["# Results", "", comparison(rows, backbone_bytes(rows[0]["model_dir"]))]
     if {row["task"] for row in rows} <= set(DECATHLON_BASELINE_ERRORS):
-        scores = {}
+        scores = {}  # the mean error over a task's runs
         for row in rows:
-            scores.setdefault(row["method"], {})[row["task"]] = 100 * row["top1_error"]
+            scores.setdefault(row["method"], {}).setdefault(row["task"], []).append(100 * row["top1_error"])
+        scores = {m: {t: statistics.mean(e) for t, e in errors.items()} for m, errors in scores.items()}
         text += ["Visual Decathlon score (baseline errors: Table 8's Finetune row):", ""]
         text += [f"- {method}: {decathlon_score(errors):.0f} over {len(errors)} tasks" for method, errors in scores.items()]
         text.append("")

@@ -41,6 +41,11 @@ KINDS = {"none": 0, "binary": 1, "ternary": 2}
 # Each kernel starts at a multiple of 16 floats (64 bytes) in the flat slot, so slicing it out
 # shares the slot's buffer instead of copying it (TensorFlow's aligned dim-0 slices).
 ALIGN = 16
+# A slot's last ALIGN entries say whose kernels it holds: there `W` is 2^15 ... 2^0 and each
+# task's masks are the bits of its id, so the entries sum to the id (exact in float32). The fill
+# is then one multiplication, done in place; writing the id afterwards would copy the slot.
+ID_WEIGHTS = 2.0 ** np.arange(ALIGN - 1, -1, -1, dtype=np.float32)
+MAX_UID = 2 ** ALIGN - 1
 
 
 def _aligned(size):
@@ -70,10 +75,10 @@ class BankTask:
 
     Attributes:
         name: signature / lookup name.
-        uid: an id never reused in this bank (slots are tagged with it).
+        uid: an id never reused in this bank (slots are tagged with it, `ID_WEIGHTS`).
         kind: "none" (classifier-only), "binary" or "ternary".
-        packed: the masks over the bank's flat kernel layout, packed, plus spare bytes for the
-            `ALIGN` entries at its end that hold the slot's id.
+        packed: the masks over the bank's flat kernel layout, packed, then the bits of `uid`
+            (for the `ALIGN` entries at the end of a slot).
         own: `{backbone variable path: value}` for per-task BatchNormalization.
         head: `(kernel [F, C], bias [C])`.
         info: manifest summary for listings (classes, sparsity, source file SHA-256).
@@ -145,7 +150,10 @@ class TaskBank:
                 f"{self._feature_layer!r}; a bank holds tasks over one feature model")
         self._feature_layer = feature_layer
         variables = {v.path: v for v in feature_model(self.backbone, feature_layer).variables}
-        kind, packed = self._pack_masks(path, manifest, arrays, variables)
+        if self._next_uid > MAX_UID:
+            raise ValueError(f"this bank has been given {MAX_UID + 1:,} tasks, as many as its slot ids tell apart; "
+                             "make a new TaskBank")
+        kind, packed = self._pack_masks(path, manifest, arrays, variables, self._next_uid)
         own, head = {}, None
         weights = manifest["weights"]
         for i, entry in enumerate(weights):
@@ -194,7 +202,7 @@ class TaskBank:
                 f"{expected['fingerprint'][:12]}), not on the given {self.backbone.name!r} (fingerprint "
                 f"{self.fingerprint[:12]}); load it with the backbone and weights it was trained on")
 
-    def _pack_masks(self, path, manifest, arrays, variables):
+    def _pack_masks(self, path, manifest, arrays, variables, uid):
         layers = manifest["layers"]
         if not layers:
             return "none", np.zeros(0, np.uint8)
@@ -217,13 +225,11 @@ class TaskBank:
             mask = coding.decode(payload, entry, shape).ravel()
             flat[offset:offset + mask.size] = mask
             offset += _aligned(mask.size)
+        flat = np.concatenate([flat, np.unpackbits(np.array([uid], ">u2").view(np.uint8)).astype(np.int8)])
         if kind == "ternary":
             codes = (flat + 1).astype(np.uint8)
-            packed = np.packbits(np.stack([codes >> 1, codes & 1], axis=-1).ravel())
-        else:
-            packed = np.packbits(flat.astype(bool))
-        spare = ALIGN * (2 if kind == "ternary" else 1) // 8  # unpacks to the id's entries: see _fill
-        return kind, np.concatenate([packed, np.zeros(spare, np.uint8)])
+            return kind, np.packbits(np.stack([codes >> 1, codes & 1], axis=-1).ravel())
+        return kind, np.packbits(flat.astype(bool))
 
     @property
     def flat_size(self):
@@ -312,9 +318,10 @@ class BankModule(tf.Module):
         by_path = {v.path: v for v in template.variables}
         values = {p: np.asarray(keras.ops.convert_to_numpy(v), np.float32) for p, v in by_path.items()}
 
-        # The masked kernels W, flat and aligned, then ALIGN zeros where a slot keeps its task's id.
+        # The masked kernels W, flat and aligned, then ID_WEIGHTS, where a slot keeps its task's id.
         self._kernel_layout = []
         weights = np.zeros(bank.flat_size + ALIGN, np.float32)
+        weights[-ALIGN:] = ID_WEIGHTS
         offset = 0
         for p in kernel_paths:
             size = values[p].size
@@ -379,33 +386,37 @@ class BankModule(tf.Module):
 
     # ---- masked kernels ------------------------------------------------------------------
     def _kernels(self, task):
-        """`[flat_size + ALIGN]`: the task's masked kernels (flat, aligned) and its id at the end."""
+        """`[flat_size + ALIGN]`: the task's masked kernels (flat, aligned), then its id's entries."""
         uid = self.uids[task]
         kind = self.kinds[task]
 
         def from_slots():
             tick = self.clock.assign_add(1)
             hits = tf.where(tf.equal(self.slot_uids, uid))[:, 0]
-            slot = tf.cond(tf.size(hits) > 0, lambda: tf.cast(hits[0], tf.int32), lambda: tf.constant(0))
-            held = tf.switch_case(slot, [lambda s=s: s.read_value() for s in self.slots])
-            hit = tf.logical_and(tf.equal(tf.size(held), self.flat_size + ALIGN), tf.equal(held[-1], uid))
 
-            def use():
-                self.slot_used.scatter_nd_update([[slot]], [tick])
-                return held
+            def lookup():  # the hint names a slot: its id entries decide
+                slot = tf.cast(hits[0], tf.int32)
+                held = tf.switch_case(slot, [lambda s=s: s.read_value() for s in self.slots])
+                hit = tf.logical_and(tf.equal(tf.size(held), self.flat_size + ALIGN),
+                                     tf.equal(tf.reduce_sum(held[-ALIGN:]), uid))
 
-            return tf.cond(hit, use, lambda: self._fill(task, uid, kind, tick))
+                def use():
+                    self.slot_used.scatter_nd_update([[slot]], [tick])
+                    return held
+
+                return tf.cond(hit, use, lambda: self._fill(task, kind, tick, uid))
+
+            # No slot is read when none is hinted: the one refilled is then freed as it is replaced.
+            return tf.cond(tf.size(hits) > 0, lookup, lambda: self._fill(task, kind, tick, uid))
 
         return tf.cond(tf.equal(kind, 0), self.weights.read_value, from_slots)
 
-    def _fill(self, task, uid, kind, tick):
+    def _fill(self, task, kind, tick, uid):
         """Unpacks the task's masks into `W ⊙ m` and stores it in the least recently used slot."""
         packed = self.packed[self.packed_offsets[task]:self.packed_offsets[task + 1]]
         weights = self.weights.read_value()
-        # The spare bytes unpack to the last ALIGN entries, the id's among them: no slicing (an
-        # unaligned slice would copy).
+        # One multiplication, in place on the unpacked mask; its last ALIGN entries are the id.
         flat = weights * tf.cond(tf.equal(kind, 1), lambda: unpack_binary(packed), lambda: unpack_ternary(packed))
-        flat = tf.tensor_scatter_nd_update(flat, [[self.flat_size + ALIGN - 1]], [uid])  # in place
         slot = tf.cast(tf.argmin(self.slot_used), tf.int32)
         self.slot_uids.scatter_nd_update([[slot]], [uid])
         self.slot_used.scatter_nd_update([[slot]], [tick])

@@ -72,7 +72,21 @@ def augment(image, seed):
     return tf.image.stateless_random_flip_left_right(cropped, seed=seed[::-1])
 
 
-def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=None, augment_images=False):
+def random_sized_crop(image, seed, shape):
+    """The paper protocol's training crop: a random part of 8-100% of the image's area with an
+    aspect ratio in [3/4, 4/3], resized to `shape`, and a random horizontal flip (the official
+    code's `RandomSizedCrop(224)` and `RandomHorizontalFlip`). Stateless: `seed` (shape [2])
+    fixes both, so a resumed run repeats its epochs."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    crop = tf.image.resize(tf.slice(image, begin, size), shape[:2], method="bilinear")
+    return tf.ensure_shape(tf.image.stateless_random_flip_left_right(crop, seed=seed[::-1]), shape)
+
+
+def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=None, augment_images=False,
+                  crop_to=None):
     """`epoch -> batched dataset`: a fixed shuffle per epoch, so a resumed run sees the same batches.
 
     Args:
@@ -85,9 +99,13 @@ def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=Non
             mixed across classes (`datasets`), so a window of hundreds still gives batches
             with as many classes as a full shuffle.
         augment_images: apply `augment`, seeded by (seed, epoch, position in the epoch).
+        crop_to: an image shape: the paper protocol's `random_sized_crop` to it, seeded so,
+            for examples of any size (`datasets.load_dataset(protocol="paper")`).
     """
     if buffer_size is None:
         shape = examples.element_spec[0].shape
+        if crop_to is not None:
+            shape = tf.TensorShape([int(round(d * 256 / 224)) for d in crop_to[:2]] + [crop_to[-1]])
         image_bytes = 4 * int(np.prod(shape)) if shape.is_fully_defined() else 1
         buffer_size = int(min(MAX_SHUFFLE_BUFFER, max(batch_size, SHUFFLE_BUFFER_BYTES // image_bytes)))
 
@@ -95,9 +113,12 @@ def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=Non
         ds = examples
         if shuffle:
             ds = ds.shuffle(buffer_size, seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
-        if augment_images:
+        if augment_images or crop_to is not None:
+            def transform(image, key):
+                return random_sized_crop(image, key, tuple(crop_to)) if crop_to is not None else augment(image, key)
+
             ds = ds.enumerate().map(
-                lambda i, example: (augment(example[0], tf.stack([tf.constant(seed * 100_003 + epoch, tf.int64), i])),
+                lambda i, example: (transform(example[0], tf.stack([tf.constant(seed * 100_003 + epoch, tf.int64), i])),
                                     example[1]), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
         options = tf.data.Options()
@@ -299,15 +320,22 @@ def _write_summaries(writer, model, groups, record):
 def evaluate(model, data, labels=None, batch_size=256):
     """Top-1 accuracy of `model` in inference mode, on NumPy `(data, labels)` or on an unbatched
     `tf.data.Dataset` of `(image, label)`."""
+    return accuracies(model, data, labels, batch_size)[1]
+
+
+def accuracies(model, data, labels=None, batch_size=256, ks=(1, 5)):
+    """`{k: top-k accuracy}` in one pass (Table 2 reports top-1 and, in parentheses, top-5 error)."""
     if labels is not None:
         data = tf.data.Dataset.from_tensor_slices((data, labels))
-    correct = total = 0
+    correct, total = dict.fromkeys(ks, 0), 0
     for images, y in data.batch(batch_size):
         # A direct call, not predict(): Keras' predict splits batches across a distributed
         # model's replicas and returns each worker's copy under MultiWorkerMirroredStrategy.
-        predicted = np.argmax(model(images, training=False), axis=-1)
-        correct += int(np.sum(predicted == y.numpy()))
-        total += len(predicted)
+        logits = np.asarray(model(images, training=False))
+        ranked = np.argsort(-logits, axis=-1, kind="stable")
+        for k in ks:
+            correct[k] += int(np.sum(np.any(ranked[:, :k] == y.numpy()[:, None], axis=-1)))
+        total += len(logits)
     if not total:
         raise ValueError("the evaluation set is empty")
-    return correct / total
+    return {k: correct[k] / total for k in ks}
