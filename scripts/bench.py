@@ -38,6 +38,7 @@ def define_flags():
     flags.DEFINE_list("tasks", None, "serving: task counts per SavedModel (default 1,10,100; 1 is the baked model).")
     flags.DEFINE_integer("slots", None, "serving: unpacked working copies in each multi-task model (default 2).")
     flags.DEFINE_string("workdir", None, "serving: where the random tasks and exports go (default runs/bench_serving).")
+    flags.DEFINE_integer("tflite_tasks", None, "serving: tasks in the multi-task .tflite measured (default 10; 0: none).")
     flags.DEFINE_string("dataset", None, "pipeline: the dataset spec, as train.py takes it.")
     flags.DEFINE_integer("cache_mb", DEFAULT_CACHE_MB, "pipeline: train.py's --cache_mb (0: no cache).")
     flags.DEFINE_integer("channels", 3, "pipeline: image channels the backbone would take.")
@@ -46,7 +47,7 @@ def define_flags():
 
 def _serving():
     settings = {}
-    for name in ("model", "image_size", "repeats", "slots", "workdir"):
+    for name in ("model", "image_size", "repeats", "slots", "workdir", "tflite_tasks"):
         if getattr(FLAGS, name) is not None:
             settings[name] = getattr(FLAGS, name)
     if FLAGS.tasks:

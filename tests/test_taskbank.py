@@ -161,8 +161,11 @@ def test_serving_bench_runs(tmp_path):
     from tf_piggyback import bench_serving
 
     config = bench_serving.ServingConfig(model="digits", image_size=None, tasks=(1, 3), repeats=1, calls=1,
-                                         workdir=str(tmp_path))
+                                         workdir=str(tmp_path), tflite_tasks=2)
     rows, table = bench_serving.run(config, log=lambda line: None)
+    lite = [r for r in rows if r["format"] == "tflite"]
+    rows = [r for r in rows if r["format"] == "saved_model"]
     assert [(r["tasks"], r["per_task_signatures"]) for r in rows] == [(1, True), (3, True), (3, False)]
+    assert [r["tasks"] for r in lite] == [1, 2] and lite[1]["bytes"] <= lite[1]["bound_bytes"]
     assert rows[1]["cold_b8_s"] > 0 and rows[1]["graph_ratio"] > 0 and "signature_first_call_s" not in rows[2]
     assert "| 3 |" in table and "| 3 (no per-task signatures) |" in table

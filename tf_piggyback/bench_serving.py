@@ -34,6 +34,8 @@ class ServingConfig:
     # Also export the largest N without per-task signatures (only serving_default, tasks,
     # tasks_by_name): what load time and memory are when tasks are served through `tasks`.
     shared_only: bool = True
+    # Multi-task TFLite: this many tasks in one .tflite against one task's (0: skipped).
+    tflite_tasks: int = 10
     repeats: int = 3
     calls: int = 7
     workdir: str = os.path.join("runs", "bench_serving")
@@ -139,6 +141,60 @@ def warm_child(models, batch_sizes, calls, image_shape):
     return result
 
 
+def tflite_child(path, names, image_shape, calls):
+    """A `.tflite` in LiteRT, in a fresh process: load seconds (interpreter made, tensors
+    allocated), each signature's first call, warm calls of the first, and RSS."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    image = np.random.default_rng(0).uniform(0, 255, (1, *image_shape)).astype("float32")
+    start = time.perf_counter()
+    interpreter = Interpreter(model_path=path)
+    runners = {name: interpreter.get_signature_runner(name) for name in names}
+    result = {"load_s": time.perf_counter() - start}
+    firsts = []
+    for runner in runners.values():
+        begin = time.perf_counter()
+        runner(image=image)
+        firsts.append(time.perf_counter() - begin)
+    first = runners[names[0]]
+    warm = []
+    for _ in range(calls):
+        begin = time.perf_counter()
+        first(image=image)
+        warm.append(time.perf_counter() - begin)
+    return {**result, "first_call_s": float(np.median(firsts)), "warm_b1_s": float(np.median(warm)), "rss": _rss()}
+
+
+def tflite_rows(backbone, paths, config, log=print):
+    """One task's `.tflite` against `config.tflite_tasks` tasks' in one file: bytes (against
+    one task's file + N * n/8 * 1.1), load and first-call seconds in LiteRT, medians of
+    `config.repeats` fresh processes each, in turn."""
+    from tf_piggyback.export import export_tflite
+
+    n = config.tflite_tasks
+    files = {}
+    for count in (1, n):
+        file = os.path.join(config.workdir, "tflite", f"tasks{count}.tflite")
+        if not os.path.exists(file):
+            start = time.perf_counter()
+            export_tflite(backbone, [f"t{i:03d}={p}" for i, p in enumerate(paths[:count])], file)
+            log(f"exported {count} task(s) to TFLite in {time.perf_counter() - start:.0f} s")
+        files[count] = file
+    names = {1: ["serving_default"], n: [f"t{i:03d}" for i in range(n)]}
+    samples = {count: [] for count in files}
+    for _ in range(config.repeats):
+        for count, file in files.items():
+            samples[count].append(_child("tflite_child", path=file, names=names[count],
+                                         image_shape=list(backbone.inputs[0].shape[1:]), calls=config.calls))
+    rows = []
+    for count, file in files.items():
+        row = {"tasks": count, "bytes": os.path.getsize(file)}
+        for key in samples[count][0]:
+            row[key] = float(np.median([s[key] for s in samples[count]]))
+        rows.append(row)
+    return rows
+
+
 def _child(function, **kwargs):
     out = subprocess.run([sys.executable, "-c", SERVING_CHILD, function, json.dumps(kwargs)], check=True,
                          capture_output=True, text=True)
@@ -183,7 +239,7 @@ def run(config, log=print):
         log(f"round {round_ + 1}/{config.repeats} measured")
     rows = []
     for name, (path, n, per_task) in models.items():
-        row = {"model": name, "tasks": n, "per_task_signatures": per_task,
+        row = {"format": "saved_model", "model": name, "tasks": n, "per_task_signatures": per_task,
                "graph_bytes": os.path.getsize(os.path.join(path, "saved_model.pb"))}
         for key in samples[name][0]:
             row[key] = float(np.median([s[key] for s in samples[name]]))
@@ -200,7 +256,21 @@ def run(config, log=print):
         if "cold_b8_s" in row:
             row["cold_b8_over_warm"] = row["cold_b8_s"] / row["warm_b8_s"]
             row["cold_b1_extra_s"] = row["cold_b1_s"] - row["warm_b1_s"]
-    return rows, markdown(rows, config, packed_bytes, kernel_bytes)
+    table = markdown(rows, config, packed_bytes, kernel_bytes)
+    if config.tflite_tasks > 1:
+        if config.tflite_tasks > len(paths):
+            raise ValueError(f"tflite_tasks={config.tflite_tasks} is more than the {len(paths)} tasks built")
+        lite = tflite_rows(backbone, paths, config, log=log)
+        bits = 8 * packed_bytes  # masked parameters (+ the id entries) of one task
+        bound = lite[0]["bytes"] + config.tflite_tasks * bits / 8 * 1.1
+        rows += [{"format": "tflite", **r, "bound_bytes": bound if r["tasks"] > 1 else None} for r in lite]
+        table += ("\n| TFLite tasks | bytes (bound: one task's file + N n/8 x 1.1) | load | first call, each "
+                  "signature (b1) | warm call (b1) | RSS |\n|---|---|---|---|---|---|\n")
+        for r in lite:
+            table += (f"| {r['tasks']} | {r['bytes'] / 1e6:,.1f} MB" + (f" ({bound / 1e6:,.1f} MB)" if r["tasks"] > 1
+                      else "") + f" | {r['load_s'] * 1000:,.0f} ms | {r['first_call_s'] * 1000:,.0f} ms | "
+                      f"{r['warm_b1_s'] * 1000:,.0f} ms | {r['rss'] / 1e6:,.0f} MB |\n")
+    return rows, table
 
 
 def _label(row):
