@@ -1,10 +1,12 @@
 r"""Writes a synthetic image folder (one sub-folder per class) for benchmarks at paper scale.
 
-python scripts/make_image_folder.py --output=runs/wikiart_like   # 42,000 JPEGs, 256 px, 195 classes
+python scripts/make_image_folder.py --output=runs/wikiart_like   # train/: 42,000 JPEGs, test/: 10,628
 
-The default is the size of WikiArt's training set in the paper's Table 1. Each image is noise
-around a per-class colour, so the folder is cheap to make and its classes are real labels.
-The output belongs under runs/ (ignored by git).
+The default is the size of WikiArt in the paper's Table 1 (195 classes, 256 px images): OUTPUT/train
+and OUTPUT/test, one sub-folder per class in each (--test_images=0: one folder, split by
+train.py). Each image is noise around a per-class colour, so the folder is cheap to make and its
+classes are real labels; it decodes faster than photographs would. The output belongs under
+runs/ (ignored by git).
 """
 
 import os
@@ -19,7 +21,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     flags.DEFINE_string("output", None, "Folder to write (class sub-folders inside).")
-    flags.DEFINE_integer("images", 42_000, "Images in all.")
+    flags.DEFINE_integer("images", 42_000, "Training images (all images with --test_images=0).")
+    flags.DEFINE_integer("test_images", 10_628, "Test images, in OUTPUT/test (0: no train/ and test/ folders).")
     flags.DEFINE_integer("classes", 195, "Class sub-folders.")
     flags.DEFINE_integer("size", 256, "Image height and width.")
     flags.mark_flag_as_required("output")
@@ -34,19 +37,22 @@ def main(argv):
         raise ValueError("need --classes >= 2, --images >= --classes and --size >= 8")
     rng = np.random.default_rng(0)
     colours = rng.integers(0, 256, (FLAGS.classes, 3))
+    parts = [("train", FLAGS.images), ("test", FLAGS.test_images)] if FLAGS.test_images > 0 else [("", FLAGS.images)]
     written = 0
-    for i in range(FLAGS.images):
-        label = i % FLAGS.classes
-        path = os.path.join(FLAGS.output, f"class_{label:03d}", f"{i:06d}.jpg")
-        if os.path.exists(path):
-            continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        noise = rng.normal(0, 40, (FLAGS.size // 8, FLAGS.size // 8, 3))
-        image = np.clip(np.kron(noise, np.ones((8, 8, 1))) + colours[label], 0, 255).astype(np.uint8)
-        tf.io.write_file(path + ".tmp", tf.io.encode_jpeg(image, quality=90))
-        os.replace(path + ".tmp", path)
-        written += 1
-    print(f"{FLAGS.output}: {FLAGS.images:,} images in {FLAGS.classes} classes ({written:,} written now)")
+    for part, count in parts:
+        for i in range(count):
+            label = i % FLAGS.classes
+            path = os.path.join(FLAGS.output, part, f"class_{label:03d}", f"{i:06d}.jpg")
+            if os.path.exists(path):
+                continue
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            noise = rng.normal(0, 40, (FLAGS.size // 8, FLAGS.size // 8, 3))
+            image = np.clip(np.kron(noise, np.ones((8, 8, 1))) + colours[label], 0, 255).astype(np.uint8)
+            tf.io.write_file(path + ".tmp", tf.io.encode_jpeg(image, quality=90))
+            os.replace(path + ".tmp", path)
+            written += 1
+    counts = ", ".join(f"{part or 'all'} {count:,}" for part, count in parts)
+    print(f"{FLAGS.output}: {counts} images in {FLAGS.classes} classes ({written:,} written now)")
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def test_pipeline_bench_reports_the_published_keys(tmp_path):
 
     folder = tmp_path / "folder"
     made = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_image_folder.py"),
-                           f"--output={folder}", "--images=120", "--classes=12", "--size=32"],
+                           f"--output={folder}", "--images=120", "--classes=12", "--size=32", "--test_images=0"],
                           capture_output=True, text=True, cwd=REPO)
     assert made.returncode == 0, made.stderr[-2000:]
     assert len(os.listdir(folder)) == 12
@@ -288,3 +288,21 @@ def test_paper_protocol_boxes_flowers_splits_and_crops():
         assert first.shape == (2, 224, 224, 3) and np.array_equal(first, again)  # seeded: resumes repeat
     with pytest.raises(ValueError, match="protocol must be one of simple, paper"):
         load_dataset("digits:upper", protocol="official")
+
+
+def test_int8_calibration_images_span_the_classes(tmp_path, monkeypatch):
+    """The int8 representative set is the first training images: for a folder they came from
+    the first classes only; now they are drawn across classes."""
+    import tensorflow as tf
+
+    from tf_piggyback import export
+
+    root = tmp_path / "images"
+    for label in range(3):
+        os.makedirs(root / f"c{label}")
+        for i in range(12):
+            pixels = np.full((8, 8, 3), 40 + 80 * label, np.uint8)  # the class is the pixel value
+            tf.io.write_file(str(root / f"c{label}" / f"{i}.png"), tf.io.encode_png(pixels))
+    monkeypatch.setattr(export, "REPRESENTATIVE_SAMPLES", 6)
+    images = export.representative_images(f"folder:{root}", (8, 8, 3))
+    assert len(images) == 6 and len({int(x.mean()) for x in images}) >= 2
