@@ -87,7 +87,7 @@ def test_mask_inits():
 
 
 def test_bad_arguments_are_one_line_errors():
-    with pytest.raises(ValueError, match=r"threshold must be a number > 0.*threshold=-1"):
+    with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1000\].*threshold=-1"):
         MaskedDense(keras.layers.Dense(2), threshold=-1)
     with pytest.raises(ValueError, match=r"mask_init must be one of constant, uniform, weight_based.*'ones'"):
         MaskedDense(keras.layers.Dense(2), mask_init="ones")
@@ -115,3 +115,34 @@ def test_mixed_precision_thresholds_the_float32_mask(policy):
     assert wrapped.compute_dtype == policy.split("_")[1] and wrapped.masks[0].dtype == "float32"
     np.testing.assert_array_equal(np.asarray(outputs, "float32"), [[0.0, 1.0]])
     np.testing.assert_array_equal(wrapped.thresholded_masks()[0], [[0, 1]])
+
+
+def test_a_network_that_starts_dead_is_refused_or_warned(caplog):
+    """§3 starts training from the backbone itself (every mask 1): a constant or uniform init
+    below the threshold would start every mask at 0, so it is refused naming the flags; a
+    weight-based init whose mean |W| is below it is warned about, naming the layer."""
+    with pytest.raises(ValueError, match=r"mask_scale=0.01 is below threshold=0.05.*raise --mask_scale or lower --threshold"):
+        MaskedDense(keras.layers.Dense(2), threshold=0.05)
+    with pytest.raises(ValueError, match="would start at 0"):
+        MaskedDense(keras.layers.Dense(2), mask_init="uniform", mask_scale=0.004)
+    dense = keras.layers.Dense(4, name="small")
+    dense.build((None, 3))
+    dense.kernel.assign(np.full((3, 4), 1e-3, np.float32))
+    wrapper = MaskedDense(dense, mask_init="weight_based")
+    wrapper.build((None, 3))
+    assert "layer small: mean |W| = 0.001 is below threshold=0.005" in caplog.text
+    assert not wrapper.thresholded_masks()[0].any()
+
+
+def test_lora_and_quantized_layers_are_refused():
+    """The wrapper runs the layer's op itself; LoRA adapters or quantized kernels would be ignored."""
+    lora = keras.layers.Dense(4, name="adapted")
+    lora.build((None, 3))
+    lora.enable_lora(2)
+    with pytest.raises(ValueError, match="cannot mask layer 'adapted': it has LoRA enabled"):
+        MaskedDense(lora)
+    quantized = keras.layers.Dense(4, name="int8")
+    quantized.build((None, 3))
+    quantized.quantize("int8")
+    with pytest.raises(ValueError, match="cannot mask layer 'int8': it has quantization_mode='int8'"):
+        MaskedDense(quantized)

@@ -156,3 +156,25 @@ def test_task_file_size_bounds(tmp_path):
     n = sum(m.size for m in masks)
     head = sum(w.numpy().nbytes for w in model.get_layer("head").weights)
     assert os.path.getsize(path) <= n / 8 + head + 4096
+
+
+@pytest.mark.parametrize("mask_type", ["binary", "ternary"])
+def test_any_valid_threshold_reloads_the_same_masks(tmp_path, mask_type):
+    """A stored mask holds {0, 1} (or {-1, 0, 1}); reloading it at tau = 5 (above 1) once gave
+    an all-zero mask. Every valid tau gives back the saved masks; tau outside (0, 1000] is refused."""
+    import tf_piggyback as pb
+
+    backbone = pb.digits_backbone()
+    model = pb.piggyback(backbone, 3, threshold=5.0, mask_scale=10.0, mask_type=mask_type)
+    rng = np.random.default_rng(0)
+    for layer in pb.masked_layers(model):
+        for mask in layer.masks:
+            mask.assign(rng.uniform(-10, 10, mask.shape).astype("float32"))
+    saved = [m for layer in pb.masked_layers(model) for m in layer.thresholded_masks()]
+    path = str(tmp_path / "task.npz")
+    pb.save_task(model, path)
+    loaded = pb.load_task(path, pb.digits_backbone())
+    again = [m for layer in pb.masked_layers(loaded) for m in layer.thresholded_masks()]
+    assert all(np.array_equal(a, b) for a, b in zip(saved, again)) and any(m.any() for m in again)
+    with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1000\]"):
+        pb.piggyback(backbone, 3, threshold=1e4, mask_scale=2e4)

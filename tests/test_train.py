@@ -96,6 +96,10 @@ MIRRORED = textwrap.dedent("""
         pb.train(model, epoch_batches(splits.train, 32), pb.TrainConfig(jit_compile=True), strategy=strategy)
     except ValueError as error:
         print("refused:", error, flush=True)
+    try:  # mixed_float16's overflow check would see one replica's gradients only: refused
+        pb.train(model, epoch_batches(splits.train, 32), pb.TrainConfig(precision="mixed_float16"), strategy=strategy)
+    except ValueError as error:
+        print("refused:", error, flush=True)
     same = all(np.array_equal(a, b) for a, b in zip(masks["default"], masks["mirrored"]))
     flipped = int(sum(np.sum(a != b) for a, b in zip(masks["default"], masks["mirrored"])))
     zeros = int(sum(np.sum(a == 0) for a in masks["default"]))
@@ -112,6 +116,7 @@ def test_mirrored_on_two_cpus_learns_the_same_masks():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mirrored 2" in result.stdout
     assert "refused: jit_compile (XLA) needs a one-replica strategy; this one has 2 replicas" in result.stdout
+    assert "refused: mixed_float16 needs a one-replica strategy; this one has 2 replicas" in result.stdout
     outcome = json.loads(result.stdout.splitlines()[-1])
     assert outcome["zeros"] > 1000 and outcome["flipped"] <= outcome["params"] * 1e-4, outcome
 
@@ -224,7 +229,8 @@ def test_loss_scaling_keeps_every_group_on_its_own_scale():
     (["--dataset=nope:x"], "unknown dataset 'nope:x'"),
     (["--backbone=NoSuchNet"], "unknown backbone 'NoSuchNet'"),
     (["--dataset=folder:/nonexistent"], "does not exist"),
-    (["--threshold=-1"], "threshold must be a number > 0"),
+    (["--threshold=-1"], "threshold must be a number in (0, 1000]"),
+    (["--threshold=0.05"], "mask_scale=0.01 is below threshold=0.05"),
     (["--epochs=0"], "epochs must be an integer > 0"),
     (["--batch_size=0"], "batch_size must be an integer > 0"),
     (["--mask_lr=0"], "mask_lr must be > 0"),

@@ -9,15 +9,34 @@ import tensorflow as tf
 
 MASK_TYPES = ("binary", "ternary")
 DEFAULT_THRESHOLD = 5e-3
+# The valid thresholds: (0, MAX_THRESHOLD]. Bounded so that `real_from_mask`'s 2 * tau, and any
+# m_r an optimizer moves past tau, stay far inside float32.
+MAX_THRESHOLD = 1e3
 
 
 def validate_threshold(threshold):
     """Returns `threshold` as a float, or raises a one-line ValueError."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= MAX_THRESHOLD:
         raise ValueError(
-            f"threshold must be a number > 0 (the paper uses 5e-3). Received: threshold={threshold!r}"
+            f"threshold must be a number in (0, {MAX_THRESHOLD:g}] (the paper uses 5e-3). Received: threshold={threshold!r}"
         )
     return float(threshold)
+
+
+def real_from_mask(mask, threshold):
+    """Real-valued masks `m_r` that threshold back to `mask` (binary or ternary) at `threshold`.
+
+    A stored mask holds only {0, 1} (or {-1, 0, 1}); loading it writes `2 tau` for 1, 0 for 0
+    and `-tau` for -1, which Eq. 4 (and the ternary cut-offs 0 and tau) map back to the same
+    mask for every valid `tau` — writing the mask values themselves gave an all-zero mask for
+    any tau above 1.
+
+    Example:
+    >>> real_from_mask(np.array([-1, 0, 1]), 5.0)
+    array([-5.,  0., 10.], dtype=float32)
+    """
+    mask = np.asarray(mask)
+    return np.where(mask > 0, 2.0 * threshold, np.where(mask < 0, -threshold, 0.0)).astype(np.float32)
 
 
 def validate_mask_type(mask_type):

@@ -58,7 +58,7 @@ _WORD_MODULI = [4] + [2] * 31
 _WORD_SHIFTS = [2] + [1] * 31
 
 
-def pack_words(mask, mask_type):
+def _pack_words(mask, mask_type):
     """A mask as int32 words, 32 bits each, MSB first (`np.packbits` order); ternary masks 2
     bits a value (`coding.encode`'s codes). What a multi-task `.tflite` stores per kernel."""
     flat = np.asarray(mask, np.int8).ravel()
@@ -109,7 +109,7 @@ class _PackedTask(tf.Module):
         for variable in baked.variables:
             if id(variable) in kernels:
                 source, mask, mask_type = kernels[id(variable)]
-                self.packed.append(tf.Variable(pack_words(mask, mask_type), trainable=False))
+                self.packed.append(tf.Variable(_pack_words(mask, mask_type), trainable=False))
                 self._sources.append(("kernel", len(self.packed) - 1, source, mask_type))
             elif id(variable) in shared or id(variable) in backbone_ids:
                 self._sources.append(("shared", shared.get(id(variable), variable)))

@@ -4,6 +4,8 @@ Reference: Mallya et al., "Piggyback", ECCV 2018, §3 and Fig. 1: `y = (W ⊙ m)
 fixed and only the real-valued mask `m_r` trained through the thresholding of Eq. 4.
 """
 
+import logging
+
 import keras
 import numpy as np
 from keras import ops
@@ -57,6 +59,13 @@ class MaskedWrapper(keras.layers.Wrapper):
                 f"{type(self).__name__} wraps {', '.join(t.__name__ for t in self.wrapped_types)}. "
                 f"Received: layer={layer.name!r} of type {type(layer).__name__}"
             )
+        # The wrapper computes the layer's op itself (kernel ⊙ mask, bias, activation), so a LoRA
+        # adapter or a quantized kernel would be silently ignored.
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            mode = "LoRA enabled" if getattr(layer, "lora_enabled", False) else \
+                f"quantization_mode={layer.quantization_mode!r}"
+            raise ValueError(f"cannot mask layer {layer.name!r}: it has {mode}; mask the float backbone "
+                             "(before enable_lora() or quantize())")
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", layer.dtype_policy)  # mixed precision follows the backbone
         super().__init__(layer, **kwargs)
@@ -70,6 +79,12 @@ class MaskedWrapper(keras.layers.Wrapper):
             raise ValueError(f"mask_scale must be a number > 0. Received: mask_scale={mask_scale!r}")
         self.mask_scale = float(mask_scale)
         self.mask_type = validate_mask_type(mask_type)
+        if mask_init != "weight_based" and self.mask_scale < self.threshold:
+            # §3 starts from the backbone itself: every mask 1. Below tau every m_r thresholds to 0.
+            raise ValueError(
+                f"mask_scale={self.mask_scale:g} is below threshold={self.threshold:g}: with mask_init="
+                f"{mask_init!r} every mask would start at 0 (a dead network); raise --mask_scale or lower "
+                "--threshold")
         self.layer.trainable = False
 
     def build(self, input_shape=None):
@@ -97,7 +112,12 @@ class MaskedWrapper(keras.layers.Wrapper):
             return keras.initializers.Constant(self.mask_scale)
         if self.mask_init == "uniform":
             return keras.initializers.RandomUniform(-self.mask_scale, self.mask_scale)
-        return keras.initializers.Constant(float(np.mean(np.abs(ops.convert_to_numpy(kernel)))))
+        mean = float(np.mean(np.abs(ops.convert_to_numpy(kernel))))
+        if mean < self.threshold:
+            logging.warning("layer %s: mean |W| = %.3g is below threshold=%g, so mask_init='weight_based' starts "
+                            "its mask at all 0 (§3 starts from all 1); lower --threshold or use "
+                            "--mask_init=constant", self.name, mean, self.threshold)
+        return keras.initializers.Constant(mean)
 
     @property
     def kernels(self):

@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_piggyback.binarizers import DEFAULT_THRESHOLD, real_from_mask
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.surgery import masked_layers, piggyback
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
@@ -329,9 +330,10 @@ def task_from_export(backbone, outputs, num_classes, path, *, class_names=None, 
     if returned != len(masks):
         raise ValueError(f"export_task returned {returned} masks; "
                          f"the backbone has {len(masks)} masked kernels: another backbone?")
+    threshold = masked_layers(model)[0].threshold if masks else DEFAULT_THRESHOLD
     for i, mask in enumerate(masks):
         bits = np.unpackbits(np.asarray(outputs[f"mask_{i}"], np.uint8))[:int(np.prod(mask.shape))]
-        mask.assign(bits.reshape(mask.shape).astype("float32"))
+        mask.assign(real_from_mask(bits.reshape(mask.shape), threshold))
     for i, w in enumerate(own):
         w.assign(np.asarray(outputs[f"head_{i}"]))
     return save_task(model, path, class_names=class_names, metrics=metrics)

@@ -119,6 +119,7 @@ class TaskBank:
         self._next_uid = 0
         self._feature_layer = None
         self._kernel_paths = None  # backbone variable paths with masks, in the bank's flat order
+        self._kernel_shapes = []
         self._module = None
 
     # ---- the set of tasks -------------------------------------------------------------------
@@ -154,7 +155,7 @@ class TaskBank:
             raise ValueError(f"this bank has been given {MAX_UID + 1:,} tasks, as many as its slot ids tell apart; "
                              "make a new TaskBank")
         kind, packed = self._pack_masks(path, manifest, arrays, variables, self._next_uid)
-        own, head = {}, None
+        own = {}
         weights = manifest["weights"]
         for i, entry in enumerate(weights):
             value = np.asarray(arrays[f"w{i}"], np.float32)
@@ -233,8 +234,8 @@ class TaskBank:
 
     @property
     def flat_size(self):
-        """Floats in one slot's kernel layout (each kernel aligned), without the id element."""
-        return sum(_aligned(int(np.prod(s))) for s in self._kernel_shapes) if self._kernel_paths else 0
+        """Floats in one slot's kernel layout (each kernel aligned), without the id entries."""
+        return sum(_aligned(int(np.prod(s))) for s in self._kernel_shapes)
 
     # ---- serving ----------------------------------------------------------------------------
     @property
@@ -363,11 +364,11 @@ class BankModule(tf.Module):
         self.num_classes = tf.Variable([t.info["num_classes"] for t in tasks], trainable=False, dtype=tf.int32)
         self.names = tf.Variable([t.name for t in tasks], trainable=False, dtype=tf.string)
 
-        # The working slots: saved holding only their id element (-1, no task), so the file
-        # keeps 1 bit per parameter; filled on first use.
+        # The working slots: saved holding one element (-1: no task's kernels), so the file keeps
+        # 1 bit per parameter; filled on first use.
         self.slots = [tf.Variable([-1.0], shape=tf.TensorShape([None]), trainable=False, name=f"slot{i}")
                       for i in range(bank.slots)]
-        self.slot_uids = tf.Variable([-1.0] * bank.slots, trainable=False)  # a hint; the slot's id element decides
+        self.slot_uids = tf.Variable([-1.0] * bank.slots, trainable=False)  # a hint; the slot's id entries decide
         self.slot_used = tf.Variable([0] * bank.slots, trainable=False, dtype=tf.int64)
         self.clock = tf.Variable(0, trainable=False, dtype=tf.int64)
 

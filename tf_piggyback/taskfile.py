@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from tf_piggyback import coding
+from tf_piggyback.binarizers import real_from_mask
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.surgery import classifier_only, iter_layers, mask_sparsity, masked_layers, piggyback
 
@@ -214,7 +215,7 @@ def load_task(path, backbone):
                 entry = next(entries)
                 _check_shape(path, entry, mask_var.shape)
                 payload = arrays["masks"][entry["offset"]:entry["offset"] + entry["nbytes"]].tobytes()
-                mask_var.assign(coding.decode(payload, entry, tuple(entry["shape"])).astype("float32"))
+                mask_var.assign(real_from_mask(coding.decode(payload, entry, tuple(entry["shape"])), layer.threshold))
         if next(entries, None) is not None:
             raise TaskFileError(f"{path!r} has more masks than the backbone has maskable layers")
         weights = task_weights(model)

@@ -57,6 +57,13 @@ class TrainConfig:
             # off under tf.distribute for the same reason).
             raise ValueError(f"jit_compile (XLA) needs a one-replica strategy; this one has "
                              f"{strategy.num_replicas_in_sync} replicas: drop --jit_compile or use --strategy=default")
+        if self.precision == "mixed_float16" and strategy.num_replicas_in_sync > 1:
+            # Keras' LossScaleOptimizer checks each replica's own gradients for inf/NaN before
+            # they are summed, so one replica's overflow can reach the step; a NaN m_r then
+            # thresholds to 0 while the loss stays finite.
+            raise ValueError(f"mixed_float16 needs a one-replica strategy; this one has "
+                             f"{strategy.num_replicas_in_sync} replicas (its loss scaling checks each replica's "
+                             "gradients alone): use --precision=mixed_bfloat16 (no loss scaling) or --strategy=default")
 
 
 SHUFFLE_BUFFER_BYTES = 256 * 2**20
