@@ -166,6 +166,8 @@ def test_serving_bench_runs(tmp_path):
     lite = [r for r in rows if r["format"] == "tflite"]
     rows = [r for r in rows if r["format"] == "saved_model"]
     assert [(r["tasks"], r["per_task_signatures"]) for r in rows] == [(1, True), (3, True), (3, False)]
-    assert [r["tasks"] for r in lite] == [1, 2] and lite[1]["bytes"] <= lite[1]["bound_bytes"]
+    # one copy of the backbone (the n/8 x 1.1 bound is for ResNet-50, whose masks dwarf a
+    # signature's graph; BUILD.md's table checks it)
+    assert [r["tasks"] for r in lite] == [1, 2] and lite[1]["bytes"] < 1.5 * lite[0]["bytes"]
     assert rows[1]["cold_b8_s"] > 0 and rows[1]["graph_ratio"] > 0 and "signature_first_call_s" not in rows[2]
     assert "| 3 |" in table and "| 3 (no per-task signatures) |" in table
