@@ -210,7 +210,7 @@ def test_export_bad_input(tasks, tmp_path):
         export_tflite(backbone, paths, str(tmp_path / "x.tflite"), "int8", np.zeros((4, 32, 32, 1)))
     assert not os.path.exists(tmp_path / "x.tflite")
     other = pb.digits_backbone(weights=None)
-    with pytest.raises(pb.TaskFileError, match="load it with the backbone and weights it was trained on"):
+    with pytest.raises(pb.TaskFileError, match="load it with the backbone, weights and preprocessing it was trained on"):
         export_saved_model(other, paths[:1], str(tmp_path / "other"))
     assert not os.path.exists(tmp_path / "other" / "1")
     result = subprocess.run(

@@ -96,7 +96,7 @@ def test_bad_batches_are_clear_errors(trained):
     result = run_cli("scripts/train_on_device.py", f"--model={model_dir}/missing", "--backbone=digits",
                      "--dataset=digits:upper")
     assert result.returncode == 2 and "holds no model.tflite" in result.stderr.strip().splitlines()[-1]
-    with pytest.raises(ValueError, match="other weights"):
+    with pytest.raises(ValueError, match="load it with the backbone, weights and preprocessing it was trained on"):
         trainer.save_task(pb.digits_backbone(weights=None), os.path.join(model_dir, "x.npz"))
 
 

@@ -80,7 +80,7 @@ def test_bank_refuses_what_it_cannot_serve(task_files):
         bank.add(paths["ter"], name="tasks")
     with pytest.raises(ValueError, match="no task named 'nope'; the bank has bin"):
         bank.predict(images, task="nope")
-    with pytest.raises(pb.TaskFileError, match="load it with the backbone and weights it was trained on"):
+    with pytest.raises(pb.TaskFileError, match="load it with the backbone, weights and preprocessing it was trained on"):
         TaskBank(pb.digits_backbone(weights=None)).add(paths["bin"])
     with pytest.raises(ValueError, match="slots must be an integer >= 1"):
         TaskBank(pb.digits_backbone(), slots=0)

@@ -178,3 +178,30 @@ def test_any_valid_threshold_reloads_the_same_masks(tmp_path, mask_type):
     assert all(np.array_equal(a, b) for a, b in zip(saved, again)) and any(m.any() for m in again)
     with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1000\]"):
         pb.piggyback(backbone, 3, threshold=1e4, mask_scale=2e4)
+
+
+def test_fingerprint_covers_image_size_and_preprocessing(tmp_path):
+    """Same weights are not the same backbone: a task trained at 32 px refuses a 40 px backbone
+    (one line naming both sizes), and other preprocessing changes the fingerprint."""
+    import keras
+
+    from tf_piggyback import fingerprint
+    from tf_piggyback.backbones import ImagePreprocessing, load_backbone
+
+    keras.utils.set_random_seed(0)
+    small = load_backbone("MobileNetV2", "none", 32)
+    keras.utils.set_random_seed(0)
+    large = load_backbone("MobileNetV2", "none", 40)
+    path = str(tmp_path / "task.npz")
+    save_task(piggyback(small, 3), path)
+    with pytest.raises(TaskFileError, match=r"trained on 32x32x3 images; the given backbone takes 40x40x3.*--image_size=32"):
+        load_task(path, large)
+
+    def with_mode(mode):
+        inputs = keras.Input((12, 12, 3))
+        model = keras.Model(inputs, keras.layers.Conv2D(2, 3)(ImagePreprocessing(mode)(inputs)))
+        model.layers[-1].kernel.assign(np.ones((3, 3, 3, 2), np.float32))
+        return model
+
+    assert fingerprint(with_mode("caffe")) != fingerprint(with_mode("tf"))
+    assert fingerprint(with_mode("tf")) == fingerprint(with_mode("tf"))

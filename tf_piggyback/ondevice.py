@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD, real_from_mask
-from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.fingerprint import check_backbone, fingerprint
 from tf_piggyback.surgery import masked_layers, piggyback
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
 
@@ -271,6 +271,7 @@ class LiteRTTrainer:
             raise ValueError(f"{model_dir} holds no {MODEL_FILE} and {CONFIG_FILE}; write them with export/ondevice.py")
         with open(os.path.join(model_dir, CONFIG_FILE)) as f:
             self.config = json.load(f)
+        self.path = path
         self.interpreter = Interpreter(model_path=path)
         self._train = self.interpreter.get_signature_runner("train")
         self._infer = self.interpreter.get_signature_runner("infer")
@@ -314,9 +315,7 @@ class LiteRTTrainer:
 
     def save_task(self, backbone, path, *, class_names=None, metrics=None):
         """Writes what the device learned as an ordinary task file; returns its manifest."""
-        if fingerprint(backbone) != self.config["backbone"]["fingerprint"]:
-            raise ValueError(f"the on-device model was exported from backbone {self.config['backbone']['name']!r} "
-                             "with other weights; pass the same --backbone and --weights")
+        check_backbone(backbone, self.config, self.path)
         return task_from_export(backbone, self._export(), self.config["num_classes"], path, class_names=class_names,
                                 metrics=metrics, **self.config["options"])
 

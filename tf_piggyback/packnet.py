@@ -22,7 +22,7 @@ import json
 import keras
 import numpy as np
 
-from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.fingerprint import check_backbone, fingerprint
 from tf_piggyback.surgery import _add_head, feature_model, iter_layers
 from tf_piggyback.taskfile import TaskFileError, _sha256, _write_npz, read_npz, write_atomic
 
@@ -175,9 +175,7 @@ class PackNet:
     def load(cls, path, backbone):
         """The pack saved at `path`, on `backbone` (checked by fingerprint); raises `TaskFileError`."""
         manifest, arrays = read_npz(path, FORMAT, VERSION)
-        if fingerprint(backbone) != manifest["backbone"]["fingerprint"]:
-            raise TaskFileError(f"{path!r} was packed on another backbone than the given {backbone.name!r}; "
-                                "load it with the backbone and weights it was trained on")
+        check_backbone(backbone, manifest, path, TaskFileError)
         pack = cls(backbone, manifest["prune"], backbone_prune=manifest["backbone_prune"],
                    feature_layer=manifest["feature_layer"], _prune_backbone=False)
         if len(manifest["kernels"]) != len(pack.kernels):

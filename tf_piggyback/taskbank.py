@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback import coding
-from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.fingerprint import check_backbone, fingerprint
 from tf_piggyback.surgery import HEAD_NAME, feature_model, pool_features
 from tf_piggyback.taskfile import TaskFileError, read_task
 
@@ -142,7 +142,7 @@ class TaskBank:
         if name in MIXED_SIGNATURES or name == "serving_default":
             raise ValueError(f"{name!r} is a reserved signature name; name the task with NAME=PATH")
         manifest, arrays = read_task(path)
-        self._check_backbone(path, manifest)
+        check_backbone(self.backbone, manifest, path, TaskFileError)
         options = manifest.get("options", {})
         feature_layer = options.get("feature_layer")
         if self._tasks and feature_layer != self._feature_layer:
@@ -194,14 +194,6 @@ class TaskBank:
             return self.names.index(name)
         except ValueError:
             raise ValueError(f"no task named {name!r}; the bank has {', '.join(self.names) or 'no tasks'}") from None
-
-    def _check_backbone(self, path, manifest):
-        expected = manifest["backbone"]
-        if expected["fingerprint"] != self.fingerprint:
-            raise TaskFileError(
-                f"{path!r} was trained on backbone {expected['name']!r} (fingerprint "
-                f"{expected['fingerprint'][:12]}), not on the given {self.backbone.name!r} (fingerprint "
-                f"{self.fingerprint[:12]}); load it with the backbone and weights it was trained on")
 
     def _pack_masks(self, path, manifest, arrays, variables, uid):
         layers = manifest["layers"]

@@ -22,7 +22,7 @@ import numpy as np
 
 from tf_piggyback import coding
 from tf_piggyback.binarizers import real_from_mask
-from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.fingerprint import check_backbone
 from tf_piggyback.surgery import classifier_only, iter_layers, mask_sparsity, masked_layers, piggyback
 
 FORMAT = "tf_piggyback.task"
@@ -197,13 +197,7 @@ def load_task(path, backbone):
     >>> model = load_task("birds/task.npz", backbone)
     """
     manifest, arrays = read_task(path)
-    expected = manifest["backbone"]
-    if fingerprint(backbone) != expected["fingerprint"]:
-        raise TaskFileError(
-            f"{path!r} was trained on backbone {expected['name']!r} (fingerprint "
-            f"{expected['fingerprint'][:12]}), not on the given {backbone.name!r} (fingerprint "
-            f"{fingerprint(backbone)[:12]}); load it with the backbone and weights it was trained on"
-        )
+    check_backbone(backbone, manifest, path, TaskFileError)
     try:
         if manifest["method"] == "piggyback":
             model = piggyback(backbone, manifest["num_classes"], **manifest["options"])
