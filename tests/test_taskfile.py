@@ -205,3 +205,27 @@ def test_fingerprint_covers_image_size_and_preprocessing(tmp_path):
 
     assert fingerprint(with_mode("caffe")) != fingerprint(with_mode("tf"))
     assert fingerprint(with_mode("tf")) == fingerprint(with_mode("tf"))
+
+
+@pytest.mark.parametrize("mask_type", ["binary", "ternary"])
+def test_one_threshold_rule_and_one_bit_order_everywhere(mask_type):
+    """Training (TensorFlow), storage (NumPy), the TaskBank's unpacking, the TFLite words and the
+    on-device export all threshold and pack masks the same way: one definition each, pinned here."""
+    import tensorflow as tf
+
+    from tf_piggyback.binarizers import threshold_mask, threshold_mask_numpy
+    from tf_piggyback.export import _pack_words, _unpack_words
+    from tf_piggyback.taskbank import unpack_binary, unpack_ternary
+
+    rng = np.random.default_rng(0)
+    real = rng.uniform(-0.02, 0.02, 1001).astype(np.float32)
+    mask = threshold_mask_numpy(real, 5e-3, mask_type)
+    np.testing.assert_array_equal(threshold_mask(tf.constant(real), 5e-3, mask_type).numpy(), mask)
+    payload, info = coding.encode(mask, mask_type)
+    np.testing.assert_array_equal(coding.decode(payload, info, mask.shape), mask)
+    packed = coding.pack(mask, mask_type)
+    np.testing.assert_array_equal(coding.unpack(packed, mask.size, mask_type), mask)
+    unpack = unpack_binary if mask_type == "binary" else unpack_ternary
+    np.testing.assert_array_equal(unpack(tf.constant(packed)).numpy()[:mask.size], mask)
+    bits = _unpack_words(tf.constant(_pack_words(mask, mask_type)), coding.mask_bits(mask, mask_type).size).numpy()
+    np.testing.assert_array_equal(bits, coding.mask_bits(mask, mask_type))

@@ -23,14 +23,37 @@ def entropy_bits(mask):
     return bits
 
 
+def mask_bits(mask, mask_type):
+    """A mask's bits in the one order every stored and served form uses (task files, `TaskBank`,
+    TFLite, on-device export): binary masks 1 bit a value; ternary masks 2 bits a value, the code
+    value + 1 (0, 1, 2), high bit first. Packed with `np.packbits`: MSB first."""
+    flat = np.asarray(mask, dtype=np.int8).ravel()
+    if mask_type == "ternary":
+        codes = (flat + 1).astype(np.uint8)
+        return np.stack([codes >> 1, codes & 1], axis=-1).ravel()
+    return flat.astype(np.uint8)
+
+
+def pack(mask, mask_type):
+    """`mask_bits` packed 8 to a byte (uint8 array)."""
+    return np.packbits(mask_bits(mask, mask_type))
+
+
+def unpack(packed, count, mask_type):
+    """Inverse of `pack`: the first `count` mask values (int8) of uint8 `packed`."""
+    packed = np.asarray(packed, np.uint8)
+    if mask_type == "ternary":
+        bits = np.unpackbits(packed, count=2 * count).reshape(count, 2)
+        return (bits[:, 0] * 2 + bits[:, 1]).astype(np.int8) - 1
+    return np.unpackbits(packed, count=count).astype(np.int8)
+
+
 def encode(mask, mask_type):
     """Encodes an int8 mask; returns `(payload bytes, info dict for the manifest)`."""
     flat = np.asarray(mask, dtype=np.int8).ravel()
     if mask_type == "ternary":
-        codes = (flat + 1).astype(np.uint8)
-        bits = np.stack([codes >> 1, codes & 1], axis=-1).ravel()
-        return np.packbits(bits).tobytes(), {"coding": "bits2"}
-    plain = np.packbits(flat.astype(bool)).tobytes()
+        return pack(flat, "ternary").tobytes(), {"coding": "bits2"}
+    plain = pack(flat, "binary").tobytes()
     ones = int(np.count_nonzero(flat))
     symbol = 0 if ones >= flat.size - ones else 1
     positions = np.flatnonzero(flat == symbol).astype(np.int64)
@@ -50,10 +73,9 @@ def decode(payload, info, shape):
     buf = np.frombuffer(payload, dtype=np.uint8)
     coding = info["coding"]
     if coding == "bits":
-        flat = np.unpackbits(buf, count=n).astype(np.int8)
+        flat = unpack(buf, n, "binary")
     elif coding == "bits2":
-        bits = np.unpackbits(buf, count=2 * n).reshape(n, 2)
-        flat = (bits[:, 0] * 2 + bits[:, 1]).astype(np.int8) - 1
+        flat = unpack(buf, n, "ternary")
     elif coding == "constant":
         flat = np.full(n, info["value"], dtype=np.int8)
     elif coding == "rice":

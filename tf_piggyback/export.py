@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_piggyback import coding
 from tf_piggyback.surgery import bake, bake_with_layers
 from tf_piggyback.taskbank import DEFAULT_SLOTS, TaskBank
 from tf_piggyback.taskfile import load_task, write_atomic
@@ -59,14 +60,10 @@ _WORD_SHIFTS = [2] + [1] * 31
 
 
 def _pack_words(mask, mask_type):
-    """A mask as int32 words, 32 bits each, MSB first (`np.packbits` order); ternary masks 2
-    bits a value (`coding.encode`'s codes). What a multi-task `.tflite` stores per kernel."""
-    flat = np.asarray(mask, np.int8).ravel()
-    if mask_type == "ternary":
-        codes = (flat + 1).astype(np.uint8)
-        flat = np.stack([codes >> 1, codes & 1], axis=-1).ravel()
-    bits = np.pad(flat.astype(bool), (0, -flat.size % 32))
-    return np.packbits(bits).view(">i4").astype(np.int32)
+    """`coding.mask_bits` as int32 words, 32 bits each, MSB first: what a multi-task `.tflite`
+    stores per kernel."""
+    bits = coding.mask_bits(mask, mask_type)
+    return np.packbits(np.pad(bits, (0, -bits.size % 32))).view(">i4").astype(np.int32)
 
 
 def _unpack_words(words, count):

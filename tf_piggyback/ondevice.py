@@ -27,7 +27,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_piggyback.binarizers import DEFAULT_THRESHOLD, real_from_mask
+from tf_piggyback import coding
+from tf_piggyback.binarizers import DEFAULT_THRESHOLD, real_from_mask, threshold_mask
 from tf_piggyback.fingerprint import check_backbone, fingerprint
 from tf_piggyback.surgery import masked_layers, piggyback
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
@@ -187,7 +188,7 @@ class OnDeviceTask(tf.Module):
     def _export_task(self):
         outputs = {}
         for i, v in enumerate(self.weights_[:self.num_masks]):
-            bits = tf.reshape(tf.cast(v >= self.threshold, tf.int32), [-1])
+            bits = tf.reshape(tf.cast(threshold_mask(v, self.threshold, "binary"), tf.int32), [-1])
             padding = -int(np.prod(v.shape)) % 8
             bits = tf.reshape(tf.pad(bits, [[0, padding]]), [-1, 8])
             outputs[f"mask_{i}"] = tf.cast(tf.reduce_sum(bits * tf.constant([128, 64, 32, 16, 8, 4, 2, 1]), axis=1), tf.uint8)
@@ -331,7 +332,7 @@ def task_from_export(backbone, outputs, num_classes, path, *, class_names=None, 
                          f"the backbone has {len(masks)} masked kernels: another backbone?")
     threshold = masked_layers(model)[0].threshold if masks else DEFAULT_THRESHOLD
     for i, mask in enumerate(masks):
-        bits = np.unpackbits(np.asarray(outputs[f"mask_{i}"], np.uint8))[:int(np.prod(mask.shape))]
+        bits = coding.unpack(outputs[f"mask_{i}"], int(np.prod(mask.shape)), "binary")
         mask.assign(real_from_mask(bits.reshape(mask.shape), threshold))
     for i, w in enumerate(own):
         w.assign(np.asarray(outputs[f"head_{i}"]))

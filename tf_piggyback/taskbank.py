@@ -52,20 +52,20 @@ def _aligned(size):
     return -(-size // ALIGN) * ALIGN
 
 
-# Every byte's 8 mask values (MSB first, as `np.packbits`), and for ternary masks its four
-# 2-bit codes minus one (`coding.encode`): unpacking is one gather straight to floats, with
-# no byte-sized intermediates (they fragmented the heap: +180 MB resident after a fill).
-_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32)
-_TERNARY = ((np.arange(256)[:, None] >> np.array([6, 4, 2, 0])) & 3).astype(np.float32) - 1.0
+# Every byte's 8 binary mask values, or 4 ternary ones (`coding.unpack`, the one bit order):
+# unpacking is one gather straight to floats, with no byte-sized intermediates.
+_BYTES = np.arange(256, dtype=np.uint8)[:, None]
+_BITS = np.stack([coding.unpack(byte, 8, "binary") for byte in _BYTES]).astype(np.float32)
+_TERNARY = np.stack([coding.unpack(byte, 4, "ternary") for byte in _BYTES]).astype(np.float32)
 
 
 def unpack_binary(packed):
-    """uint8 bytes -> float mask values in {0, 1}, 8 per byte, MSB first (`np.packbits`)."""
+    """uint8 bytes -> float mask values in {0, 1}, 8 per byte (`coding.unpack` in TensorFlow)."""
     return tf.reshape(tf.gather(tf.constant(_BITS), tf.cast(packed, tf.int32)), [-1])
 
 
 def unpack_ternary(packed):
-    """uint8 bytes -> float mask values in {-1, 0, 1}: 2 bits each, MSB first (`coding.encode`)."""
+    """uint8 bytes -> float mask values in {-1, 0, 1}, 4 per byte (`coding.unpack` in TensorFlow)."""
     return tf.reshape(tf.gather(tf.constant(_TERNARY), tf.cast(packed, tf.int32)), [-1])
 
 
@@ -219,10 +219,7 @@ class TaskBank:
             flat[offset:offset + mask.size] = mask
             offset += _aligned(mask.size)
         flat = np.concatenate([flat, np.unpackbits(np.array([uid], ">u2").view(np.uint8)).astype(np.int8)])
-        if kind == "ternary":
-            codes = (flat + 1).astype(np.uint8)
-            return kind, np.packbits(np.stack([codes >> 1, codes & 1], axis=-1).ravel())
-        return kind, np.packbits(flat.astype(bool))
+        return kind, coding.pack(flat, kind)
 
     @property
     def flat_size(self):
