@@ -319,3 +319,30 @@ def test_paper_protocol_from_the_cli_and_top5_in_metrics(tmp_path):
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     printed = json.loads(evaluate.stdout.splitlines()[-1])
     assert printed["accuracy"] == metrics["accuracy"] and printed["top5_error"] == metrics["top5_error"]
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_no_trainable_flag_a_user_can_touch_changes_the_backbone(train_bn):
+    """Flip every `trainable` flag a user could reach (the task model, the backbone, each layer,
+    each masked wrapper and the layer it wraps), train: the backbone's weights, BatchNormalization
+    statistics included, stay bit-identical, and only what the task owns is optimized."""
+    from tf_piggyback.trainer import epoch_batches, make_optimizers
+
+    backbone = pb.digits_backbone()
+    before = [w.numpy().copy() for w in backbone.weights]
+    model = pb.piggyback(backbone, 5, train_bn=train_bn)
+    model.trainable = True
+    backbone.trainable = True
+    for layer in [*model.layers, *backbone.layers]:
+        layer.trainable = True
+    for wrapper in pb.masked_layers(model):
+        wrapper.trainable = True
+        wrapper.layer.trainable = True
+    splits = pb.load_dataset("digits:upper")
+    pb.train(model, epoch_batches(splits.train.take(256), 32), pb.TrainConfig(epochs=1, head_lr=1e-2, mask_lr=1e-2),
+             log=lambda line: None)
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, backbone.weights))
+    trained = {w.path for _, group in make_optimizers(model, pb.TrainConfig(), 10) for w in group}
+    owned = {"head/kernel", "head/bias"} | ({f"bn{i}/{n}" for i in range(1, 5) for n in ("gamma", "beta")}
+                                            if train_bn else set())
+    assert trained == owned | {m.path for layer in pb.masked_layers(model) for m in layer.masks}

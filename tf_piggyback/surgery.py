@@ -29,6 +29,9 @@ class TaskSpec:
     backbone_fingerprint: str
     num_classes: int
     options: dict
+    # Names of the layers whose weights the task owns (the head; per-task BatchNormalization):
+    # what it trains besides its masks and what its file stores. Everything else is the backbone's.
+    owned: tuple = (HEAD_NAME,)
 
 
 def iter_layers(model):
@@ -43,6 +46,40 @@ def iter_layers(model):
 def masked_layers(model):
     """The `MaskedWrapper` layers of a task model, in graph order."""
     return [layer for layer in iter_layers(model) if isinstance(layer, MaskedWrapper)]
+
+
+def task_layers(model):
+    """The layers whose weights a task model owns: `TaskSpec.owned` for `piggyback` and
+    `classifier_only` models; every layer for a model without a spec (finetune)."""
+    spec = getattr(model, "task_spec", None)
+    layers = list(iter_layers(model))
+    return layers if spec is None else [layer for layer in layers if layer.name in set(spec.owned)]
+
+
+def freeze_backbone(model):
+    """Makes a task model train exactly what its task owns: its masks and owned layers
+    trainable, every other layer (and every masked layer's wrapped backbone layer) not; returns
+    how many backbone layers had been made trainable.
+
+    Keras propagates `trainable=True` to sublayers, so `model.trainable = True` or
+    `backbone.trainable = True` would otherwise let a step train backbone kernels and run its
+    BatchNormalization in training mode, updating its statistics. The backbone never changes
+    (§3: `W` is fixed, so tasks cannot interfere).
+    """
+    owned = set(model.task_spec.owned)
+    unfrozen = 0
+    for layer in iter_layers(model):
+        if isinstance(layer, MaskedWrapper):
+            layer.trainable = True  # its masks; Keras sets the wrapped layer too, undone next
+            layer, owned_layer = layer.layer, False
+        else:
+            owned_layer = layer.name in owned
+        if owned_layer:
+            layer.trainable = True
+        elif layer.trainable and layer.weights:
+            layer.trainable = False
+            unfrozen += 1
+    return unfrozen
 
 
 def mask_sparsity(masks):
@@ -174,7 +211,8 @@ def piggyback(
     model = _add_head(body, num_classes, name=f"piggyback_{backbone.name}")
     options = {**options, "train_bn": bool(train_bn), "feature_layer": feature_layer,
                "skip_unsupported": bool(skip_unsupported)}
-    model.task_spec = TaskSpec("piggyback", backbone.name, fingerprint(backbone), int(num_classes), options)
+    owned = (*(copy.name for copy, _ in bn_copies), HEAD_NAME)
+    model.task_spec = TaskSpec("piggyback", backbone.name, fingerprint(backbone), int(num_classes), options, owned)
     return model
 
 

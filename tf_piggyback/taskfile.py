@@ -23,7 +23,7 @@ import numpy as np
 from tf_piggyback import coding
 from tf_piggyback.binarizers import real_from_mask
 from tf_piggyback.fingerprint import check_backbone
-from tf_piggyback.surgery import classifier_only, iter_layers, mask_sparsity, masked_layers, piggyback
+from tf_piggyback.surgery import classifier_only, mask_sparsity, masked_layers, piggyback, task_layers
 
 FORMAT = "tf_piggyback.task"
 VERSION = 1
@@ -34,18 +34,10 @@ class TaskFileError(ValueError):
 
 
 def task_weights(model):
-    """The weights a task owns besides its masks: head, and BatchNormalization with `train_bn`.
-
-    Everything else in the model belongs to the shared backbone.
-    """
-    masks = {id(m) for layer in masked_layers(model) for m in layer.masks}
-    shared = {id(w) for layer in masked_layers(model) for w in layer.layer.weights}
-    owned = []
-    for layer in iter_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization) and not layer.trainable:
-            continue
-        owned += [w for w in layer.weights if w.trainable or isinstance(layer, keras.layers.BatchNormalization)]
-    return [w for w in owned if id(w) not in masks and id(w) not in shared]
+    """The weights a task owns besides its masks: head, and BatchNormalization with `train_bn`
+    (`TaskSpec.owned`), whatever their `trainable` flags say. Everything else in the model
+    belongs to the shared backbone."""
+    return [w for layer in task_layers(model) for w in layer.weights]
 
 
 def save_task(model, path, *, class_names=None, metrics=None):

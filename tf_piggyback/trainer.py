@@ -8,6 +8,7 @@ epochs, batch 32; the finetuning baseline uses SGD with momentum and lr 1e-3.
 
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 
@@ -15,7 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_piggyback.surgery import mask_sparsity, masked_layers
+from tf_piggyback.surgery import freeze_backbone, mask_sparsity, masked_layers
+from tf_piggyback.taskfile import task_weights
 
 METHODS = ("piggyback", "classifier", "finetune", "packnet")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -147,9 +149,10 @@ def make_optimizers(model, config, steps_per_epoch):
         sgd = keras.optimizers.SGD(_schedule(config.finetune_lr, config, steps_per_epoch), momentum=0.9)
         groups = [(sgd, list(model.trainable_variables))]
     else:
+        # What the task owns, never "everything trainable": the backbone stays out whatever its
+        # layers' trainable flags say (see `surgery.freeze_backbone`).
         masks = [m for layer in masked_layers(model) for m in layer.masks]
-        mask_ids = {id(m) for m in masks}
-        others = [v for v in model.trainable_variables if id(v) not in mask_ids]
+        others = [w for w in task_weights(model) if w.trainable]
         groups = [(keras.optimizers.Adam(_schedule(config.head_lr, config, steps_per_epoch)), others)]
         if masks:
             groups.insert(0, (keras.optimizers.Adam(_schedule(config.mask_lr, config, steps_per_epoch)), masks))
@@ -264,6 +267,11 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
             steps_per_epoch = int(first.reduce(0, lambda count, _: count + 1))
     if steps_per_epoch <= 0:
         raise ValueError("the training dataset is empty or of unknown size; give it a known, finite length")
+    if getattr(model, "task_spec", None) is not None:
+        unfrozen = freeze_backbone(model)
+        if unfrozen:
+            logging.warning("%d backbone layer(s) of %s had been set trainable; frozen again: a task trains only "
+                            "its masks, head and per-task BatchNormalization", unfrozen, model.name)
     with strategy.scope():
         groups = make_optimizers(model, config, steps_per_epoch)
         for optimizer, vs in groups:
