@@ -7,6 +7,10 @@ A SavedModel shows each task's name, classes, mask sparsity and the SHA-256 of t
 was exported from; a TFLite file its signatures and class counts.
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
 import json
 
 from absl import app, flags

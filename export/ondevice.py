@@ -7,6 +7,10 @@ probabilities, export_task() -> packed masks and head, reset()) with TFLite buil
 DIR/ondevice.json. Train it with scripts/train_on_device.py, or from an app.
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
 from absl import app, flags
 
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD

@@ -10,6 +10,10 @@ folder; `serving_default` is the first task) and `tasks` / `tasks_by_name`, whic
 and one task per example. `export/list_tasks.py` lists what an export holds.
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
 from absl import app, flags
 
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors

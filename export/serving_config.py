@@ -7,8 +7,11 @@ the folder name). Also writes `request.json` beside --output: a `predict` body w
 image of the first model's input shape.
 """
 
-import json
 import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
+import json
 
 import tensorflow as tf
 from absl import app, flags

@@ -8,6 +8,10 @@ task gives `serving_default`. Run it with
 `ai_edge_litert.interpreter.Interpreter(model_path=F).get_signature_runner(NAME)(image=x)`.
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
 from absl import app, flags
 
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors

@@ -8,6 +8,10 @@ python scripts/bench.py --preset=pipeline --dataset=folder:runs/wikiart_like --i
 Prints a table and writes --output (bench.json).
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
 import dataclasses
 import json
 

@@ -9,8 +9,11 @@ initialised backbone (Table 5) and on the device with LiteRT (§7); exports the 
 and `sparsity.png` (Fig. 3 style) under --out.
 """
 
-import json
 import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
+import json
 import subprocess
 import sys
 import time

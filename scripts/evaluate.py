@@ -4,6 +4,10 @@ python scripts/evaluate.py --backbone=digits --task=runs/demo/upper/piggyback/ta
     --dataset=digits:upper
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
 import json
 
 from absl import app, flags

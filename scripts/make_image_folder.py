@@ -11,6 +11,9 @@ runs/ (ignored by git).
 
 import os
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
+
 import numpy as np
 from absl import app, flags
 

@@ -9,6 +9,9 @@ line per run) and sparsity.png (per-layer sparsity of the piggyback tasks).
 
 import os
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
+
 from absl import app, flags
 
 from tf_piggyback.cli import user_errors

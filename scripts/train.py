@@ -13,6 +13,10 @@ every task so far), metrics.json and config.json; checkpoints every epoch, so re
 command after a crash resumes.
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
 from absl import app, flags
 
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD, MASK_TYPES

@@ -7,6 +7,10 @@ Prints loss and test accuracy per epoch and writes what the device learned as an
 file, which load_task and the export CLIs accept like any other.
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
+
 import time
 
 import numpy as np
