@@ -62,7 +62,7 @@ def define_flags():
                       "epoch, up to --cache_mb; the rest are decoded every epoch.")
     flags.DEFINE_integer("cache_mb", DEFAULT_CACHE_MB, "Memory budget of --cache in MiB (224 px RGB: 147 KiB an image).")
     flags.DEFINE_enum("precision", "float32", PRECISIONS, "float32, or mixed precision: mixed_float16 (GPUs; "
-                      "dynamic loss scaling) or mixed_bfloat16 (Ampere+ GPUs, TPUs, recent CPUs).")
+                      "dynamic loss scaling; one replica) or mixed_bfloat16 (Ampere+ GPUs, recent CPUs).")
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
     flags.DEFINE_enum("strategy", "default", STRATEGIES, "Distribution: default, mirrored, multi_worker (TF_CONFIG).")
     flags.DEFINE_integer("seed", 0, "Random seed of initialisation, batch order and augmentation.")

@@ -36,3 +36,17 @@ def tiny_backbone(name="tiny"):
             mean.assign(keras.random.normal(mean.shape) * 0.1)
             var.assign(keras.random.uniform(var.shape, 0.5, 1.5))
     return model
+
+
+def tflite_ops(path):
+    """Names of the operators in a `.tflite` file, read with TensorFlow's public model analyzer."""
+    import contextlib
+    import io
+    import re
+
+    import tensorflow as tf
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        tf.lite.experimental.Analyzer.analyze(model_path=path)
+    return set(re.findall(r"Op#\d+ (\w+)\(", text.getvalue()))

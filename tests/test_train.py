@@ -220,7 +220,8 @@ def test_loss_scaling_keeps_every_group_on_its_own_scale():
         make_train_step(model, groups, tf.distribute.get_strategy())(images, labels)
         adams = [getattr(optimizer, "inner_optimizer", optimizer) for optimizer, _ in groups]
         # Adam's first moment after one step is 0.1 * the gradient it was given
-        first_moments[precision] = [adam._momentums[0].numpy() for adam in adams]
+        first_moments[precision] = [next(v for v in adam.variables if v.name.endswith("momentum")).numpy()
+                                    for adam in adams]
     for mixed, plain in zip(first_moments["mixed_float16"], first_moments["float32"]):
         assert np.abs(mixed - plain).max() <= 0.05 * np.abs(plain).max()
 
