@@ -327,8 +327,10 @@ def test_no_trainable_flag_a_user_can_touch_changes_the_backbone(train_bn):
     """Flip every `trainable` flag a user could reach (the task model, the backbone, each layer,
     each masked wrapper and the layer it wraps), train: the backbone's weights, BatchNormalization
     statistics included, stay bit-identical, and only what the task owns is optimized."""
+    from tf_piggyback.surgery import freeze_backbone
     from tf_piggyback.trainer import epoch_batches, make_optimizers
 
+    assert freeze_backbone(pb.piggyback(pb.digits_backbone(), 5, train_bn=train_bn)) == 0  # nothing to refreeze
     backbone = pb.digits_backbone()
     before = [w.numpy().copy() for w in backbone.weights]
     model = pb.piggyback(backbone, 5, train_bn=train_bn)
@@ -343,6 +345,7 @@ def test_no_trainable_flag_a_user_can_touch_changes_the_backbone(train_bn):
     pb.train(model, epoch_batches(splits.train.take(256), 32), pb.TrainConfig(epochs=1, head_lr=1e-2, mask_lr=1e-2),
              log=lambda line: None)
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, backbone.weights))
+    assert freeze_backbone(model) == 0
     trained = {w.path for _, group in make_optimizers(model, pb.TrainConfig(), 10) for w in group}
     owned = {"head/kernel", "head/bias"} | ({f"bn{i}/{n}" for i in range(1, 5) for n in ("gamma", "beta")}
                                             if train_bn else set())

@@ -32,12 +32,12 @@ SPLIT_SEED = 0
 # tfds names whose test split has private labels (-1): evaluated on validation instead.
 PRIVATE_TEST_LABELS = ("visual_domain_decathlon",)
 DEFAULT_CACHE_MB = 1024  # training images kept in memory (uint8) by default; the rest stream
-LABEL_CHECK = 64
+LABEL_CHECK = 64  # labels read from each tfds split to refuse one without labels
 PROTOCOLS = ("simple", "paper")
 # The paper's protocol (see `load_dataset`): tfds datasets cropped to their bounding boxes, and
 # those trained on train + validation.
 BOXED = ("caltech_birds2011", "cars196")
-TRAIN_PLUS_VALIDATION = ("oxford_flowers102",)  # labels read from each tfds split to refuse one without labels
+TRAIN_PLUS_VALIDATION = ("oxford_flowers102",)
 
 
 @functools.lru_cache(maxsize=1)

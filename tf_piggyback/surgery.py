@@ -70,11 +70,10 @@ def freeze_backbone(model):
     unfrozen = 0
     for layer in iter_layers(model):
         if isinstance(layer, MaskedWrapper):
-            layer.trainable = True  # its masks; Keras sets the wrapped layer too, undone next
-            layer, owned_layer = layer.layer, False
-        else:
-            owned_layer = layer.name in owned
-        if owned_layer:
+            unfrozen += int(layer.layer.trainable)
+            layer.trainable = True  # its masks; Keras sets the wrapped layer too, so then:
+            layer.layer.trainable = False
+        elif layer.name in owned:
             layer.trainable = True
         elif layer.trainable and layer.weights:
             layer.trainable = False

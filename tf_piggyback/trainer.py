@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_piggyback.datasets import paper_scale
 from tf_piggyback.surgery import freeze_backbone, mask_sparsity, masked_layers
 from tf_piggyback.taskfile import task_weights
 
@@ -114,7 +115,7 @@ def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=Non
     if buffer_size is None:
         shape = examples.element_spec[0].shape
         if crop_to is not None:
-            shape = tf.TensorShape([int(round(d * 256 / 224)) for d in crop_to[:2]] + [crop_to[-1]])
+            shape = tf.TensorShape([paper_scale(crop_to)] * 2 + [crop_to[-1]])  # what it is cropped from
         image_bytes = 4 * int(np.prod(shape)) if shape.is_fully_defined() else 1
         buffer_size = int(min(MAX_SHUFFLE_BUFFER, max(batch_size, SHUFFLE_BUFFER_BYTES // image_bytes)))
 
