@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from tf_piggyback import coding
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD, real_from_mask, threshold_mask
-from tf_piggyback.fingerprint import check_backbone, fingerprint
+from tf_piggyback.fingerprint import check_backbone
 from tf_piggyback.surgery import masked_layers, piggyback
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
 
