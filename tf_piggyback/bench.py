@@ -216,9 +216,11 @@ def _peak_ram(method, config):
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _vm_hwm():
+def memory_bytes(field="VmRSS"):
+    """This process's memory from `/proc/self/status` (Linux), in bytes: `VmRSS` (resident now)
+    or `VmHWM` (the resident peak)."""
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(f"{field}:"))
 
 
 def ram_child(method, config):
@@ -235,7 +237,7 @@ def ram_child(method, config):
     step = train_step(model, method, config)
     for _ in range(3):
         step()
-    return _vm_hwm()
+    return memory_bytes("VmHWM")
 
 
 def markdown(rows):

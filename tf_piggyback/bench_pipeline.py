@@ -11,15 +11,11 @@ import time
 import numpy as np
 
 
-def _peak_rss():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-
-
 def run(config, image_shape, epochs=1, log=print):
     """Iterates `epochs` epochs of the training batches of `config` (an `experiment.RunConfig`);
     returns the row dict (keys `pipeline_images_per_s`, `pipeline_peak_rss_bytes`,
     `pipeline_classes_per_batch`, ...) that `bench.json` holds."""
+    from tf_piggyback.bench import memory_bytes
     from tf_piggyback.experiment import input_pipeline
 
     start = time.perf_counter()
@@ -36,7 +32,7 @@ def run(config, image_shape, epochs=1, log=print):
     return {"dataset": config.dataset, "image_shape": list(image_shape), "batch_size": config.train.batch_size,
             "cache_mb": config.cache_mb if config.cache else 0, "epochs": epochs, "train_size": splits.train_size,
             "classes": len(splits.class_names), "pipeline_images_per_s": images / seconds,
-            "pipeline_peak_rss_bytes": _peak_rss(), "pipeline_classes_per_batch": float(np.mean(classes)),
+            "pipeline_peak_rss_bytes": memory_bytes("VmHWM"), "pipeline_classes_per_batch": float(np.mean(classes)),
             "seconds": seconds}
 
 

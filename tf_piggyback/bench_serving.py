@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from tf_piggyback.bench import memory_bytes
+
 SERVING_CHILD = """
 import json, sys
 from tf_piggyback import bench_serving
@@ -39,11 +41,6 @@ class ServingConfig:
     repeats: int = 3
     calls: int = 7
     workdir: str = os.path.join("runs", "bench_serving")
-
-
-def _rss():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
 def random_tasks(backbone, count, folder, num_classes=10, log=print):
@@ -79,7 +76,7 @@ def serving_child(path, tasks, batch_sizes, calls, image_shape, per_task=True):
 
     start = time.perf_counter()
     loaded = tf.saved_model.load(path)
-    result = {"load_s": time.perf_counter() - start, "rss_loaded": _rss()}
+    result = {"load_s": time.perf_counter() - start, "rss_loaded": memory_bytes()}
     rng = np.random.default_rng(0)
     images = {b: tf.constant(rng.uniform(0, 255, (b, *image_shape)).astype("float32")) for b in batch_sizes}
     multi = len(tasks) > 1
@@ -103,7 +100,7 @@ def serving_child(path, tasks, batch_sizes, calls, image_shape, per_task=True):
             result[f"cold_b{batch}_s"] = float(np.median([call(index, batch) for index in others]))
     for index in range(len(tasks)):
         call(index, batch_sizes[0])
-    result["rss_all_called"] = _rss()
+    result["rss_all_called"] = memory_bytes()
     if multi and per_task:
         firsts = []
         for name in tasks:
@@ -111,7 +108,7 @@ def serving_child(path, tasks, batch_sizes, calls, image_shape, per_task=True):
             loaded.signatures[name](image=images[batch_sizes[0]])["logits"].numpy()
             firsts.append(time.perf_counter() - begin)
         result["signature_first_call_s"] = float(np.median(firsts))
-        result["rss_all_signatures"] = _rss()
+        result["rss_all_signatures"] = memory_bytes()
     return result
 
 
@@ -162,7 +159,7 @@ def tflite_child(path, names, image_shape, calls):
         begin = time.perf_counter()
         first(image=image)
         warm.append(time.perf_counter() - begin)
-    return {**result, "first_call_s": float(np.median(firsts)), "warm_b1_s": float(np.median(warm)), "rss": _rss()}
+    return {**result, "first_call_s": float(np.median(firsts)), "warm_b1_s": float(np.median(warm)), "rss": memory_bytes()}
 
 
 def tflite_rows(backbone, paths, config, log=print):
