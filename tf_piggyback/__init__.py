@@ -8,9 +8,11 @@ Example:
 >>> backbone = pb.digits_backbone()
 >>> model = pb.piggyback(backbone, num_classes=5)
 >>> # ... train model (pb.train), then:
->>> pb.save_task(model, "upper/task.npz")
+>>> manifest = pb.save_task(model, "upper/task.npz")
 >>> same = pb.load_task("upper/task.npz", pb.digits_backbone())
 >>> plain = pb.bake(same)
+>>> [layer for layer in plain.layers if "Masked" in type(layer).__name__]
+[]
 """
 
 from tf_piggyback.backbones import digits_backbone, load_backbone

@@ -83,8 +83,11 @@ def digits_backbone(weights="pretrained"):
     """The digits backbone, with the shipped pretrained weights or (`weights=None`) random ones.
 
     Example:
+    >>> import tf_piggyback as pb
     >>> backbone = digits_backbone()
-    >>> model = tf_piggyback.piggyback(backbone, num_classes=5)
+    >>> model = pb.piggyback(backbone, num_classes=5)
+    >>> backbone.input_shape
+    (None, 32, 32, 1)
     """
     model = build_digits_backbone()
     if weights == "pretrained":

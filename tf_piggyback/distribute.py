@@ -16,6 +16,8 @@ def make_strategy(name="default"):
 
     Example:
     >>> strategy = make_strategy("mirrored")
+    >>> strategy.num_replicas_in_sync >= 1
+    True
     """
     if name == "default":
         return tf.distribute.get_strategy()

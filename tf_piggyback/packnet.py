@@ -55,9 +55,19 @@ class PackNet:
         feature_layer: as for `piggyback`.
 
     Example:
-    >>> pack = PackNet(backbone)
-    >>> pack.add_task(train_fn, num_classes=5)       # trains, prunes, retrains
+    >>> import tf_piggyback as pb
+    >>> from tf_piggyback.trainer import epoch_batches, train
+    >>> pack = PackNet(pb.digits_backbone())
+    >>> examples = pb.load_dataset("digits:upper").train.take(64)
+    >>> def fit(model, phase):                       # phase "train", then "retrain"
+    ...     config = pb.TrainConfig(method="packnet", epochs=1)
+    ...     _ = train(model, epoch_batches(examples, 32), config, log=lambda line: None,
+    ...               gradient_masks=pack.gradient_masks())
+    >>> pack.add_task(fit, num_classes=5)            # trains, prunes, retrains
+    1
     >>> model = pack.task_model(1)                   # a plain Keras model for task 1
+    >>> model.output_shape
+    (None, 5)
     """
 
     def __init__(self, backbone, prune=DEFAULT_PRUNE, *, backbone_prune=DEFAULT_BACKBONE_PRUNE, feature_layer=None,

@@ -176,6 +176,8 @@ def piggyback(
     >>> backbone = keras.applications.MobileNetV2(
     ...     weights=None, include_top=False, pooling="avg", input_shape=(96, 96, 3))
     >>> model = piggyback(backbone, num_classes=10)
+    >>> model.output_shape
+    (None, 10)
 
     Reference: §3 (masking), §5.3 (per-task batchnorm).
     """
@@ -251,7 +253,10 @@ def bake(model):
     exported without this library. Unmasked layers are shared with `model`.
 
     Example:
-    >>> plain = bake(piggyback(backbone, num_classes=10))
+    >>> import tf_piggyback as pb
+    >>> plain = bake(piggyback(pb.digits_backbone(), num_classes=10))
+    >>> any(isinstance(layer, MaskedWrapper) for layer in plain.layers)
+    False
 
     Reference: §3, last paragraph: after training only the thresholded masks are kept.
     """

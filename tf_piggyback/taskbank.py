@@ -101,10 +101,14 @@ class TaskBank:
         slots: how many tasks' masked kernels are kept unpacked (floats) at once; >= 1.
 
     Example:
+    >>> import numpy as np, tf_piggyback as pb
+    >>> manifest = pb.save_task(pb.piggyback(pb.digits_backbone(), num_classes=5), "upper/task.npz")
     >>> bank = TaskBank(pb.digits_backbone(), slots=2)
     >>> bank.add("upper/task.npz")
     'upper'
-    >>> logits = bank.predict(images, task="upper")
+    >>> images = np.zeros((4, 32, 32, 1), np.float32)
+    >>> bank.predict(images, task="upper").shape
+    (4, 5)
 
     Reference: §3 and §5 (one backbone, a mask per task).
     """

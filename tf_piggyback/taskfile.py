@@ -53,7 +53,12 @@ def save_task(model, path, *, class_names=None, metrics=None):
         The manifest dict that was written.
 
     Example:
-    >>> save_task(model, "birds/task.npz", class_names=names, metrics={"accuracy": acc})
+    >>> import tf_piggyback as pb
+    >>> model = pb.piggyback(pb.digits_backbone(), num_classes=3)
+    >>> manifest = save_task(model, "birds/task.npz", class_names=["jay", "owl", "wren"],
+    ...                      metrics={"accuracy": 0.93})
+    >>> manifest["class_names"]
+    ['jay', 'owl', 'wren']
     """
     spec = getattr(model, "task_spec", None)
     if spec is None:
@@ -186,7 +191,11 @@ def load_task(path, backbone):
         TaskFileError: missing, truncated, corrupted or foreign file, or another backbone.
 
     Example:
-    >>> model = load_task("birds/task.npz", backbone)
+    >>> import tf_piggyback as pb
+    >>> manifest = save_task(pb.piggyback(pb.digits_backbone(), num_classes=3), "birds/task.npz")
+    >>> model = load_task("birds/task.npz", pb.digits_backbone())
+    >>> model.output_shape
+    (None, 3)
     """
     manifest, arrays = read_task(path)
     check_backbone(backbone, manifest, path, TaskFileError)
