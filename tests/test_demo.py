@@ -62,9 +62,10 @@ def test_demo_packnet_results_depend_on_task_order(demo):
         for task in ("upper", "inverted"):
             with open(os.path.join(out, "packnet", order, task, "metrics.json")) as f:
                 packnet[order, task] = json.load(f)["accuracy"]
-    # the same task, trained with the same seed, differs with its position in the order
-    assert packnet["upper_then_inverted", "inverted"] != packnet["inverted_then_upper", "inverted"]
-    assert packnet["upper_then_inverted", "upper"] != packnet["inverted_then_upper", "upper"]
+    # README: the same task, trained with the same seed, does worse when added second (here by 7-9
+    # points at the test's epochs, 2-3 at the demo's), as PackNet does in the paper's Table 2
+    assert packnet["upper_then_inverted", "upper"] > packnet["inverted_then_upper", "upper"], packnet
+    assert packnet["inverted_then_upper", "inverted"] > packnet["upper_then_inverted", "inverted"], packnet
 
 
 def test_demo_writes_report_plot_and_reloadable_tasks(demo):
