@@ -51,6 +51,9 @@ def define_flags():
     flags.DEFINE_string("feature_layer", None, "The backbone layer whose output feeds the head (default: its output).")
     flags.DEFINE_bool("skip_unsupported", False, "Keep layers whose kernels cannot be masked (e.g. Conv2DTranspose) "
                       "frozen and unmasked instead of stopping.")
+    flags.DEFINE_string("mask_from", None, "Learn masks only from this backbone layer on (e.g. conv4_block1_0_conv "
+                        "in ResNet50): the layers before it stay the backbone's and get no backward pass, a faster "
+                        "step with less memory (default: mask every layer; see BUILD.md for the trade-off).")
     flags.DEFINE_float("prune", DEFAULT_PRUNE, "PackNet: fraction of each layer's weights freed after a task.")
     flags.DEFINE_string("packnet_base", "", "PackNet: the --model_dir of the previous task's PackNet run "
                         "(empty: a new pack on the backbone).")
@@ -82,6 +85,7 @@ def config_from_flags():
                      dataset=FLAGS.dataset, threshold=FLAGS.threshold, mask_init=FLAGS.mask_init,
                      mask_scale=FLAGS.mask_scale, mask_type=FLAGS.mask_type, train_bn=FLAGS.train_bn,
                      feature_layer=FLAGS.feature_layer, skip_unsupported=FLAGS.skip_unsupported,
+                     mask_from=FLAGS.mask_from,
                      prune=validate_prune(FLAGS.prune), packnet_base=FLAGS.packnet_base, augment=FLAGS.augment,
                      protocol=FLAGS.protocol,
                      cache=FLAGS.cache, cache_mb=FLAGS.cache_mb, split_seed=FLAGS.split_seed, train=train)

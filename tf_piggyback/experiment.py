@@ -38,6 +38,8 @@ class RunConfig:
     train_bn: bool = False
     feature_layer: str = None
     skip_unsupported: bool = False
+    # Learn masks only from this layer on (surgery.piggyback): a faster step, less activation memory.
+    mask_from: str = None
     prune: float = DEFAULT_PRUNE
     packnet_base: str = ""
     augment: bool = False
@@ -76,10 +78,13 @@ def _pack(config, backbone):
 def build_model(config, backbone, num_classes):
     """The task model for `config.train.method` over `backbone`."""
     method = config.train.method
+    if config.mask_from and method != "piggyback":
+        raise ValueError(f"--mask_from applies to --method=piggyback only. Received: method={method!r}")
     if method == "piggyback":
         return piggyback(backbone, num_classes, threshold=config.threshold, mask_init=config.mask_init,
                          mask_scale=config.mask_scale, mask_type=config.mask_type, train_bn=config.train_bn,
-                         feature_layer=config.feature_layer, skip_unsupported=config.skip_unsupported)
+                         feature_layer=config.feature_layer, skip_unsupported=config.skip_unsupported,
+                         mask_from=config.mask_from)
     if method == "classifier":
         return classifier_only(backbone, num_classes, feature_layer=config.feature_layer)
     return finetune(backbone, num_classes, feature_layer=config.feature_layer)

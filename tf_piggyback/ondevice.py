@@ -216,7 +216,8 @@ def build_ondevice_module(backbone, num_classes, batch_size, optimizer="adam", m
         batch_size: the `train` signature's static batch size.
         optimizer: `"adam"` (§4) or `"sgd"` (momentum 0.9).
         mask_lr, head_lr: learning rates of the masks and of the head (constant).
-        **options: `piggyback` options (threshold, mask_init, mask_scale); binary masks, no train_bn.
+        **options: `piggyback` options (threshold, mask_init, mask_scale, mask_from); binary masks, no
+            train_bn.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}. Received: optimizer={optimizer!r}")
@@ -252,7 +253,7 @@ def export_ondevice(backbone, num_classes, batch_size, output_dir, **kwargs):
     spec = model.task_spec
     config = {"backbone": {"name": spec.backbone_name, "fingerprint": spec.backbone_fingerprint},
               "num_classes": int(num_classes), "batch_size": batch_size, "image_size": list(model.inputs[0].shape[1:]),
-              "options": {k: spec.options[k] for k in ("threshold", "mask_init", "mask_scale", "train_bn")},
+              "options": {k: spec.options[k] for k in ("threshold", "mask_init", "mask_scale", "train_bn", "mask_from")},
               "optimizer": module.optimizer, "mask_lr": module.learning_rates[0],
               "head_lr": module.learning_rates[-1]}
     write_atomic(os.path.join(output_dir, MODEL_FILE), lambda f: f.write(flatbuffer))

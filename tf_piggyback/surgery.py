@@ -120,6 +120,21 @@ def feature_model(backbone, feature_layer=None):
     return backbone
 
 
+def _upstream_layers(features, mask_from):
+    """`{id(layer)}` of the layers that compute `mask_from`'s input (none without `mask_from`)."""
+    if mask_from is None:
+        return set()
+    try:
+        layer = features.get_layer(mask_from)
+    except ValueError:
+        raise ValueError(f"mask_from {mask_from!r} is not a layer of backbone {features.name!r}") from None
+    if not _has_kernel(layer):
+        raise ValueError(f"mask_from {mask_from!r} is a {type(layer).__name__}, which has no kernel to mask; "
+                         "name the first layer to mask, e.g. a convolution")
+    upstream = keras.Model(features.inputs, layer.input)  # exactly the layers upstream of it
+    return {id(each) for each in iter_layers(upstream)}
+
+
 _POOLING = {3: keras.layers.GlobalAveragePooling1D, 4: keras.layers.GlobalAveragePooling2D,
             5: keras.layers.GlobalAveragePooling3D}
 
@@ -149,6 +164,7 @@ def piggyback(
     train_bn=False,
     feature_layer=None,
     skip_unsupported=False,
+    mask_from=None,
 ):
     """Wraps every Conv / DepthwiseConv2D / SeparableConv2D / Dense kernel with a mask.
 
@@ -167,6 +183,11 @@ def piggyback(
         feature_layer: optional name of the backbone layer that feeds the head.
         skip_unsupported: keep layers with kernels this library cannot mask (e.g.
             `Conv2DTranspose`) frozen and unmasked instead of raising.
+        mask_from: optional name of a backbone layer: learn masks only from it on. Every
+            layer its input is computed from stays the backbone's, unmasked and shared, so
+            the backward pass stops there (§5.2 and Fig. 3: the first layers change least).
+            In a ResNet, `"conv4_block1_0_conv"` (or any conv4_block1 layer) masks stages 4
+            and 5, shortcut included. Default: mask every layer.
 
     Returns:
         An uncompiled `keras.Model` whose only trainable weights are the masks, the head
@@ -182,10 +203,11 @@ def piggyback(
     Reference: §3 (masking), §5.3 (per-task batchnorm).
     """
     features = feature_model(backbone, feature_layer)
+    kept = _upstream_layers(features, mask_from)
     unsupported = [
         f"{layer.name} ({type(layer).__name__})"
         for layer in iter_layers(features)
-        if _has_kernel(layer) and wrapper_for(layer) is None
+        if _has_kernel(layer) and wrapper_for(layer) is None and id(layer) not in kept
     ]
     if unsupported and not skip_unsupported:
         raise ValueError(
@@ -196,6 +218,9 @@ def piggyback(
     bn_copies = []
 
     def clone(layer):
+        if id(layer) in kept:
+            layer.trainable = False
+            return layer
         cls = wrapper_for(layer)
         if cls is not None:
             return cls(layer, **options)
@@ -211,7 +236,7 @@ def piggyback(
         copy.set_weights(layer.get_weights())
     model = _add_head(body, num_classes, name=f"piggyback_{backbone.name}")
     options = {**options, "train_bn": bool(train_bn), "feature_layer": feature_layer,
-               "skip_unsupported": bool(skip_unsupported)}
+               "skip_unsupported": bool(skip_unsupported), "mask_from": mask_from}
     owned = (*(copy.name for copy, _ in bn_copies), HEAD_NAME)
     model.task_spec = TaskSpec("piggyback", backbone.name, fingerprint(backbone), int(num_classes), options, owned)
     return model

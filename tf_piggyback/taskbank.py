@@ -77,8 +77,8 @@ class BankTask:
         name: signature / lookup name.
         uid: an id never reused in this bank (slots are tagged with it, `ID_WEIGHTS`).
         kind: "none" (classifier-only), "binary" or "ternary".
-        packed: the masks over the bank's flat kernel layout, packed, then the bits of `uid`
-            (for the `ALIGN` entries at the end of a slot).
+        masks: `{backbone kernel path: its mask packed (`coding.pack`), padded to ALIGN values}`;
+            a kernel the task does not mask (`mask_from`) is absent: all ones in the bank.
         own: `{backbone variable path: value}` for per-task BatchNormalization.
         head: `(kernel [F, C], bias [C])`.
         info: manifest summary for listings (classes, sparsity, source file SHA-256).
@@ -87,7 +87,7 @@ class BankTask:
     name: str
     uid: int
     kind: str
-    packed: np.ndarray
+    masks: dict
     own: dict
     head: tuple
     info: dict
@@ -122,8 +122,7 @@ class TaskBank:
         self._tasks = []
         self._next_uid = 0
         self._feature_layer = None
-        self._kernel_paths = None  # backbone variable paths with masks, in the bank's flat order
-        self._kernel_shapes = []
+        self._variables = {}  # path -> shape of the feature model's variables, in its order
         self._module = None
 
     # ---- the set of tasks -------------------------------------------------------------------
@@ -155,10 +154,11 @@ class TaskBank:
                 f"{self._feature_layer!r}; a bank holds tasks over one feature model")
         self._feature_layer = feature_layer
         variables = {v.path: v for v in feature_model(self.backbone, feature_layer).variables}
+        self._variables = {p: tuple(v.shape) for p, v in variables.items()}
         if self._next_uid > MAX_UID:
             raise ValueError(f"this bank has been given {MAX_UID + 1:,} tasks, as many as its slot ids tell apart; "
                              "make a new TaskBank")
-        kind, packed = self._pack_masks(path, manifest, arrays, variables, self._next_uid)
+        kind, masks = self._pack_masks(path, manifest, arrays, variables)
         own = {}
         weights = manifest["weights"]
         for i, entry in enumerate(weights):
@@ -177,8 +177,8 @@ class TaskBank:
             digest = hashlib.sha256(f.read()).hexdigest()
         info = {"num_classes": int(manifest["num_classes"]), "class_names": manifest.get("class_names"),
                 "method": manifest["method"], "mask_type": kind, "sparsity": float(manifest.get("sparsity", 0.0)),
-                "image_size": manifest.get("image_size"), "packed_bytes": int(packed.size), "source_sha256": digest}
-        self._tasks.append(BankTask(name, self._next_uid, kind, packed, own, head, info))
+                "image_size": manifest.get("image_size"), "packed_bytes": sum(m.size for m in masks.values()), "source_sha256": digest}
+        self._tasks.append(BankTask(name, self._next_uid, kind, masks, own, head, info))
         self._next_uid += 1
         self._module = None
         return name
@@ -199,36 +199,46 @@ class TaskBank:
         except ValueError:
             raise ValueError(f"no task named {name!r}; the bank has {', '.join(self.names) or 'no tasks'}") from None
 
-    def _pack_masks(self, path, manifest, arrays, variables, uid):
+    def _pack_masks(self, path, manifest, arrays, variables):
+        """`(kind, BankTask.masks)` of a task file's masks."""
         layers = manifest["layers"]
         if not layers:
-            return "none", np.zeros(0, np.uint8)
-        paths = [entry["name"] for entry in layers]
-        if self._kernel_paths is None:
-            missing = [p for p in paths if p not in variables]
-            if missing:
-                raise TaskFileError(f"{path!r} masks {missing[0]}, which the backbone does not have")
-            self._kernel_paths = paths
-            self._kernel_shapes = [tuple(variables[p].shape) for p in paths]
-        elif paths != self._kernel_paths:
-            raise TaskFileError(f"{path!r} masks other layers than the bank's tasks do")
+            return "none", {}
         kind = manifest["options"].get("mask_type", "binary")
-        flat = np.zeros(self.flat_size, np.int8)
-        offset = 0
-        for entry, shape in zip(layers, self._kernel_shapes):
+        masks = {}
+        for entry in layers:
+            if entry["name"] not in variables:
+                raise TaskFileError(f"{path!r} masks {entry['name']}, which the backbone does not have")
+            shape = tuple(variables[entry["name"]].shape)
             if tuple(entry["shape"]) != shape:
                 raise TaskFileError(f"{path!r}: {entry['name']} has shape {tuple(entry['shape'])}, the backbone's {shape}")
             payload = arrays["masks"][entry["offset"]:entry["offset"] + entry["nbytes"]].tobytes()
             mask = coding.decode(payload, entry, shape).ravel()
-            flat[offset:offset + mask.size] = mask
-            offset += _aligned(mask.size)
-        flat = np.concatenate([flat, np.unpackbits(np.array([uid], ">u2").view(np.uint8)).astype(np.int8)])
-        return kind, coding.pack(flat, kind)
+            masks[entry["name"]] = coding.pack(np.pad(mask, (0, _aligned(mask.size) - mask.size)), kind)
+        return kind, masks
+
+    @property
+    def kernel_paths(self):
+        """The kernels any task masks, in the backbone's order: the bank's flat slot layout.
+        The same set of tasks gives the same layout in any order."""
+        masked = {p for t in self._tasks for p in t.masks}
+        return [p for p in self._variables if p in masked]
 
     @property
     def flat_size(self):
         """Floats in one slot's kernel layout (each kernel aligned), without the id entries."""
-        return sum(_aligned(int(np.prod(s))) for s in self._kernel_shapes)
+        return sum(_aligned(int(np.prod(self._variables[p]))) for p in self.kernel_paths)
+
+    def packed(self, task):
+        """`task`'s masks over the bank's layout, packed: each kernel's (all ones where the task
+        does not mask it), then the bits of its uid (the `ALIGN` entries at the end of a slot)."""
+        if task.kind == "none":
+            return np.zeros(0, np.uint8)
+        segments = [task.masks[p] if p in task.masks else
+                    coding.pack(np.ones(_aligned(int(np.prod(self._variables[p]))), np.int8), task.kind)
+                    for p in self.kernel_paths]
+        uid = np.unpackbits(np.array([task.uid], ">u2").view(np.uint8)).astype(np.int8)
+        return np.concatenate(segments + [coding.pack(uid, task.kind)])
 
     # ---- serving ----------------------------------------------------------------------------
     @property
@@ -307,7 +317,7 @@ class BankModule(tf.Module):
         # read, every call passes their values (stateless_call).
         self.__dict__["_template"] = template
         tasks = bank._tasks
-        kernel_paths = bank._kernel_paths or []
+        kernel_paths = bank.kernel_paths
         own_paths = sorted({p for t in tasks for p in t.own}, key=[v.path for v in template.variables].index)
         by_path = {v.path: v for v in template.variables}
         values = {p: np.asarray(keras.ops.convert_to_numpy(v), np.float32) for p, v in by_path.items()}
@@ -349,8 +359,9 @@ class BankModule(tf.Module):
                                    + [t.head[0].ravel(), t.head[1].ravel()]) for t in tasks]
         self.own = tf.Variable(np.concatenate(segments), trainable=False, name="own")
         self.own_offsets = tf.Variable(np.cumsum([0] + [s.size for s in segments]), trainable=False, dtype=tf.int64)
-        self.packed = tf.Variable(np.concatenate([t.packed for t in tasks]), trainable=False, name="packed")
-        self.packed_offsets = tf.Variable(np.cumsum([0] + [t.packed.size for t in tasks]), trainable=False,
+        packed = [bank.packed(t) for t in tasks]
+        self.packed = tf.Variable(np.concatenate(packed), trainable=False, name="packed")
+        self.packed_offsets = tf.Variable(np.cumsum([0] + [p.size for p in packed]), trainable=False,
                                           dtype=tf.int64)
         self.kinds = tf.Variable([KINDS[t.kind] for t in tasks], trainable=False, dtype=tf.int32)
         self.uids = tf.Variable([float(t.uid) for t in tasks], trainable=False, dtype=tf.float32)

@@ -193,7 +193,11 @@ def make_train_step(model, groups, strategy, jit_compile=None, gradient_masks=No
     scaler = groups[0][0] if isinstance(groups[0][0], keras.optimizers.LossScaleOptimizer) else None
 
     def step(images, labels):
-        with tf.GradientTape() as tape:
+        # Only what is trained is watched. Keras' frozen weights are still trainable
+        # tf.Variables, which a default tape watches: it would record the frozen backbone's
+        # layers too (all of them upstream of `mask_from`) and differentiate through them.
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([v.value for v in variables])
             logits = tf.cast(model(images, training=True), tf.float32)  # float16/bfloat16 under mixed precision
             per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
             loss = tf.nn.compute_average_loss(per_example)
