@@ -1,7 +1,8 @@
 """Benchmarks: piggyback's costs as ratios measured side by side in one run (DESIGN 3.6).
 
 python scripts/bench.py --preset=cpu            # a few minutes on 2 cores
-python scripts/bench.py --preset=gpu            # ResNet50, 224 px, batch 16, XLA, mixed_float16
+python scripts/bench.py --preset=train          # the train step: piggyback vs its floor, finetune, mask_from
+python scripts/bench.py --preset=gpu            # cpu's and train's rows: ResNet50, 224 px, batch 32, XLA
 python scripts/bench.py --preset=serving        # 1, 10, 100 ResNet50 tasks in one SavedModel
 python scripts/bench.py --preset=pipeline --dataset=folder:runs/wikiart_like --image_size=224
 
@@ -30,11 +31,15 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     flags.DEFINE_enum("preset", "cpu", [*bench.PRESETS, "serving", "pipeline"],
-                      "cpu (small, fast), gpu (the paper's sizes), serving (many tasks in one SavedModel) or "
-                      "pipeline (one epoch of train.py's input, no model).")
+                      "cpu (small, fast), train (the train step at 160 px: floor, finetune, mask_from, profile), "
+                      "gpu (cpu's and train's rows at the paper's sizes), serving (many tasks in one SavedModel) "
+                      "or pipeline (one epoch of train.py's input, no model).")
     flags.DEFINE_string("model", None, "keras.applications backbone (preset: ResNet50).")
-    flags.DEFINE_integer("image_size", None, "Input size (preset: 64 on cpu, 224 on gpu, 128 for serving).")
-    flags.DEFINE_integer("batch_size", None, "Batch size (preset: 8 on cpu, 16 on gpu).")
+    flags.DEFINE_integer("image_size", None, "Input size (preset: 64 on cpu, 160 on train, 224 on gpu, 128 for "
+                         "serving).")
+    flags.DEFINE_integer("batch_size", None, "Batch size (preset: 8 on cpu, 16 on train, 32 on gpu).")
+    flags.DEFINE_string("mask_from", None, "train, gpu: the fast mode's first masked layer "
+                        "(default conv4_block1_0_conv: ResNet50's stages 4 and 5).")
     flags.DEFINE_integer("repeats", None, "Timed repeats after warm-up (serving: fresh processes per model).")
     flags.DEFINE_bool("jit_compile", None, "XLA for the train steps (preset: off on cpu, on on gpu).")
     flags.DEFINE_enum("mixed_precision", None, ["mixed_float16", "mixed_bfloat16"],
@@ -92,11 +97,13 @@ def main(argv):
         config, rows = _serving()
     else:
         settings = dict(bench.PRESETS[FLAGS.preset])
-        for name in ("model", "image_size", "batch_size", "repeats", "jit_compile", "mixed_precision"):
+        for name in ("model", "image_size", "batch_size", "repeats", "jit_compile", "mixed_precision", "mask_from"):
             if getattr(FLAGS, name) is not None:
                 settings[name] = getattr(FLAGS, name)
         config = bench.BenchConfig(**settings)
-        rows = bench.run(config)
+        rows = [] if FLAGS.preset == "train" else bench.run(config)
+        if FLAGS.preset != "cpu":
+            rows += bench.run_train(config)
         print("\n" + bench.markdown(rows))
     payload = {"config": dataclasses.asdict(config), "rows": rows}
     write_atomic(FLAGS.output, lambda f: f.write(json.dumps(payload, indent=2).encode()))

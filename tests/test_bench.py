@@ -11,3 +11,19 @@ def test_bench_runs_every_figure():
     for row in rows:
         assert row["median"] > 0 and (row["ratio"] is None or row["ratio"] > 0), row
     assert "| switching task" in bench.markdown(rows)
+
+
+def test_train_preset_rows_and_profile():
+    config = bench.BenchConfig(model="digits", batch_size=4, repeats=1, warmup=1, mask_from="conv3")
+    rows = bench.run_train(config, log=lambda line: None)
+    figures = [row["figure"] for row in rows]
+    assert figures == ["train step, piggyback / floor (convolutions alone)", "train step, piggyback / finetune",
+                       "train step, mask_from=conv3 / piggyback", "peak RAM while training, mask_from=conv3 / piggyback",
+                       "profile of one piggyback step: self time by op type"]
+    assert all(row["ratio"] > 0 for row in rows[:4])
+    ops = {op["op"]: op["share"] for op in rows[-1]["ops"]}
+    # the convolutions and their backward pass are where a step goes, even on this tiny network
+    assert any(op.endswith("Conv2D") or "Conv2DBackprop" in op for op in ops), ops
+    assert 0 < sum(ops.values()) <= 1.0 + 1e-9
+    table = bench.markdown(rows)
+    assert "| op | self time | share |" in table and "| train step, piggyback / floor" in table

@@ -5,7 +5,9 @@ SavedModel signatures on the same random input; both sides of a ratio are called
 after round, so they see the same machine state.
 """
 
+import collections
 import dataclasses
+import glob
 import json
 import os
 import subprocess
@@ -13,13 +15,14 @@ import sys
 import tempfile
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from tf_piggyback import coding
 from tf_piggyback.backbones import load_backbone
 from tf_piggyback.export import _outputs, _signature, export_saved_model
-from tf_piggyback.surgery import classifier_only, finetune, masked_layers, piggyback
+from tf_piggyback.surgery import _add_head, classifier_only, feature_model, finetune, masked_layers, piggyback
 from tf_piggyback.taskfile import save_task
 from tf_piggyback.datasets import load_dataset
 from tf_piggyback.trainer import TrainConfig, epoch_batches, make_optimizers, make_train_step, precision_policy
@@ -27,8 +30,11 @@ from tf_piggyback.trainer import TrainConfig, epoch_batches, make_optimizers, ma
 PRESETS = {
     "cpu": dict(model="ResNet50", image_size=64, batch_size=8, repeats=5, jit_compile=False,
                 mixed_precision="mixed_bfloat16"),
-    "gpu": dict(model="ResNet50", image_size=224, batch_size=16, repeats=20, jit_compile=True,
+    "gpu": dict(model="ResNet50", image_size=224, batch_size=32, repeats=20, jit_compile=True,
                 mixed_precision="mixed_float16"),
+    # Issue 15's setting: the train-step rows alone (`run_train`), at the size the paper's
+    # figures are about, where the convolutions dominate.
+    "train": dict(model="ResNet50", image_size=160, batch_size=16, repeats=5, jit_compile=False),
 }
 
 
@@ -42,6 +48,8 @@ class BenchConfig:
     jit_compile: bool = False
     mixed_precision: str = "mixed_bfloat16"
     num_classes: int = 10
+    # The fast mode's first masked layer (`piggyback(mask_from=...)`): ResNet50's stages 4 and 5.
+    mask_from: str = "conv4_block1_0_conv"
 
 
 def timed(*fns, config, repeats=None):
@@ -77,6 +85,105 @@ def train_step(model, method, config, jit_compile=None, precision="float32"):
     step = make_train_step(model, groups, tf.distribute.get_strategy(), jit_compile=jit_compile or None)
     x, y = _inputs(model, config)
     return lambda: [t.numpy() for t in step(x, y)]
+
+
+class _Skip(keras.layers.Layer):
+    """Passes its input through: what replaces BatchNormalization in `floor_model`."""
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+
+def floor_model(backbone, num_classes):
+    """The floor of a train step: the backbone's convolutions (trainable copies, with their
+    biases and activations) and a head, without masks or BatchNormalization."""
+    def clone(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return _Skip(name=layer.name)
+        if layer.weights:
+            return type(layer).from_config({**layer.get_config(), "trainable": True})
+        return layer
+
+    body = keras.models.clone_model(feature_model(backbone), clone_function=clone)
+    return _add_head(body, num_classes, name=f"floor_{backbone.name}")
+
+
+def gradient_step(model, config):
+    """A zero-argument function: forward and backward (gradients of every trainable weight) on a
+    fixed random batch, nothing applied: the convolutions' own cost."""
+    variables = model.trainable_variables
+
+    @tf.function(jit_compile=config.jit_compile or None)
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+        grads = tape.gradient(loss, variables)
+        return loss, tf.add_n([tf.reduce_sum(g) for g in grads])  # every gradient is computed
+
+    x, y = _inputs(model, config)
+    return lambda: [t.numpy() for t in step(x, y)]
+
+
+def profile_ops(fn, logdir, top=10):
+    """`[(op type, self ms, share)]`: where one call of `fn` spends TensorFlow's compute threads,
+    from a `tf.profiler` trace (written to `logdir`, viewable in TensorBoard's profile plugin)."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2  # the trace's format (TensorBoard's too)
+
+    tf.profiler.experimental.start(logdir)
+    fn()
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    with open(sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))[-1], "rb") as f:
+        space.ParseFromString(f.read())
+    plane = next(p for p in space.planes if p.name.startswith("/host:CPU"))
+    names = {key: meta.name for key, meta in plane.event_metadata.items()}
+    self_ps = collections.Counter()
+    for line in plane.lines:
+        if not line.name.startswith("tf_"):  # TensorFlow's compute threads; not the caller, waiting
+            continue
+        stack = []  # events nest on a thread: an event's self time excludes its children's
+        for start, end, name in sorted((e.offset_ps, e.offset_ps + e.duration_ps, names[e.metadata_id])
+                                       for e in line.events):
+            while stack and stack[-1][0] <= start:
+                stack.pop()
+            if stack:
+                self_ps[stack[-1][1]] -= end - start
+            kind = name.rsplit(":", 1)[-1]
+            self_ps[kind] += end - start
+            stack.append((end, kind))
+    total = sum(self_ps.values())
+    return [(kind, ps / 1e9, ps / total) for kind, ps in self_ps.most_common(top)]
+
+
+def run_train(config, log=print):
+    """The train-step rows: piggyback against its floor and against finetuning, the `mask_from`
+    fast mode against the full method, peak RAM of both, and a profile of one piggyback step."""
+    rows = []
+    backbone = load_backbone(config.model, "none", config.image_size)
+    pig = piggyback(backbone, config.num_classes)
+    fast = piggyback(backbone, config.num_classes, mask_from=config.mask_from)
+    steps = [train_step(pig, "piggyback", config), train_step(finetune(backbone, config.num_classes), "finetune", config),
+             gradient_step(floor_model(backbone, config.num_classes), config), train_step(fast, "piggyback", config)]
+    times = dict(zip(("piggyback", "finetune", "floor", "fast"), timed(*steps, config=config)))
+    for figure, a, b, target in (("train step, piggyback / floor (convolutions alone)", "piggyback", "floor", "<= 1.10"),
+                                 ("train step, piggyback / finetune", "piggyback", "finetune", "<= 0.80"),
+                                 (f"train step, mask_from={config.mask_from} / piggyback", "fast", "piggyback", None)):
+        rows.append({"figure": figure, "median": times[a][0], "min": times[a][1], "baseline_median": times[b][0],
+                     "ratio": times[a][0] / times[b][0], "unit": "s", "target": target})
+        log(f"{figure}: {times[a][0] * 1000:.1f} ms / {times[b][0] * 1000:.1f} ms = {rows[-1]['ratio']:.3f}")
+    ram = {name: _peak_ram("piggyback", config, mask_from) for name, mask_from in (("piggyback", None),
+                                                                                   ("fast", config.mask_from))}
+    rows.append({"figure": f"peak RAM while training, mask_from={config.mask_from} / piggyback", "unit": "bytes",
+                 "median": ram["fast"], "baseline_median": ram["piggyback"], "ratio": ram["fast"] / ram["piggyback"],
+                 "target": None})
+    log(f"peak RAM: piggyback {ram['piggyback'] / 2**20:.0f} MiB, mask_from {ram['fast'] / 2**20:.0f} MiB")
+    with tempfile.TemporaryDirectory() as logdir:
+        ops = profile_ops(steps[0], logdir)
+    rows.append({"figure": "profile of one piggyback step: self time by op type", "unit": "profile",
+                 "ops": [{"op": kind, "ms": ms, "share": share} for kind, ms, share in ops]})
+    log("piggyback step by op type: " + ", ".join(f"{kind} {share:.1%}" for kind, _, share in ops))
+    return rows
 
 
 def paper_sparsities(model, seed=0):
@@ -209,9 +316,10 @@ def run(config, log=print):
     return rows
 
 
-def _peak_ram(method, config):
+def _peak_ram(method, config, mask_from=None):
     code = (f"import json, tf_piggyback.bench as b\n"
-            f"print(b.ram_child({method!r}, b.BenchConfig(**json.loads({json.dumps(json.dumps(dataclasses.asdict(config)))}))))")
+            f"print(b.ram_child({method!r}, b.BenchConfig(**json.loads({json.dumps(json.dumps(dataclasses.asdict(config)))})), "
+            f"{mask_from!r}))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -223,14 +331,17 @@ def memory_bytes(field="VmRSS"):
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(f"{field}:"))
 
 
-def ram_child(method, config):
+def ram_child(method, config, mask_from=None):
     """Peak resident bytes while one method's model trains (first step, with tracing, included).
 
     Building ResNet50 peaks higher than training at small sizes, so the peak is reset (Linux:
     `echo 5 > /proc/self/clear_refs`) once the model exists, and read after the steps.
     """
     backbone = load_backbone(config.model, "none", config.image_size)
-    model = piggyback(backbone, config.num_classes) if method == "piggyback" else finetune(backbone, config.num_classes)
+    if method == "piggyback":
+        model = piggyback(backbone, config.num_classes, mask_from=mask_from)
+    else:
+        model = finetune(backbone, config.num_classes)
     del backbone
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
@@ -242,7 +353,10 @@ def ram_child(method, config):
 
 def markdown(rows):
     lines = ["| figure | median | min | baseline median | ratio | target |", "|---|---|---|---|---|---|"]
+    profiles = [row for row in rows if row["unit"] == "profile"]
     for row in rows:
+        if row["unit"] == "profile":
+            continue
         def fmt(value):
             if value is None:
                 return ""
@@ -251,4 +365,7 @@ def markdown(rows):
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
         lines.append(f"| {row['figure']} | {fmt(row['median'])} | {fmt(row.get('min'))} | "
                      f"{fmt(row['baseline_median'])} | {ratio} | {row['target'] or ''} |")
+    for row in profiles:
+        lines += ["", f"{row['figure']}:", "", "| op | self time | share |", "|---|---|---|"]
+        lines += [f"| {op['op']} | {op['ms']:,.1f} ms | {op['share']:.1%} |" for op in row["ops"]]
     return "\n".join(lines) + "\n"
