@@ -1,8 +1,10 @@
-"""Backbones: the embedded digits CNN (pretrained weights shipped with the package).
+"""Backbones: the embedded digits CNN and ViT (pretrained weights shipped with the package).
 
 The digits backbone plays the role of the paper's ImageNet-trained VGG/ResNet at laptop scale:
-four conv+BN blocks and a fully-connected layer, trained on digits 0-4 (`digits:base`). Its
-weights are shipped, so every process and machine sees the same backbone and fingerprint;
+four conv+BN blocks and a fully-connected layer, trained on digits 0-4 (`digits:base`). The
+digits ViT is its transformer counterpart (patch embedding, two pre-norm blocks of
+`MultiHeadAttention` and an `EinsumDense` MLP), trained the same way. Their weights are
+shipped, so every process and machine sees the same backbones and fingerprints;
 `pretrain_digits_backbone` regenerates them (`python -m tf_piggyback.backbones`).
 """
 
@@ -79,6 +81,77 @@ def build_digits_backbone():
     return keras.Model(inputs, x, name="digits")
 
 
+@keras.saving.register_keras_serializable(package="tf_piggyback")
+class PositionEmbedding(keras.layers.Layer):
+    """Adds a learned embedding per token position to `[batch, tokens, dim]` inputs."""
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(name="embeddings", shape=tuple(input_shape[1:]),
+                                          initializer=keras.initializers.RandomNormal(stddev=0.02))
+
+    def call(self, tokens):
+        return tokens + self.embeddings
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+DIGITS_VIT_WEIGHTS = os.path.join(os.path.dirname(__file__), "assets", "digits_vit.weights.h5")
+VIT_PATCH, VIT_DIM, VIT_HEADS, VIT_BLOCKS = 4, 64, 4, 2
+VIT_TOKENS = (DIGITS_IMAGE_SIZE // VIT_PATCH) ** 2
+
+
+def build_digits_vit():
+    """The digits ViT's architecture, untrained: raw 0-255 pixels in, 64 features out.
+
+    4x4 patches (a strided convolution) plus position embeddings, two pre-norm transformer
+    blocks (`MultiHeadAttention`, then an `EinsumDense` MLP of width 128 with GELU), a final
+    LayerNormalization; the head averages the 64 tokens.
+    """
+    inputs = keras.Input((DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE, 1), name="image")
+    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = keras.layers.Conv2D(VIT_DIM, VIT_PATCH, strides=VIT_PATCH, name="patches")(x)
+    x = keras.layers.Reshape((VIT_TOKENS, VIT_DIM), name="tokens")(x)
+    x = PositionEmbedding(name="position")(x)
+    for i in range(1, VIT_BLOCKS + 1):
+        h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_ln1")(x)
+        h = keras.layers.MultiHeadAttention(VIT_HEADS, VIT_DIM // VIT_HEADS, name=f"block{i}_attention")(h, h)
+        x = keras.layers.Add(name=f"block{i}_add1")([x, h])
+        h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_ln2")(x)
+        h = keras.layers.EinsumDense("btd,df->btf", (VIT_TOKENS, 2 * VIT_DIM), bias_axes="f", activation="gelu",
+                                     name=f"block{i}_mlp1")(h)
+        h = keras.layers.EinsumDense("btf,fd->btd", (VIT_TOKENS, VIT_DIM), bias_axes="d", name=f"block{i}_mlp2")(h)
+        x = keras.layers.Add(name=f"block{i}_add2")([x, h])
+    x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_ln")(x)
+    return keras.Model(inputs, x, name="digits_vit")
+
+
+def _seeded(model):
+    """`model` with seeded random kernels: the same in every process (Table 5's random backbone)."""
+    for i, w in enumerate(model.weights):
+        if w.path.endswith("kernel"):
+            w.assign(keras.initializers.GlorotUniform(seed=i)(w.shape))
+    return model
+
+
+def digits_vit_backbone(weights="pretrained"):
+    """The digits ViT, with the shipped pretrained weights or (`weights=None`) seeded random ones.
+
+    Example:
+    >>> backbone = digits_vit_backbone()
+    >>> backbone.output_shape
+    (None, 64, 64)
+    """
+    keras.utils.set_random_seed(0)  # position embeddings and biases: the same in every process
+    model = build_digits_vit()
+    if weights == "pretrained":
+        model.load_weights(DIGITS_VIT_WEIGHTS)
+        return model
+    if weights is None:
+        return _seeded(model)
+    raise ValueError(f"weights must be 'pretrained' or None. Received: weights={weights!r}")
+
+
 def digits_backbone(weights="pretrained"):
     """The digits backbone, with the shipped pretrained weights or (`weights=None`) random ones.
 
@@ -95,25 +168,25 @@ def digits_backbone(weights="pretrained"):
     elif weights is None:
         # Seeded, so the random backbone (Table 5) is the same in every process and task files
         # trained on it load anywhere.
-        for i, w in enumerate(model.weights):
-            if w.path.endswith("kernel"):
-                w.assign(keras.initializers.GlorotUniform(seed=i)(w.shape))
+        _seeded(model)
     else:
         raise ValueError(f"weights must be 'pretrained' or None. Received: weights={weights!r}")
     return model
 
 
-def pretrain_digits_backbone(epochs=30, seed=0, log=print):
-    """Trains a fresh digits backbone on `digits:base`; returns `(backbone, test accuracy)`."""
+def pretrain_digits_backbone(epochs=30, seed=0, log=print, build=build_digits_backbone):
+    """Trains a fresh digits backbone (or `build()`'s) on `digits:base`; returns
+    `(backbone, test accuracy)`."""
     keras.utils.set_random_seed(seed)
-    backbone = build_digits_backbone()
-    model = keras.Sequential([backbone, keras.layers.Dense(5, name="base_head")])
+    backbone = build()
+    pooled = [keras.layers.GlobalAveragePooling1D(name="base_pool")] if len(backbone.output_shape) == 3 else []
+    model = keras.Sequential([backbone, *pooled, keras.layers.Dense(5, name="base_head")])
     (x, y), (xt, yt), _ = load_digits_variant("base")
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     model.fit(x, y, batch_size=32, epochs=epochs, shuffle=True, verbose=0)
     accuracy = float(np.mean(np.argmax(model.predict(xt, verbose=0), -1) == yt))
-    log(f"digits backbone pretrained on digits:base for {epochs} epochs: test accuracy {accuracy:.4f}")
+    log(f"{backbone.name} backbone pretrained on digits:base for {epochs} epochs: test accuracy {accuracy:.4f}")
     return backbone, accuracy
 
 
@@ -126,17 +199,19 @@ def load_backbone(name, weights="imagenet", image_size=None):
     the 1000-way classifier, as in the paper's Table 2.
 
     Args:
-        name: `"digits"`, e.g. `"ResNet50"` (any `keras.applications` callable), or a path
+        name: `"digits"`, `"digits_vit"`, e.g. `"ResNet50"` (any `keras.applications` callable), or a path
             ending in `.keras`.
         weights: for `keras.applications`: `"imagenet"`, `"none"` or a weights file path;
-            for `digits`: `"none"` gives the seeded random backbone of Table 5's experiment.
+            for `digits` and `digits_vit`: `"none"` gives the seeded random backbone of Table 5's
+            experiment.
         image_size: for `keras.applications`: input height and width (default 224).
 
     Example:
     >>> backbone = load_backbone("MobileNetV2", weights="none", image_size=96)
     """
-    if name == "digits":  # --weights=none: random, as in Table 5
-        return digits_backbone(None if weights in (None, "none") else "pretrained")
+    if name in ("digits", "digits_vit"):  # --weights=none: random, as in Table 5
+        make = digits_backbone if name == "digits" else digits_vit_backbone
+        return make(None if weights in (None, "none") else "pretrained")
     if name.endswith(".keras"):
         if not os.path.isfile(name):
             raise ValueError(f"backbone file {name!r} does not exist")
@@ -168,6 +243,7 @@ def load_backbone(name, weights="imagenet", image_size=None):
     return keras.Model(inputs, base.output, name=base.name)
 
 if __name__ == "__main__":
-    trained, _ = pretrain_digits_backbone()
-    trained.save_weights(DIGITS_WEIGHTS)
-    print(f"wrote {DIGITS_WEIGHTS}")
+    for build, path in ((build_digits_backbone, DIGITS_WEIGHTS), (build_digits_vit, DIGITS_VIT_WEIGHTS)):
+        trained, _ = pretrain_digits_backbone(build=build)
+        trained.save_weights(path)
+        print(f"wrote {path}")

@@ -4,6 +4,7 @@ Reference: Mallya et al., "Piggyback", ECCV 2018, §3 and Fig. 1: `y = (W ⊙ m)
 fixed and only the real-valued mask `m_r` trained through the thresholding of Eq. 4.
 """
 
+import inspect
 import logging
 
 import keras
@@ -90,9 +91,8 @@ class MaskedWrapper(keras.layers.Wrapper):
     def build(self, input_shape=None):
         super().build(input_shape)
         self.masks = []
-        for kernel_name in self.kernel_names:
-            kernel = getattr(self.layer, kernel_name)
-            mask_name = "mask" if len(self.kernel_names) == 1 else f"{kernel_name}_mask"
+        for kernel_name, kernel in zip(self.kernel_names, self.kernels):
+            mask_name = self._mask_name(kernel_name)
             self.masks.append(
                 self.add_weight(
                     name=mask_name,
@@ -106,6 +106,9 @@ class MaskedWrapper(keras.layers.Wrapper):
                 )
             )
         self.built = True
+
+    def _mask_name(self, kernel_name):
+        return "mask" if len(self.kernel_names) == 1 else f"{kernel_name}_mask"
 
     def _mask_initializer(self, kernel):
         if self.mask_init == "constant":
@@ -226,9 +229,57 @@ class MaskedSeparableConv2D(MaskedWrapper):
         return ops.separable_conv(inputs, depthwise_kernel, pointwise_kernel, **_conv_args(self.layer))
 
 
+@keras.saving.register_keras_serializable(package="tf_piggyback")
+class MaskedLayer(MaskedWrapper):
+    """`EinsumDense`, `MultiHeadAttention` (its query, key, value and output projections) and
+    transposed convolutions, every kernel masked. See `MaskedWrapper`.
+
+    The layer runs its own `call` (attention masks, dropout, causal masking included) inside a
+    `keras.StatelessScope` that gives each of its kernels the value `W ⊙ m` and its other
+    weights their current values; nothing of the op is re-implemented. Updates the layer makes
+    (a dropout's seed state) are applied after the call.
+
+    Reference: §3 (any `y = (W ⊙ m) x`); for transformers, Zhao et al., EMNLP 2020 (masking BERT).
+    """
+
+    wrapped_types = (keras.layers.EinsumDense, keras.layers.MultiHeadAttention, keras.layers.Conv1DTranspose,
+                     keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+
+    @property
+    def kernel_names(self):
+        """Each kernel's path inside the layer, e.g. `query/kernel` in `MultiHeadAttention`."""
+        return [w.path.split("/", 1)[-1] for w in self._kernel_weights()]
+
+    @property
+    def kernels(self):
+        return self._kernel_weights()
+
+    def _kernel_weights(self):
+        return [w for w in self.layer.weights if w.path.rsplit("/", 1)[-1] == "kernel"]
+
+    def _mask_name(self, kernel_name):
+        return "mask" if len(self.kernels) == 1 else kernel_name.replace("/", "_") + "_mask"
+
+    def call(self, *args, training=None, **kwargs):
+        products = {id(k): m for k, m in zip(self.kernels, self.masked_kernels())}
+        values = {id(v): products.get(id(v), v.value) for v in self.layer.variables}
+        if "training" in inspect.signature(self.layer.call).parameters:
+            kwargs["training"] = training
+        with keras.StatelessScope([(v, values[id(v)]) for v in self.layer.variables],
+                                  initialize_variables=False) as scope:
+            outputs = self.layer(*args, **kwargs)
+        for v in self.layer.variables:
+            if scope.get_current_value(v) is not values[id(v)]:
+                v.assign(scope.get_current_value(v))
+        return outputs
+
+    def compute_output_spec(self, *args, **kwargs):
+        return self.layer.compute_output_spec(*args, **kwargs)
+
+
 # Most specific class first: SeparableConv2D and DepthwiseConv2D are not Conv2D subclasses in
 # Keras 3, but user subclasses of any of these are matched by isinstance.
-WRAPPERS = (MaskedSeparableConv2D, MaskedDepthwiseConv2D, MaskedConv, MaskedDense)
+WRAPPERS = (MaskedSeparableConv2D, MaskedDepthwiseConv2D, MaskedConv, MaskedDense, MaskedLayer)
 
 
 def wrapper_for(layer):

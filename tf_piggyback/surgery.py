@@ -179,7 +179,8 @@ def piggyback(
             model built with `include_top=False`, or `tf_piggyback.digits_backbone()`.
         num_classes: classes of the new task.
         threshold, mask_init, mask_scale, mask_type: see `MaskedWrapper`.
-        train_bn: learn per-task BatchNormalization parameters and statistics.
+        train_bn: learn per-task BatchNormalization parameters and statistics (§5.3) and, in
+            transformers, per-task LayerNormalization parameters.
         feature_layer: optional name of the backbone layer that feeds the head.
         skip_unsupported: keep layers with kernels this library cannot mask (e.g.
             `Conv2DTranspose`) frozen and unmasked instead of raising.
@@ -224,7 +225,7 @@ def piggyback(
         cls = wrapper_for(layer)
         if cls is not None:
             return cls(layer, **options)
-        if train_bn and isinstance(layer, keras.layers.BatchNormalization):
+        if train_bn and isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
             copy = type(layer).from_config({**layer.get_config(), "trainable": True})
             bn_copies.append((copy, layer))
             return copy
