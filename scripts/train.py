@@ -41,6 +41,9 @@ def define_flags():
     flags.DEFINE_float("mask_lr", 1e-4, "Adam learning rate of the masks (paper: 1e-4).")
     flags.DEFINE_float("head_lr", 1e-4, "Adam learning rate of the head and BatchNorm (paper: 1e-4).")
     flags.DEFINE_float("finetune_lr", 1e-3, "SGD (momentum 0.9) learning rate for --method=finetune and packnet.")
+    flags.DEFINE_integer("lora_rank", 4, "--method=lora: rank of the low-rank adapters on each Dense, convolution, "
+                         "EinsumDense and attention projection.")
+    flags.DEFINE_float("lora_lr", 1e-3, "--method=lora: Adam learning rate of the adapters.")
     flags.DEFINE_integer("lr_decay_epochs", 15, "Multiply learning rates by --lr_decay after this many epochs.")
     flags.DEFINE_float("lr_decay", 0.1, "Learning-rate decay factor (paper: 0.1 after 15 of 30 epochs).")
     flags.DEFINE_float("threshold", DEFAULT_THRESHOLD, "Mask threshold tau (paper: 5e-3).")
@@ -49,7 +52,7 @@ def define_flags():
     flags.DEFINE_enum("mask_type", "binary", MASK_TYPES, "binary {0,1} or ternary {-1,0,1} masks.")
     flags.DEFINE_bool("train_bn", False, "Learn per-task BatchNormalization (paper §5.3).")
     flags.DEFINE_string("feature_layer", None, "The backbone layer whose output feeds the head (default: its output).")
-    flags.DEFINE_bool("skip_unsupported", False, "Keep layers whose kernels cannot be masked (e.g. Conv2DTranspose) "
+    flags.DEFINE_bool("skip_unsupported", False, "Keep layers whose kernels cannot be masked (e.g. recurrent layers) "
                       "frozen and unmasked instead of stopping.")
     flags.DEFINE_string("mask_from", None, "Learn masks only from this backbone layer on (e.g. conv4_block1_0_conv "
                         "in ResNet50): the layers before it stay the backbone's and get no backward pass, a faster "
@@ -78,14 +81,14 @@ def define_flags():
 
 def config_from_flags():
     train = TrainConfig(method=FLAGS.method, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-                        mask_lr=FLAGS.mask_lr, head_lr=FLAGS.head_lr, finetune_lr=FLAGS.finetune_lr,
+                        mask_lr=FLAGS.mask_lr, head_lr=FLAGS.head_lr, finetune_lr=FLAGS.finetune_lr, lora_lr=FLAGS.lora_lr,
                         lr_decay_epochs=FLAGS.lr_decay_epochs, lr_decay=FLAGS.lr_decay, seed=FLAGS.seed,
                         precision=FLAGS.precision, jit_compile=FLAGS.jit_compile)
     return RunConfig(backbone=FLAGS.backbone, weights=FLAGS.weights, image_size=FLAGS.image_size,
                      dataset=FLAGS.dataset, threshold=FLAGS.threshold, mask_init=FLAGS.mask_init,
                      mask_scale=FLAGS.mask_scale, mask_type=FLAGS.mask_type, train_bn=FLAGS.train_bn,
                      feature_layer=FLAGS.feature_layer, skip_unsupported=FLAGS.skip_unsupported,
-                     mask_from=FLAGS.mask_from,
+                     mask_from=FLAGS.mask_from, lora_rank=FLAGS.lora_rank,
                      prune=validate_prune(FLAGS.prune), packnet_base=FLAGS.packnet_base, augment=FLAGS.augment,
                      protocol=FLAGS.protocol,
                      cache=FLAGS.cache, cache_mb=FLAGS.cache_mb, split_seed=FLAGS.split_seed, train=train)

@@ -8,6 +8,7 @@ from tf_piggyback.layers import (
     MaskedConv,
     MaskedDense,
     MaskedDepthwiseConv2D,
+    MaskedLayer,
     MaskedSeparableConv2D,
     wrapper_for,
 )
@@ -97,8 +98,26 @@ def test_bad_arguments_are_one_line_errors():
         MaskedDense(keras.layers.Dense(2), mask_scale=0)
     with pytest.raises(ValueError, match=r"MaskedDense wraps Dense.*Conv2D"):
         MaskedDense(keras.layers.Conv2D(2, 3))
-    assert wrapper_for(keras.layers.Conv2DTranspose(2, 3)) is None
+    assert wrapper_for(keras.layers.SimpleRNN(2)) is None
     assert wrapper_for(keras.layers.Conv1D(2, 3, padding="causal")) is None
+
+
+def test_transposed_convolution_computes_with_the_masked_kernel():
+    """`MaskedLayer` runs the layer's own op (here Conv2DTranspose, §6's upsampling) on `W ⊙ m`."""
+    keras.utils.set_random_seed(0)
+    layer = keras.layers.Conv2DTranspose(3, 3, strides=2, padding="same", activation="relu")
+    x = np.random.default_rng(0).normal(size=(2, 5, 5, 4)).astype("float32")
+    expected_all_ones = layer(x).numpy()
+    wrapped = wrapper_for(layer)(layer)
+    assert isinstance(wrapped, MaskedLayer)
+    np.testing.assert_allclose(wrapped(x).numpy(), expected_all_ones, atol=1e-6)
+    mask = np.random.default_rng(1).random(layer.kernel.shape) < 0.5
+    wrapped.masks[0].assign(np.where(mask, 0.01, 0.0).astype("float32"))
+    plain = keras.layers.Conv2DTranspose.from_config(layer.get_config())
+    plain.build(x.shape)
+    plain.set_weights([layer.kernel.numpy() * mask, layer.bias.numpy()])
+    np.testing.assert_allclose(wrapped(x).numpy(), plain(x).numpy(), atol=1e-6)
+    assert np.array_equal(layer(x).numpy(), expected_all_ones)  # the wrapped layer itself is unchanged
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])

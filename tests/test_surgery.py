@@ -91,13 +91,14 @@ def test_bake_equals_masked_model_and_has_no_masks(mask_type):
 def test_unsupported_layers_are_listed_by_name():
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(4, 3, name="ok")(inputs)
-    x = keras.layers.Conv2DTranspose(4, 3, name="up")(x)
+    x = keras.layers.Conv2DTranspose(4, 3, name="up")(x)  # masked (MaskedLayer)
     x = keras.layers.Conv1D(2, 3, padding="causal", name="causal")(keras.layers.Reshape((-1, 4))(x))
+    x = keras.layers.SimpleRNN(3, name="rnn")(x)
     backbone = keras.Model(inputs, x)
-    with pytest.raises(ValueError, match=r"up \(Conv2DTranspose\), causal \(Conv1D\).*skip_unsupported=True"):
+    with pytest.raises(ValueError, match=r"causal \(Conv1D\), rnn \(SimpleRNN\).*skip_unsupported=True"):
         piggyback(backbone, 2)
     model = piggyback(backbone, 2, skip_unsupported=True)
-    assert [layer.name for layer in masked_layers(model)] == ["ok"]
+    assert [layer.name for layer in masked_layers(model)] == ["ok", "up"]
 
 
 def test_classifier_backbone_is_refused_with_the_fix():

@@ -18,7 +18,7 @@ from tf_piggyback.binarizers import DEFAULT_THRESHOLD
 from tf_piggyback.datasets import DEFAULT_CACHE_MB, SPLIT_SEED, load_dataset
 from tf_piggyback.layers import DEFAULT_MASK_SCALE
 from tf_piggyback.packnet import DEFAULT_PRUNE, PackNet
-from tf_piggyback.surgery import classifier_only, finetune, mask_sparsity, masked_layers, piggyback
+from tf_piggyback.surgery import classifier_only, finetune, lora, mask_sparsity, masked_layers, piggyback
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
 from tf_piggyback.trainer import TrainConfig, accuracies, epoch_batches, is_chief, precision_policy, train
 
@@ -40,6 +40,7 @@ class RunConfig:
     skip_unsupported: bool = False
     # Learn masks only from this layer on (surgery.piggyback): a faster step, less activation memory.
     mask_from: str = None
+    lora_rank: int = 4  # --method=lora: the adapters' rank
     prune: float = DEFAULT_PRUNE
     packnet_base: str = ""
     augment: bool = False
@@ -87,6 +88,8 @@ def build_model(config, backbone, num_classes):
                          mask_from=config.mask_from)
     if method == "classifier":
         return classifier_only(backbone, num_classes, feature_layer=config.feature_layer)
+    if method == "lora":
+        return lora(backbone, num_classes, rank=config.lora_rank, feature_layer=config.feature_layer)
     return finetune(backbone, num_classes, feature_layer=config.feature_layer)
 
 

@@ -116,6 +116,8 @@ def collect(model_dirs):
                "backbone": f"{config['backbone']}:{config['weights']}", "task_index": metrics.get("task_index"),
                **{k: metrics.get(k) for k in ("accuracy", "top1_error", "top5_error", "sparsity", "params",
                                               "task_bytes")}}
+        if row["method"] == "lora":
+            row["method"] = f"lora (r={config['lora_rank']})"
         if row["method"] == "packnet":  # grouped by the pack's first run, found through packnet_base
             first, base = model_dir, config.get("packnet_base")
             while base:

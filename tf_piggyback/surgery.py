@@ -1,8 +1,8 @@
 """Model surgery: turn any functional Keras backbone into a task model.
 
 `piggyback` is the paper's method; `classifier_only` and `finetune` are the two baselines of
-§4 (Table 2's "Classifier Only" and "Individual Networks"); `bake` folds the masks back into
-plain layers for deployment.
+§4 (Table 2's "Classifier Only" and "Individual Networks"), and `lora` a later one (low-rank
+adapters); `bake` folds the masks (or adapters) back into plain layers for deployment.
 """
 
 import dataclasses
@@ -48,6 +48,25 @@ def masked_layers(model):
     return [layer for layer in iter_layers(model) if isinstance(layer, MaskedWrapper)]
 
 
+ADAPTERS = ("lora_kernel_a", "lora_kernel_b")
+
+
+def lora_adapters(layer):
+    """The LoRA adapters (`lora_kernel_a`, `lora_kernel_b`) of `layer` and its sublayers."""
+    return [w for w in layer.weights if w.path.rsplit("/", 1)[-1] in ADAPTERS]
+
+
+def _lora_targets(layer):
+    """The layers inside `layer` that `lora` adapts: itself if Keras can (`enable_lora`: Dense,
+    EinsumDense, convolutions), or a MultiHeadAttention's four projections."""
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        return [layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense]
+    if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D, keras.layers.Conv2D,
+                          keras.layers.Conv3D)):
+        return [layer]
+    return []
+
+
 def task_layers(model):
     """The layers whose weights a task model owns: `TaskSpec.owned` for `piggyback` and
     `classifier_only` models; every layer for a model without a spec (finetune)."""
@@ -69,12 +88,18 @@ def freeze_backbone(model):
     owned = set(model.task_spec.owned)
     unfrozen = 0
     for layer in iter_layers(model):
+        adapters = {id(w) for w in lora_adapters(layer)}
         if isinstance(layer, MaskedWrapper):
             unfrozen += int(layer.layer.trainable)
             layer.trainable = True  # its masks; Keras sets the wrapped layer too, so then:
             layer.layer.trainable = False
         elif layer.name in owned:
             layer.trainable = True
+        elif adapters:  # a LoRA copy: only its adapters train, its kernels and biases stay the backbone's
+            unfrozen += int(any(w.trainable for w in layer.weights if id(w) not in adapters))
+            layer.trainable = True
+            for w in layer.weights:
+                w.trainable = id(w) in adapters
         elif layer.trainable and layer.weights:
             layer.trainable = False
             unfrozen += 1
@@ -166,7 +191,8 @@ def piggyback(
     skip_unsupported=False,
     mask_from=None,
 ):
-    """Wraps every Conv / DepthwiseConv2D / SeparableConv2D / Dense kernel with a mask.
+    """Wraps every Conv / DepthwiseConv2D / SeparableConv2D / Dense kernel with a mask, and
+    every EinsumDense, MultiHeadAttention and transposed-convolution kernel (`MaskedLayer`).
 
     The backbone's layers are reused, not copied: their weights are shared by every task
     model made from the backbone and set to `trainable=False`. Biases are frozen and
@@ -182,8 +208,8 @@ def piggyback(
         train_bn: learn per-task BatchNormalization parameters and statistics (§5.3) and, in
             transformers, per-task LayerNormalization parameters.
         feature_layer: optional name of the backbone layer that feeds the head.
-        skip_unsupported: keep layers with kernels this library cannot mask (e.g.
-            `Conv2DTranspose`) frozen and unmasked instead of raising.
+        skip_unsupported: keep layers with kernels this library cannot mask (e.g. recurrent
+            layers, causal `Conv1D`) frozen and unmasked instead of raising.
         mask_from: optional name of a backbone layer: learn masks only from it on. Every
             layer its input is computed from stays the backbone's, unmasked and shared, so
             the backward pass stops there (§5.2 and Fig. 3: the first layers change least).
@@ -258,6 +284,57 @@ def classifier_only(backbone, num_classes, *, feature_layer=None):
     return model
 
 
+def lora(backbone, num_classes, *, rank, feature_layer=None):
+    """The LoRA baseline (Hu et al., ICLR 2022): low-rank adapters `W + (alpha / r) A B` learned
+    on copies of the backbone's Dense, EinsumDense, convolution and attention-projection layers
+    (Keras' `enable_lora(rank)`; alpha = r). Kernels and biases stay the backbone's values,
+    BatchNormalization stays frozen, and the task owns only the adapters and a new head; a
+    layer Keras cannot adapt (depthwise and separable convolutions) stays frozen and shared.
+
+    Unlike a piggyback task, a LoRA task model copies the layers it adapts (Keras adds the
+    adapters to the layer itself), and `bake` merges each adapter into a full float kernel: a
+    task served alone is a whole network, and tasks cannot share one `TaskBank`.
+
+    Args:
+        backbone, num_classes, feature_layer: as for `piggyback`.
+        rank: the adapters' rank r, an integer >= 1.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1. Received: rank={rank!r}")
+    features = feature_model(backbone, feature_layer)
+    copies = []
+
+    def clone(layer):
+        if _lora_targets(layer):
+            copy = type(layer).from_config(layer.get_config())
+            copies.append((copy, layer))
+            return copy
+        layer.trainable = False
+        return layer
+
+    body = keras.models.clone_model(features, clone_function=clone, recursive=True)
+    for copy, layer in copies:
+        copy.set_weights(layer.get_weights())
+        for target in _lora_targets(copy):
+            target.enable_lora(int(rank))
+    model = _add_head(body, num_classes, name=f"lora_{backbone.name}")
+    model.task_spec = TaskSpec("lora", backbone.name, fingerprint(backbone), int(num_classes),
+                               {"rank": int(rank), "feature_layer": feature_layer})
+    freeze_backbone(model)
+    return model
+
+
+def _merged(layer):
+    """A LoRA copy's weights without its adapters, each adapted kernel merged (`W + (alpha/r) A B`,
+    Keras' `kernel` property), in the order of a fresh layer of the same config."""
+    merged = {}
+    for target in _lora_targets(layer):
+        if getattr(target, "lora_enabled", False):
+            variable = next(w for w in target.weights if w.path.rsplit("/", 1)[-1] == "kernel")
+            merged[variable.path] = target.kernel
+    return [merged.get(w.path, w) for w in layer.weights if w.path.rsplit("/", 1)[-1] not in ADAPTERS]
+
+
 def finetune(backbone, num_classes, *, feature_layer=None):
     """The "Individual Networks" baseline: a trainable copy of the whole backbone and a head.
 
@@ -290,13 +367,19 @@ def bake(model):
 
 
 def bake_with_layers(model):
-    """`bake(model)` and `[(wrapper, plain layer)]`: which new layer replaced each `MaskedWrapper`.
+    """`bake(model)` and `[(wrapper, plain layer)]`: which new layer replaced each `MaskedWrapper`
+    (LoRA copies are replaced too, by plain layers with merged kernels).
 
     A plain layer's `weights` are in the order of `wrapper.layer.weights` (the backbone's).
     """
     baked = []
 
     def clone(layer):
+        if lora_adapters(layer):
+            config = {k: v for k, v in layer.get_config().items() if not k.startswith("lora_")}
+            plain = type(layer).from_config(config)
+            baked.append((None, plain, [keras.ops.convert_to_numpy(w) for w in _merged(layer)]))
+            return plain
         if not isinstance(layer, MaskedWrapper):
             return layer
         inner = layer.layer
@@ -309,4 +392,4 @@ def bake_with_layers(model):
     result = keras.models.clone_model(model, clone_function=clone, recursive=True)
     for _, plain, values in baked:
         plain.set_weights(values)
-    return result, [(wrapper, plain) for wrapper, plain, _ in baked]
+    return result, [(wrapper, plain) for wrapper, plain, _ in baked if wrapper is not None]

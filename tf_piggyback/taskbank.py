@@ -76,7 +76,7 @@ class BankTask:
     Attributes:
         name: signature / lookup name.
         uid: an id never reused in this bank (slots are tagged with it, `ID_WEIGHTS`).
-        kind: "none" (classifier-only), "binary" or "ternary".
+        kind: "none" (classifier-only), "binary", "ternary" or "lora" (listed only, never served).
         masks: `{backbone kernel path: its mask packed (`coding.pack`), padded to ALIGN values}`;
             a kernel the task does not mask (`mask_from`) is absent: all ones in the bank.
         own: `{backbone variable path: value}` for per-task BatchNormalization.
@@ -159,11 +159,13 @@ class TaskBank:
             raise ValueError(f"this bank has been given {MAX_UID + 1:,} tasks, as many as its slot ids tell apart; "
                              "make a new TaskBank")
         kind, masks = self._pack_masks(path, manifest, arrays, variables)
+        if manifest["method"] == "lora":
+            kind = "lora"  # listed, never served: see BankModule
         own = {}
         weights = manifest["weights"]
         for i, entry in enumerate(weights):
             value = np.asarray(arrays[f"w{i}"], np.float32)
-            if entry["name"].startswith(f"{HEAD_NAME}/"):
+            if entry["name"].startswith(f"{HEAD_NAME}/") or kind == "lora":
                 continue
             if entry["name"] not in variables or tuple(variables[entry["name"]].shape) != value.shape:
                 raise TaskFileError(f"{path!r}: task weight {entry['name']} does not fit this backbone")
@@ -312,6 +314,10 @@ class BankModule(tf.Module):
 
     def __init__(self, bank):
         super().__init__()
+        lora = [t.name for t in bank._tasks if t.kind == "lora"]
+        if lora:
+            raise ValueError(f"{lora[0]!r} is a LoRA task: its adapters merge into full float kernels, so it cannot "
+                             "share the bank's backbone; export it on its own")
         template = feature_model(bank.backbone, bank._feature_layer)
         # Untracked (tf.Module tracks attributes): the template's Keras variables are never
         # read, every call passes their values (stateless_call).

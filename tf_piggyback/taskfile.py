@@ -23,7 +23,8 @@ import numpy as np
 from tf_piggyback import coding
 from tf_piggyback.binarizers import real_from_mask
 from tf_piggyback.fingerprint import check_backbone
-from tf_piggyback.surgery import classifier_only, mask_sparsity, masked_layers, piggyback, task_layers
+from tf_piggyback.surgery import (classifier_only, iter_layers, lora, lora_adapters, mask_sparsity, masked_layers,
+                                  piggyback, task_layers)
 
 FORMAT = "tf_piggyback.task"
 VERSION = 1
@@ -34,17 +35,18 @@ class TaskFileError(ValueError):
 
 
 def task_weights(model):
-    """The weights a task owns besides its masks: head, and BatchNormalization with `train_bn`
-    (`TaskSpec.owned`), whatever their `trainable` flags say. Everything else in the model
-    belongs to the shared backbone."""
-    return [w for layer in task_layers(model) for w in layer.weights]
+    """The weights a task owns besides its masks: head, BatchNormalization with `train_bn`
+    (`TaskSpec.owned`) and a LoRA task's adapters, whatever their `trainable` flags say, in the
+    model's layer order. Everything else in the model belongs to the shared backbone."""
+    owned = {id(layer) for layer in task_layers(model)}
+    return [w for layer in iter_layers(model) for w in (layer.weights if id(layer) in owned else lora_adapters(layer))]
 
 
 def save_task(model, path, *, class_names=None, metrics=None):
     """Writes `model`'s task to `path` (a `.npz`), atomically.
 
     Args:
-        model: a model made by `piggyback` or `classifier_only` (or returned by `load_task`).
+        model: a model made by `piggyback`, `classifier_only` or `lora` (or returned by `load_task`).
         path: destination; written to a temporary file in the same folder, then renamed.
         class_names: optional list of `num_classes` strings.
         metrics: optional JSON-serializable dict, e.g. `{"accuracy": 0.93}`.
@@ -63,7 +65,7 @@ def save_task(model, path, *, class_names=None, metrics=None):
     spec = getattr(model, "task_spec", None)
     if spec is None:
         raise ValueError(
-            f"model {model.name!r} was not made by tf_piggyback.piggyback or classifier_only; "
+            f"model {model.name!r} was not made by tf_piggyback.piggyback, classifier_only or lora; "
             "finetuned models are saved with model.save('model.keras')"
         )
     if class_names is not None and len(class_names) != spec.num_classes:
@@ -202,6 +204,8 @@ def load_task(path, backbone):
     try:
         if manifest["method"] == "piggyback":
             model = piggyback(backbone, manifest["num_classes"], **manifest["options"])
+        elif manifest["method"] == "lora":
+            model = lora(backbone, manifest["num_classes"], **manifest["options"])
         else:
             model = classifier_only(backbone, manifest["num_classes"], **manifest["options"])
         entries = iter(manifest["layers"])

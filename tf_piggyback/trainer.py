@@ -17,10 +17,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback.datasets import paper_scale
-from tf_piggyback.surgery import freeze_backbone, mask_sparsity, masked_layers
+from tf_piggyback.surgery import freeze_backbone, iter_layers, lora_adapters, mask_sparsity, masked_layers
 from tf_piggyback.taskfile import task_weights
 
-METHODS = ("piggyback", "classifier", "finetune", "packnet")
+METHODS = ("piggyback", "classifier", "finetune", "packnet", "lora")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -34,6 +34,7 @@ class TrainConfig:
     mask_lr: float = 1e-4
     head_lr: float = 1e-4
     finetune_lr: float = 1e-3
+    lora_lr: float = 1e-3  # Adam, the LoRA baseline's adapters
     lr_decay_epochs: int = 15
     lr_decay: float = 0.1
     seed: int = 0
@@ -49,7 +50,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be an integer > 0. Received: {name}={value!r}")
-        for name in ("mask_lr", "head_lr", "finetune_lr", "lr_decay"):
+        for name in ("mask_lr", "head_lr", "finetune_lr", "lora_lr", "lr_decay"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0. Received: {name}={getattr(self, name)!r}")
 
@@ -153,10 +154,13 @@ def make_optimizers(model, config, steps_per_epoch):
         # What the task owns, never "everything trainable": the backbone stays out whatever its
         # layers' trainable flags say (see `surgery.freeze_backbone`).
         masks = [m for layer in masked_layers(model) for m in layer.masks]
-        others = [w for w in task_weights(model) if w.trainable]
+        adapters = {id(w) for layer in iter_layers(model) for w in lora_adapters(layer)}
+        others = [w for w in task_weights(model) if w.trainable and id(w) not in adapters]
         groups = [(keras.optimizers.Adam(_schedule(config.head_lr, config, steps_per_epoch)), others)]
-        if masks:
-            groups.insert(0, (keras.optimizers.Adam(_schedule(config.mask_lr, config, steps_per_epoch)), masks))
+        for lr, variables in ((config.lora_lr, [w for w in task_weights(model) if id(w) in adapters]),
+                              (config.mask_lr, masks)):
+            if variables:
+                groups.insert(0, (keras.optimizers.Adam(_schedule(lr, config, steps_per_epoch)), variables))
     if config.precision == "mixed_float16":
         groups = [(keras.optimizers.LossScaleOptimizer(optimizer), vs) for optimizer, vs in groups]
     return groups
