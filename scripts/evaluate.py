@@ -15,7 +15,7 @@ from absl import app, flags
 import tf_piggyback as pb
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
 from tf_piggyback.datasets import PROTOCOLS, SPLIT_SEED
-from tf_piggyback.trainer import accuracies
+from tf_piggyback.trainer import test_metrics
 
 FLAGS = flags.FLAGS
 
@@ -42,10 +42,8 @@ def main(argv):
     protocol = recorded.get("protocol", "simple") if FLAGS.protocol is None else FLAGS.protocol
     splits = pb.load_dataset(FLAGS.dataset, image_shape=backbone.inputs[0].shape[1:], split_seed=split_seed,
                              protocol=protocol)
-    top = accuracies(model, splits.test, batch_size=FLAGS.batch_size)
-    print(json.dumps({"task": FLAGS.task, "dataset": FLAGS.dataset, "accuracy": top[1], "top1_error": 1.0 - top[1],
-                      "top5_error": 1.0 - top[5] if len(splits.class_names) > 5 else None,
-                      "examples": splits.test_size}))
+    print(json.dumps({"task": FLAGS.task, "dataset": FLAGS.dataset,
+                      **test_metrics(model, splits, batch_size=FLAGS.batch_size), "examples": splits.test_size}))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from tf_piggyback.binarizers import DEFAULT_THRESHOLD, MASK_TYPES
 from tf_piggyback.cli import define_backbone_flags, user_errors
 from tf_piggyback.datasets import DEFAULT_CACHE_MB, PROTOCOLS, SPLIT_SEED
 from tf_piggyback.distribute import STRATEGIES, make_strategy
-from tf_piggyback.experiment import RunConfig, run
+from tf_piggyback.experiment import HEADS, RunConfig, run
 from tf_piggyback.layers import DEFAULT_MASK_SCALE, MASK_INITS
 from tf_piggyback.packnet import DEFAULT_PRUNE, validate_prune
 from tf_piggyback.trainer import METHODS, PRECISIONS, TrainConfig
@@ -33,7 +33,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     define_backbone_flags()
-    flags.DEFINE_string("dataset", None, "digits:VARIANT, tfds:NAME[/CONFIG] or folder:PATH.")
+    flags.DEFINE_string("dataset", None, "digits:VARIANT, digits_seg:VARIANT (per-pixel labels), tfds:NAME[/CONFIG] or "
+                        "folder:PATH.")
     flags.DEFINE_string("model_dir", None, "Where the task, metrics, config, checkpoints and logs go.")
     flags.DEFINE_enum("method", "piggyback", METHODS, "What to train.")
     flags.DEFINE_integer("epochs", 30, "Epochs (paper: 30).")
@@ -54,6 +55,9 @@ def define_flags():
     flags.DEFINE_string("feature_layer", None, "The backbone layer whose output feeds the head (default: its output).")
     flags.DEFINE_bool("skip_unsupported", False, "Keep layers whose kernels cannot be masked (e.g. recurrent layers) "
                       "frozen and unmasked instead of stopping.")
+    flags.DEFINE_enum("head", "auto", HEADS, "dense: Dense(classes) on pooled features. fcn: per-pixel logits (§6), "
+                      "a 3x3 convolution and a transposed convolution up to the input's size over --feature_layer. "
+                      "auto: fcn for per-pixel labels (digits_seg:), else dense.")
     flags.DEFINE_string("mask_from", None, "Learn masks only from this backbone layer on (e.g. conv4_block1_0_conv "
                         "in ResNet50): the layers before it stay the backbone's and get no backward pass, a faster "
                         "step with less memory (default: mask every layer; see BUILD.md for the trade-off).")
@@ -88,7 +92,7 @@ def config_from_flags():
                      dataset=FLAGS.dataset, threshold=FLAGS.threshold, mask_init=FLAGS.mask_init,
                      mask_scale=FLAGS.mask_scale, mask_type=FLAGS.mask_type, train_bn=FLAGS.train_bn,
                      feature_layer=FLAGS.feature_layer, skip_unsupported=FLAGS.skip_unsupported,
-                     mask_from=FLAGS.mask_from, lora_rank=FLAGS.lora_rank,
+                     mask_from=FLAGS.mask_from, lora_rank=FLAGS.lora_rank, head=FLAGS.head,
                      prune=validate_prune(FLAGS.prune), packnet_base=FLAGS.packnet_base, augment=FLAGS.augment,
                      protocol=FLAGS.protocol,
                      cache=FLAGS.cache, cache_mb=FLAGS.cache_mb, split_seed=FLAGS.split_seed, train=train)

@@ -26,6 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 DIGITS_VARIANTS = ("base", "upper", "inverted", "all")
+# Pixels of a digit's strokes: ink above half intensity (the images are 0-255 after upsampling).
+STROKE_THRESHOLD = 127.5
 DIGITS_IMAGE_SIZE = 32
 TEST_FRACTION = 0.25
 SPLIT_SEED = 0
@@ -83,11 +85,32 @@ def load_digits_variant(variant):
     return (x[~is_test], y[~is_test]), (x[is_test], y[is_test]), names
 
 
+def load_digits_segmentation(variant):
+    """The digits variant as a segmentation task (§6, at demo scale): per pixel, 0 for background
+    and `1 + class` on the digit's strokes (ink above half intensity; dark ink when inverted).
+
+    Returns `(x_train, maps_train), (x_test, maps_test), class_names` with int64 maps `[N, H, W]`.
+
+    Example:
+    >>> (x, maps), _, names = load_digits_segmentation("upper")
+    >>> names[:3], maps.shape[1:]
+    (['background', '5', '6'], (32, 32))
+    """
+    (x, y), (xt, yt), names = load_digits_variant(variant)
+
+    def maps(images, labels):
+        ink = 255.0 - images[..., 0] if variant == "inverted" else images[..., 0]
+        return np.where(ink > STROKE_THRESHOLD, labels[:, None, None] + 1, 0).astype(np.int64)
+
+    return (x, maps(x, y)), (xt, maps(xt, yt)), ["background", *names]
+
+
 
 
 @dataclasses.dataclass
 class Splits:
-    """A dataset's train and test splits: unbatched `(image float32 HxWxC 0-255, label int64)`."""
+    """A dataset's train and test splits: unbatched `(image float32 HxWxC 0-255, label int64)`;
+    with `dense`, each label is a map `[H, W]` of per-pixel classes (segmentation)."""
 
     train: tf.data.Dataset
     test: tf.data.Dataset
@@ -97,6 +120,7 @@ class Splits:
     # `k -> (first k training examples, the rest)`, each read without touching the other (a
     # `skip` would decode the skipped images): what the cache budget splits on.
     train_parts: object = dataclasses.field(default=None, repr=False)
+    dense: bool = False
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -108,7 +132,8 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
     """Resolves a dataset spec to `Splits` with images of `image_shape` (default: as stored).
 
     Args:
-        spec: `digits:VARIANT`, `tfds:NAME[/CONFIG]` or `folder:PATH`.
+        spec: `digits:VARIANT`, `digits_seg:VARIANT` (per-pixel labels,
+            `load_digits_segmentation`), `tfds:NAME[/CONFIG]` or `folder:PATH`.
         image_shape: `(height, width, channels)` the backbone takes; images are resized
             (bilinear) and converted between grayscale and RGB to fit.
         split_seed: the seed of the held-out split where the data has none (`folder:` without
@@ -134,11 +159,13 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}. Received: protocol={protocol!r}")
     kind, _, arg = spec.partition(":")
-    if kind == "digits":
-        (x, y), (xt, yt), names = load_digits_variant(arg)
+    if kind in ("digits", "digits_seg"):
+        load = load_digits_variant if kind == "digits" else load_digits_segmentation
+        (x, y), (xt, yt), names = load(arg)
         splits = Splits(tf.data.Dataset.from_tensor_slices((x, y)), tf.data.Dataset.from_tensor_slices((xt, yt)),
                         names, len(x), len(xt), lambda k: (tf.data.Dataset.from_tensor_slices((x[:k], y[:k])),
-                                                           tf.data.Dataset.from_tensor_slices((x[k:], y[k:]))))
+                                                           tf.data.Dataset.from_tensor_slices((x[k:], y[k:]))),
+                        dense=kind == "digits_seg")
     elif kind == "folder":
         splits = _folder(arg, split_seed)
     elif kind == "tfds":
@@ -146,9 +173,11 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
     else:
         raise ValueError(
             f"unknown dataset {spec!r}; use digits:VARIANT (VARIANT one of {', '.join(DIGITS_VARIANTS)}), "
-            "tfds:NAME[/CONFIG] or folder:PATH"
+            "digits_seg:VARIANT, tfds:NAME[/CONFIG] or folder:PATH"
         )
     if image_shape is not None:
+        if splits.dense and protocol != "simple":
+            raise ValueError(f"{spec} has per-pixel labels; its crops would need them cropped too: use protocol=simple")
         shape = tuple(image_shape)
         fit = functools.partial(_fit_image, shape=shape)
         fit_train, stored = fit, shape
@@ -200,8 +229,8 @@ def _to_float(image, label):
 
 
 def to_arrays(dataset):
-    """An unbatched `(image, label)` dataset as NumPy `(images [N, H, W, C], labels [N])`."""
-    images, labels = zip(*[(x.numpy(), int(y)) for x, y in dataset])
+    """An unbatched `(image, label)` dataset as NumPy `(images [N, H, W, C], labels [N] or [N, H, W])`."""
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset])
     return np.stack(images), np.array(labels)
 
 
@@ -221,6 +250,8 @@ def _fit_image(image, label, shape):
     image = _channels(tf.cast(image, tf.float32), shape[-1])
     if tuple(image.shape[:2]) != shape[:2]:
         image = tf.image.resize(image, shape[:2], method="bilinear")
+        if label.shape.rank == 2:  # a per-pixel map follows its image, without new classes
+            label = tf.image.resize(label[..., None], shape[:2], method="nearest")[..., 0]
     return tf.ensure_shape(image, shape), tf.cast(label, tf.int64)
 
 

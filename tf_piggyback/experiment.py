@@ -18,9 +18,10 @@ from tf_piggyback.binarizers import DEFAULT_THRESHOLD
 from tf_piggyback.datasets import DEFAULT_CACHE_MB, SPLIT_SEED, load_dataset
 from tf_piggyback.layers import DEFAULT_MASK_SCALE
 from tf_piggyback.packnet import DEFAULT_PRUNE, PackNet
-from tf_piggyback.surgery import classifier_only, finetune, lora, mask_sparsity, masked_layers, piggyback
+from tf_piggyback.surgery import (classifier_only, fcn_head, feature_model, finetune, lora, mask_sparsity,
+                                  masked_layers, piggyback)
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
-from tf_piggyback.trainer import TrainConfig, accuracies, epoch_batches, is_chief, precision_policy, train
+from tf_piggyback.trainer import TrainConfig, epoch_batches, is_chief, precision_policy, test_metrics, train
 
 
 @dataclasses.dataclass
@@ -41,6 +42,7 @@ class RunConfig:
     # Learn masks only from this layer on (surgery.piggyback): a faster step, less activation memory.
     mask_from: str = None
     lora_rank: int = 4  # --method=lora: the adapters' rank
+    head: str = "auto"  # one of HEADS: "dense", or "fcn" for per-pixel labels (§6); "auto" picks by the labels
     prune: float = DEFAULT_PRUNE
     packnet_base: str = ""
     augment: bool = False
@@ -59,6 +61,7 @@ class RunConfig:
 
 
 PACKNET_FILE = "packnet.npz"
+HEADS = ("auto", "dense", "fcn")
 
 
 def retrain_epochs(epochs):
@@ -76,21 +79,42 @@ def _pack(config, backbone):
     return PackNet.load(path, backbone)
 
 
-def build_model(config, backbone, num_classes):
-    """The task model for `config.train.method` over `backbone`."""
+def build_head(config, backbone, num_classes, dense=False):
+    """The head `config.head` names (None: the default Dense head); `dense`: the labels are
+    per-pixel maps, which need per-pixel logits (`fcn_head`, upsampled to the input's size)."""
+    head = config.head if config.head != "auto" else ("fcn" if dense else "dense")
+    if dense != (head == "fcn"):
+        raise ValueError(f"--head={head} does not fit {config.dataset}: per-pixel labels need --head=fcn "
+                         "(per-pixel logits), one label per image needs --head=dense")
+    if head == "dense":
+        return None
+    if config.train.method not in ("piggyback", "classifier", "finetune"):
+        raise ValueError(f"--head=fcn trains with --method=piggyback, classifier or finetune. "
+                         f"Received: method={config.train.method!r}")
+    shape, size = feature_model(backbone, config.feature_layer).output_shape, backbone.input_shape[1:3]
+    if len(shape) != 4 or size[0] % shape[1] or size[1] % shape[2] or size[0] // shape[1] != size[1] // shape[2]:
+        raise ValueError(f"--head=fcn needs a spatial feature map whose size divides the input's {tuple(size)}; "
+                         f"the features are {tuple(shape[1:])}: name one with --feature_layer (e.g. relu3 of the "
+                         "digits backbone)")
+    return fcn_head(num_classes, size[0] // shape[1])
+
+
+def build_model(config, backbone, num_classes, dense=False):
+    """The task model for `config.train.method` over `backbone` (`dense`: per-pixel labels)."""
     method = config.train.method
     if config.mask_from and method != "piggyback":
         raise ValueError(f"--mask_from applies to --method=piggyback only. Received: method={method!r}")
+    head = build_head(config, backbone, num_classes, dense)
     if method == "piggyback":
         return piggyback(backbone, num_classes, threshold=config.threshold, mask_init=config.mask_init,
                          mask_scale=config.mask_scale, mask_type=config.mask_type, train_bn=config.train_bn,
                          feature_layer=config.feature_layer, skip_unsupported=config.skip_unsupported,
-                         mask_from=config.mask_from)
+                         mask_from=config.mask_from, head=head)
     if method == "classifier":
-        return classifier_only(backbone, num_classes, feature_layer=config.feature_layer)
+        return classifier_only(backbone, num_classes, feature_layer=config.feature_layer, head=head)
     if method == "lora":
         return lora(backbone, num_classes, rank=config.lora_rank, feature_layer=config.feature_layer)
-    return finetune(backbone, num_classes, feature_layer=config.feature_layer)
+    return finetune(backbone, num_classes, feature_layer=config.feature_layer, head=head)
 
 
 def _stored_params(model, masks):
@@ -125,6 +149,9 @@ def input_pipeline(config, image_shape):
     `scripts/bench.py --preset=pipeline` measures, with no model)."""
     splits = load_dataset(config.dataset, image_shape=image_shape, split_seed=config.split_seed,
                           cache_bytes=config.cache_mb * 2**20 if config.cache else 0, protocol=config.protocol)
+    if config.augment and splits.dense:
+        raise ValueError(f"--augment crops and flips the images only; {config.dataset}'s per-pixel labels would "
+                         "not follow: leave it off")
     return splits, epoch_batches(splits.train, config.train.batch_size, seed=config.train.seed,
                                  augment_images=config.augment,
                                  crop_to=tuple(image_shape) if config.protocol == "paper" else None)
@@ -151,8 +178,10 @@ def _run(config, model_dir, strategy, log, verbose):
         backbone = load_backbone(config.backbone, config.weights, config.image_size)
         splits, batches = input_pipeline(config, backbone.inputs[0].shape[1:])
         keras.utils.set_random_seed(config.train.seed)
+        if splits.dense and config.train.method == "packnet":
+            raise ValueError("per-pixel labels train with --method=piggyback, classifier or finetune")
         pack = _pack(config, backbone) if config.train.method == "packnet" else None
-        model = build_model(config, backbone, len(splits.class_names)) if pack is None else None
+        model = build_model(config, backbone, len(splits.class_names), splits.dense) if pack is None else None
     if chief:  # only once the inputs are known good: a failed start must not claim the model_dir
         os.makedirs(model_dir, exist_ok=True)
         write_atomic(os.path.join(model_dir, "config.json"), lambda f: f.write(config.to_json().encode()))
@@ -173,8 +202,7 @@ def _run(config, model_dir, strategy, log, verbose):
 
         with strategy.scope():
             model = pack.task_model(pack.add_task(fit_phase, len(splits.class_names), splits.class_names))
-    top = accuracies(model, splits.test)
-    accuracy = top[1]
+    scores = test_metrics(model, splits)
     if pack is None:
         masks = [m for layer in masked_layers(model) for m in layer.thresholded_masks()]
         sparsity, params = mask_sparsity(masks), _stored_params(model, masks)
@@ -184,9 +212,7 @@ def _run(config, model_dir, strategy, log, verbose):
         "method": config.train.method,
         "dataset": config.dataset,
         "split_seed": config.split_seed,
-        "accuracy": accuracy,
-        "top1_error": 1.0 - accuracy,
-        "top5_error": 1.0 - top[5] if len(splits.class_names) > 5 else None,
+        **scores,
         "protocol": config.protocol,
         "train_accuracy": history[-1]["accuracy"] if history else None,
         "sparsity": sparsity,
@@ -210,8 +236,7 @@ def _run(config, model_dir, strategy, log, verbose):
         path = os.path.join(model_dir, "task.npz")
         # Only what the masks and head determine goes into the task file: reruns give the same bytes.
         save_task(model, path, class_names=splits.class_names,
-                  metrics={k: metrics[k] for k in ("dataset", "split_seed", "protocol", "accuracy", "top1_error",
-                                                   "top5_error", "sparsity")})
+                  metrics={k: metrics[k] for k in ("dataset", "split_seed", "protocol", *scores, "sparsity")})
     metrics["task_bytes"] = os.path.getsize(path)
     metrics["config"] = dataclasses.asdict(config)
     write_atomic(os.path.join(model_dir, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))

@@ -171,11 +171,50 @@ def pool_features(features):
     return features
 
 
-def _add_head(body, num_classes, name):
+def fcn_head(num_classes, scale, width=64):
+    """A head for dense prediction (§6), FCN-style: a 3x3 convolution (ReLU), then a transposed
+    convolution that upsamples the feature map `scale` times to per-pixel logits."""
+    return keras.Sequential([
+        keras.layers.Conv2D(width, 3, padding="same", activation="relu", name="head_conv"),
+        keras.layers.Conv2DTranspose(int(num_classes), 2 * scale, strides=scale, padding="same", name="head_up"),
+    ], name=HEAD_NAME)
+
+
+def _add_head(body, num_classes, name, head=None):
+    """`body` and a head: `Dense(num_classes)` on pooled features, or the user's `head` (any Keras
+    layer or model, e.g. `fcn_head`) on the feature map itself, its output the logits."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2. Received: num_classes={num_classes!r}")
-    logits = keras.layers.Dense(int(num_classes), name=HEAD_NAME)(pool_features(body.output))
+    if head is None:
+        logits = keras.layers.Dense(int(num_classes), name=HEAD_NAME)(pool_features(body.output))
+    else:
+        clash = sorted({layer.name for layer in _head_layers(head)} & {layer.name for layer in iter_layers(body)})
+        if clash:
+            raise ValueError(f"the head's layer names {clash} are the backbone's too; rename them")
+        logits = head(body.output)
+        if logits.shape[-1] != num_classes:
+            raise ValueError(f"the head outputs {logits.shape[-1]} channels; the task has {num_classes} classes")
     return keras.Model(body.inputs, logits, name=name)
+
+
+def _head_layers(head):
+    return list(iter_layers(head)) if isinstance(head, keras.Model) else [head]
+
+
+def _task_head(head):
+    """`(head layer or None, what options record of it)`: a user's head is stored as its Keras
+    config (JSON; no code, no pickle) and rebuilt from it, in safe mode."""
+    if head is None:
+        return None, {}
+    if isinstance(head, dict):
+        head = keras.saving.deserialize_keras_object(head, safe_mode=True)
+    if not isinstance(head, keras.layers.Layer):
+        raise ValueError(f"head must be a Keras layer or model. Received: {type(head).__name__}")
+    return head, {"head": keras.saving.serialize_keras_object(head)}
+
+
+def _owned(head, *names):
+    return (*names, *(layer.name for layer in _head_layers(head))) if head is not None else (*names, HEAD_NAME)
 
 
 def piggyback(
@@ -190,6 +229,7 @@ def piggyback(
     feature_layer=None,
     skip_unsupported=False,
     mask_from=None,
+    head=None,
 ):
     """Wraps every Conv / DepthwiseConv2D / SeparableConv2D / Dense kernel with a mask, and
     every EinsumDense, MultiHeadAttention and transposed-convolution kernel (`MaskedLayer`).
@@ -210,6 +250,9 @@ def piggyback(
         feature_layer: optional name of the backbone layer that feeds the head.
         skip_unsupported: keep layers with kernels this library cannot mask (e.g. recurrent
             layers, causal `Conv1D`) frozen and unmasked instead of raising.
+        head: optional Keras layer or model from the features to the logits (default
+            `Dense(num_classes)` after global pooling), e.g. `fcn_head` for per-pixel logits
+            (§6); its layers are the task's own, and the task file stores its config.
         mask_from: optional name of a backbone layer: learn masks only from it on. Every
             layer its input is computed from stays the backbone's, unmasked and shared, so
             the backward pass stops there (§5.2 and Fig. 3: the first layers change least).
@@ -261,16 +304,18 @@ def piggyback(
     body = keras.models.clone_model(features, clone_function=clone, recursive=True)
     for copy, layer in bn_copies:
         copy.set_weights(layer.get_weights())
-    model = _add_head(body, num_classes, name=f"piggyback_{backbone.name}")
+    head, stored = _task_head(head)
+    model = _add_head(body, num_classes, name=f"piggyback_{backbone.name}", head=head)
     options = {**options, "train_bn": bool(train_bn), "feature_layer": feature_layer,
-               "skip_unsupported": bool(skip_unsupported), "mask_from": mask_from}
-    owned = (*(copy.name for copy, _ in bn_copies), HEAD_NAME)
+               "skip_unsupported": bool(skip_unsupported), "mask_from": mask_from, **stored}
+    owned = _owned(head, *(copy.name for copy, _ in bn_copies))
     model.task_spec = TaskSpec("piggyback", backbone.name, fingerprint(backbone), int(num_classes), options, owned)
     return model
 
 
-def classifier_only(backbone, num_classes, *, feature_layer=None):
-    """The "Classifier Only" baseline: the frozen, shared backbone and a new linear head.
+def classifier_only(backbone, num_classes, *, feature_layer=None, head=None):
+    """The "Classifier Only" baseline: the frozen, shared backbone and a new linear head (or
+    `head`, as for `piggyback`).
 
     Reference: §4, Table 2.
     """
@@ -278,9 +323,10 @@ def classifier_only(backbone, num_classes, *, feature_layer=None):
     for layer in iter_layers(features):
         layer.trainable = False
     body = keras.models.clone_model(features, clone_function=lambda layer: layer, recursive=True)
-    model = _add_head(body, num_classes, name=f"classifier_{backbone.name}")
+    head, stored = _task_head(head)
+    model = _add_head(body, num_classes, name=f"classifier_{backbone.name}", head=head)
     model.task_spec = TaskSpec("classifier", backbone.name, fingerprint(backbone), int(num_classes),
-                               {"feature_layer": feature_layer})
+                               {"feature_layer": feature_layer, **stored}, _owned(head))
     return model
 
 
@@ -335,8 +381,9 @@ def _merged(layer):
     return [merged.get(w.path, w) for w in layer.weights if w.path.rsplit("/", 1)[-1] not in ADAPTERS]
 
 
-def finetune(backbone, num_classes, *, feature_layer=None):
-    """The "Individual Networks" baseline: a trainable copy of the whole backbone and a head.
+def finetune(backbone, num_classes, *, feature_layer=None, head=None):
+    """The "Individual Networks" baseline: a trainable copy of the whole backbone and a head
+    (`Dense`, or `head` as for `piggyback`).
 
     The backbone itself is not touched. Reference: §4, Table 2 (SGD momentum, lr 1e-3).
     """
@@ -345,7 +392,7 @@ def finetune(backbone, num_classes, *, feature_layer=None):
     body.set_weights(features.get_weights())
     for layer in iter_layers(body):
         layer.trainable = True
-    return _add_head(body, num_classes, name=f"finetune_{backbone.name}")
+    return _add_head(body, num_classes, name=f"finetune_{backbone.name}", head=_task_head(head)[0])
 
 
 def bake(model):

@@ -76,7 +76,8 @@ class BankTask:
     Attributes:
         name: signature / lookup name.
         uid: an id never reused in this bank (slots are tagged with it, `ID_WEIGHTS`).
-        kind: "none" (classifier-only), "binary", "ternary" or "lora" (listed only, never served).
+        kind: "none" (classifier-only), "binary", "ternary" or "alone" (listed only, never served:
+            `_served_alone`).
         masks: `{backbone kernel path: its mask packed (`coding.pack`), padded to ALIGN values}`;
             a kernel the task does not mask (`mask_from`) is absent: all ones in the bank.
         own: `{backbone variable path: value}` for per-task BatchNormalization.
@@ -148,30 +149,34 @@ class TaskBank:
         check_backbone(self.backbone, manifest, path, TaskFileError)
         options = manifest.get("options", {})
         feature_layer = options.get("feature_layer")
-        if self._tasks and feature_layer != self._feature_layer:
-            raise TaskFileError(
-                f"{path!r} feeds its head from feature_layer={feature_layer!r}, the bank's tasks from "
-                f"{self._feature_layer!r}; a bank holds tasks over one feature model")
-        self._feature_layer = feature_layer
+        alone = _served_alone(manifest)
         variables = {v.path: v for v in feature_model(self.backbone, feature_layer).variables}
-        self._variables = {p: tuple(v.shape) for p, v in variables.items()}
+        if not alone:  # a task served alone is only listed: it sets nothing of the bank's layout
+            if any(t.kind != "alone" for t in self._tasks) and feature_layer != self._feature_layer:
+                raise TaskFileError(
+                    f"{path!r} feeds its head from feature_layer={feature_layer!r}, the bank's tasks from "
+                    f"{self._feature_layer!r}; a bank holds tasks over one feature model")
+            self._feature_layer = feature_layer
+            self._variables = {p: tuple(v.shape) for p, v in variables.items()}
         if self._next_uid > MAX_UID:
             raise ValueError(f"this bank has been given {MAX_UID + 1:,} tasks, as many as its slot ids tell apart; "
                              "make a new TaskBank")
         kind, masks = self._pack_masks(path, manifest, arrays, variables)
-        if manifest["method"] == "lora":
-            kind = "lora"  # listed, never served: see BankModule
+        if alone:
+            kind = "alone"  # listed (a single-task export's listing), never served: see BankModule
         own = {}
         weights = manifest["weights"]
         for i, entry in enumerate(weights):
             value = np.asarray(arrays[f"w{i}"], np.float32)
-            if entry["name"].startswith(f"{HEAD_NAME}/") or kind == "lora":
+            if entry["name"].startswith(f"{HEAD_NAME}/") or alone:
                 continue
             if entry["name"] not in variables or tuple(variables[entry["name"]].shape) != value.shape:
                 raise TaskFileError(f"{path!r}: task weight {entry['name']} does not fit this backbone")
             own[entry["name"]] = value
         heads = [np.asarray(arrays[f"w{i}"], np.float32) for i, e in enumerate(weights)
                  if e["name"].startswith(f"{HEAD_NAME}/")]
+        if alone:
+            heads = [np.zeros((0, manifest["num_classes"]), np.float32), np.zeros(manifest["num_classes"], np.float32)]
         if len(heads) != 2 or heads[0].ndim != 2 or heads[0].shape[1] != manifest["num_classes"]:
             raise TaskFileError(f"{path!r} has no Dense head of {manifest['num_classes']} classes")
         head = (heads[0], heads[1])
@@ -179,7 +184,8 @@ class TaskBank:
             digest = hashlib.sha256(f.read()).hexdigest()
         info = {"num_classes": int(manifest["num_classes"]), "class_names": manifest.get("class_names"),
                 "method": manifest["method"], "mask_type": kind, "sparsity": float(manifest.get("sparsity", 0.0)),
-                "image_size": manifest.get("image_size"), "packed_bytes": sum(m.size for m in masks.values()), "source_sha256": digest}
+                "image_size": manifest.get("image_size"), "packed_bytes": sum(m.size for m in masks.values()),
+                "source_sha256": digest, **({"alone": alone} if alone else {})}
         self._tasks.append(BankTask(name, self._next_uid, kind, masks, own, head, info))
         self._next_uid += 1
         self._module = None
@@ -223,7 +229,7 @@ class TaskBank:
     def kernel_paths(self):
         """The kernels any task masks, in the backbone's order: the bank's flat slot layout.
         The same set of tasks gives the same layout in any order."""
-        masked = {p for t in self._tasks for p in t.masks}
+        masked = {p for t in self._tasks if t.kind != "alone" for p in t.masks}
         return [p for p in self._variables if p in masked]
 
     @property
@@ -296,6 +302,15 @@ class TaskBank:
                 "fingerprint": self.fingerprint}, "slots": self.slots, "tasks": self.tasks()}
 
 
+def _served_alone(manifest):
+    """Why a task cannot share a bank's one traced backbone and Dense heads (None if it can)."""
+    if manifest["method"] == "lora":
+        return "is a LoRA task: its adapters merge into full float kernels, a copy of their own"
+    if "head" in manifest.get("options", {}):
+        return "has its own head layers (options.head), and a bank serves Dense heads over pooled features"
+    return None
+
+
 def _task_signature(module, index, num_classes, spec, name):
     def serve(image):
         logits = tf.ensure_shape(module.forward(image, tf.constant(index, tf.int32)), [None, num_classes])
@@ -314,10 +329,9 @@ class BankModule(tf.Module):
 
     def __init__(self, bank):
         super().__init__()
-        lora = [t.name for t in bank._tasks if t.kind == "lora"]
-        if lora:
-            raise ValueError(f"{lora[0]!r} is a LoRA task: its adapters merge into full float kernels, so it cannot "
-                             "share the bank's backbone; export it on its own")
+        alone = [t for t in bank._tasks if t.kind == "alone"]
+        if alone:
+            raise ValueError(f"task {alone[0].name!r} {alone[0].info['alone']}; export it on its own")
         template = feature_model(bank.backbone, bank._feature_layer)
         # Untracked (tf.Module tracks attributes): the template's Keras variables are never
         # read, every call passes their values (stateless_call).

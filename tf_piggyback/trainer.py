@@ -179,7 +179,8 @@ def precision_policy(precision):
 
 
 def make_train_step(model, groups, strategy, jit_compile=None, gradient_masks=None):
-    """A `tf.function` `(images, labels) -> [loss sum, correct, count]` over all replicas.
+    """A `tf.function` `(images, labels) -> [loss sum, correct, count]` over all replicas (with
+    per-pixel labels, each image counts once, its loss and accuracy averaged over its pixels).
 
     Args:
         model: the task model.
@@ -204,6 +205,10 @@ def make_train_step(model, groups, strategy, jit_compile=None, gradient_masks=No
             tape.watch([v.value for v in variables])
             logits = tf.cast(model(images, training=True), tf.float32)  # float16/bfloat16 under mixed precision
             per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            hits = tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(labels, tf.int64)), tf.float32)
+            if per_example.shape.rank > 1:  # per-pixel labels (§6): each image's mean over its pixels
+                axes = list(range(1, per_example.shape.rank))
+                per_example, hits = tf.reduce_mean(per_example, axes), tf.reduce_mean(hits, axes)
             loss = tf.nn.compute_average_loss(per_example)
             if scaler is not None:
                 loss = scaler.scale_loss(loss)
@@ -217,8 +222,7 @@ def make_train_step(model, groups, strategy, jit_compile=None, gradient_masks=No
                 group_grads = [g * ratio for g in group_grads]
             optimizer.apply_gradients(zip(group_grads, vs))
             start += len(vs)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(labels, tf.int64)), tf.float32))
-        return tf.reduce_sum(per_example), correct, tf.cast(tf.size(labels), tf.float32)
+        return tf.reduce_sum(per_example), tf.reduce_sum(hits), tf.cast(tf.shape(labels)[0], tf.float32)
 
     @tf.function(jit_compile=jit_compile)
     def distributed_step(images, labels):
@@ -363,3 +367,31 @@ def accuracies(model, data, labels=None, batch_size=256, ks=(1, 5)):
     if not total:
         raise ValueError("the evaluation set is empty")
     return {k: correct[k] / total for k in ks}
+
+
+def segmentation_scores(model, data, num_classes, batch_size=64):
+    """Pixel accuracy and mean intersection-over-union (§6) on an unbatched dataset of
+    `(image, label map)`; classes absent from both labels and predictions are left out of the mean."""
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    for images, labels in data.batch(batch_size):
+        predicted = np.argmax(np.asarray(model(images, training=False)), axis=-1)
+        pairs = labels.numpy().ravel() * num_classes + predicted.ravel()
+        confusion += np.bincount(pairs, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    if not confusion.sum():
+        raise ValueError("the evaluation set is empty")
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    iou = np.diag(confusion)[union > 0] / union[union > 0]
+    return {"pixel_accuracy": float(np.trace(confusion) / confusion.sum()), "miou": float(iou.mean())}
+
+
+def test_metrics(model, splits, batch_size=256):
+    """What runs, `evaluate.py` and task files report on `splits.test`: `accuracy`,
+    `top1_error`, `top5_error` (tasks of more than 5 classes) and, for per-pixel labels, `miou`
+    (the accuracy is then the pixel accuracy)."""
+    if splits.dense:
+        scores = segmentation_scores(model, splits.test, len(splits.class_names), batch_size)
+        return {"accuracy": scores["pixel_accuracy"], "top1_error": 1.0 - scores["pixel_accuracy"],
+                "top5_error": None, "miou": scores["miou"]}
+    top = accuracies(model, splits.test, batch_size=batch_size)
+    return {"accuracy": top[1], "top1_error": 1.0 - top[1],
+            "top5_error": 1.0 - top[5] if len(splits.class_names) > 5 else None}
