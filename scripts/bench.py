@@ -2,6 +2,7 @@
 
 python scripts/bench.py --preset=cpu            # a few minutes on 2 cores
 python scripts/bench.py --preset=train          # the train step: piggyback vs its floor, finetune, mask_from
+python scripts/bench.py --preset=methods        # train step of each method on the digits CNN and ViT
 python scripts/bench.py --preset=gpu            # cpu's and train's rows: ResNet50, 224 px, batch 32, XLA
 python scripts/bench.py --preset=serving        # 1, 10, 100 ResNet50 tasks in one SavedModel
 python scripts/bench.py --preset=pipeline --dataset=folder:runs/wikiart_like --image_size=224
@@ -32,6 +33,7 @@ FLAGS = flags.FLAGS
 def define_flags():
     flags.DEFINE_enum("preset", "cpu", [*bench.PRESETS, "serving", "pipeline"],
                       "cpu (small, fast), train (the train step at 160 px: floor, finetune, mask_from, profile), "
+                      "methods (piggyback, LoRA, classifier-only and finetune steps on the digits backbones), "
                       "gpu (cpu's and train's rows at the paper's sizes), serving (many tasks in one SavedModel) "
                       "or pipeline (one epoch of train.py's input, no model).")
     flags.DEFINE_string("model", None, "keras.applications backbone (preset: ResNet50).")
@@ -101,9 +103,12 @@ def main(argv):
             if getattr(FLAGS, name) is not None:
                 settings[name] = getattr(FLAGS, name)
         config = bench.BenchConfig(**settings)
-        rows = [] if FLAGS.preset == "train" else bench.run(config)
-        if FLAGS.preset != "cpu":
-            rows += bench.run_train(config)
+        if FLAGS.preset == "methods":
+            rows = bench.run_methods(config)
+        else:
+            rows = [] if FLAGS.preset == "train" else bench.run(config)
+            if FLAGS.preset != "cpu":
+                rows += bench.run_train(config)
         print("\n" + bench.markdown(rows))
     payload = {"config": dataclasses.asdict(config), "rows": rows}
     write_atomic(FLAGS.output, lambda f: f.write(json.dumps(payload, indent=2).encode()))

@@ -27,3 +27,11 @@ def test_train_preset_rows_and_profile():
     assert 0 < sum(ops.values()) <= 1.0 + 1e-9
     table = bench.markdown(rows)
     assert "| op | self time | share |" in table and "| train step, piggyback / floor" in table
+
+
+def test_methods_preset_times_every_method():
+    config = bench.BenchConfig(model="digits", batch_size=4, repeats=1, warmup=1)
+    rows = bench.run_methods(config, log=lambda line: None)
+    assert [row["figure"].split(", ")[-1] for row in rows] == [
+        f"{m} / piggyback" for m in ("piggyback", "lora (r=1)", "lora (r=4)", "lora (r=8)", "classifier", "finetune")]
+    assert rows[0]["ratio"] == 1.0 and all(row["median"] > 0 for row in rows)

@@ -22,7 +22,7 @@ import tensorflow as tf
 from tf_piggyback import coding
 from tf_piggyback.backbones import load_backbone
 from tf_piggyback.export import _outputs, _signature, export_saved_model
-from tf_piggyback.surgery import _add_head, classifier_only, feature_model, finetune, masked_layers, piggyback
+from tf_piggyback.surgery import _add_head, classifier_only, feature_model, finetune, lora, masked_layers, piggyback
 from tf_piggyback.taskfile import save_task
 from tf_piggyback.datasets import load_dataset
 from tf_piggyback.trainer import TrainConfig, epoch_batches, make_optimizers, make_train_step, precision_policy
@@ -35,6 +35,8 @@ PRESETS = {
     # Issue 15's setting: the train-step rows alone (`run_train`), at the size the paper's
     # figures are about, where the convolutions dominate.
     "train": dict(model="ResNet50", image_size=160, batch_size=16, repeats=5, jit_compile=False),
+    # The methods a user chooses between (README's LoRA table), on the embedded backbones.
+    "methods": dict(model="digits,digits_vit", batch_size=32, repeats=20, jit_compile=False),
 }
 
 
@@ -183,6 +185,24 @@ def run_train(config, log=print):
     rows.append({"figure": "profile of one piggyback step: self time by op type", "unit": "profile",
                  "ops": [{"op": kind, "ms": ms, "share": share} for kind, ms, share in ops]})
     log("piggyback step by op type: " + ", ".join(f"{kind} {share:.1%}" for kind, _, share in ops))
+    return rows
+
+
+def run_methods(config, log=print):
+    """Train-step time of each method a user chooses between, interleaved, for each backbone in
+    `config.model` (comma-separated): piggyback, LoRA (r = 1, 4, 8), classifier-only, finetune."""
+    rows = []
+    for name in config.model.split(","):
+        backbone = load_backbone(name, "pretrained" if name.startswith("digits") else "none", config.image_size)
+        methods = {"piggyback": (piggyback(backbone, config.num_classes), "piggyback"),
+                   **{f"lora (r={r})": (lora(backbone, config.num_classes, rank=r), "lora") for r in (1, 4, 8)},
+                   "classifier": (classifier_only(backbone, config.num_classes), "classifier"),
+                   "finetune": (finetune(backbone, config.num_classes), "finetune")}
+        times = timed(*[train_step(model, method, config) for model, method in methods.values()], config=config)
+        for label, (median, fastest) in zip(methods, times):
+            rows.append({"figure": f"train step, {name}, {label} / piggyback", "median": median, "min": fastest,
+                         "baseline_median": times[0][0], "ratio": median / times[0][0], "unit": "s", "target": None})
+            log(f"{rows[-1]['figure']}: {median * 1000:.2f} ms ({rows[-1]['ratio']:.2f})")
     return rows
 
 
