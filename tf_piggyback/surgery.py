@@ -256,8 +256,9 @@ def piggyback(
         mask_from: optional name of a backbone layer: learn masks only from it on. Every
             layer its input is computed from stays the backbone's, unmasked and shared, so
             the backward pass stops there (§5.2 and Fig. 3: the first layers change least).
-            In a ResNet, `"conv4_block1_0_conv"` (or any conv4_block1 layer) masks stages 4
-            and 5, shortcut included. Default: mask every layer.
+            In a ResNet, `"conv4_block1_0_conv"` or `"conv4_block1_1_conv"` (the block's two
+            first convolutions, neither computed from the other) masks stages 4 and 5, shortcut
+            included. Default: mask every layer.
 
     Returns:
         An uncompiled `keras.Model` whose only trainable weights are the masks, the head
