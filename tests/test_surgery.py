@@ -20,7 +20,7 @@ APPLICATIONS = [
 
 def features_of(model):
     """The task model without its head: the masked backbone's output."""
-    return keras.Model(model.inputs, model.get_layer("head").input)
+    return keras.Model(model.input, model.get_layer("head").input)
 
 
 @pytest.mark.parametrize("name,size", APPLICATIONS)

@@ -44,7 +44,7 @@ def test_surgery_masks_attention_and_mlp_and_owns_layer_norms():
     assert set(model.task_spec.owned) == {"block1_ln1", "block1_ln2", "block2_ln1", "block2_ln2", "final_ln", "head"}
     # with every mask 1 the task model is the backbone (plus the head): nothing re-implemented differs
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1)).astype("float32")
-    features = keras.Model(model.inputs, model.get_layer("head_pool").output)(x)
+    features = keras.Model(model.input, model.get_layer("head_pool").output)(x)
     np.testing.assert_allclose(features, np.mean(digits_vit_backbone()(x), axis=1), atol=1e-5)
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -319,7 +320,10 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.representative_dataset = samples
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        flatbuffer = converter.convert()
+        with warnings.catch_warnings():
+            # int8 calibration runs TensorFlow's own deprecated tf.lite.Interpreter: nothing to act on
+            warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated")
+            flatbuffer = converter.convert()
     write_atomic(output_path, lambda f: f.write(flatbuffer))
     return len(flatbuffer)
 

@@ -116,6 +116,12 @@ def _has_kernel(layer):
     return any(w.path.rsplit("/", 1)[-1].endswith("kernel") for w in layer.weights)
 
 
+def _inputs(model):
+    """`model`'s inputs in the structure it is called with: one tensor, not a list of one (Keras
+    warns on every call of a model built from `[image]` with an image)."""
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+
+
 def feature_model(backbone, feature_layer=None):
     """The part of `backbone` whose output feeds the new head.
 
@@ -135,7 +141,7 @@ def feature_model(backbone, feature_layer=None):
             raise ValueError(
                 f"feature_layer {feature_layer!r} is not a layer of backbone {backbone.name!r}"
             ) from None
-        return keras.Model(backbone.inputs, layer.output, name=backbone.name)
+        return keras.Model(_inputs(backbone), layer.output, name=backbone.name)
     last = backbone.layers[-1]
     if isinstance(last, keras.layers.Dense) and getattr(last.activation, "__name__", "") == "softmax":
         raise ValueError(
@@ -194,7 +200,7 @@ def _add_head(body, num_classes, name, head=None):
         logits = head(body.output)
         if logits.shape[-1] != num_classes:
             raise ValueError(f"the head outputs {logits.shape[-1]} channels; the task has {num_classes} classes")
-    return keras.Model(body.inputs, logits, name=name)
+    return keras.Model(_inputs(body), logits, name=name)
 
 
 def _head_layers(head):
