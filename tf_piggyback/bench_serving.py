@@ -45,13 +45,16 @@ class ServingConfig:
 
 def random_tasks(backbone, count, folder, num_classes=10, log=print):
     """`count` task files of random piggyback masks over `backbone`, in `folder/tNNN/task.npz`
-    (reused when already there: the same seeds give the same files)."""
+    (reused when already there and made for this backbone: the same seeds give the same files)."""
     from tf_piggyback.bench import paper_sparsities
+    from tf_piggyback.fingerprint import fingerprint
     from tf_piggyback.surgery import piggyback
-    from tf_piggyback.taskfile import save_task
+    from tf_piggyback.taskfile import read_manifest, save_task
 
     paths = [os.path.join(folder, f"t{i:03d}", "task.npz") for i in range(count)]
-    missing = [i for i, p in enumerate(paths) if not os.path.exists(p)]
+    current = fingerprint(backbone)
+    missing = [i for i, p in enumerate(paths)
+               if not os.path.exists(p) or read_manifest(p)["backbone"]["fingerprint"] != current]
     if missing:
         model = piggyback(backbone, num_classes)
         head = model.get_layer("head")
