@@ -81,7 +81,7 @@ class BankTask:
         masks: `{backbone kernel path: its mask packed (`coding.pack`), padded to ALIGN values}`;
             a kernel the task does not mask (`mask_from`) is absent: all ones in the bank.
         own: `{backbone variable path: value}` for per-task BatchNormalization.
-        head: `(kernel [F, C], bias [C])`.
+        head: `(kernel [F, C], bias [C])` (None for a task served alone).
         info: manifest summary for listings (classes, sparsity, source file SHA-256).
     """
 
@@ -149,37 +149,22 @@ class TaskBank:
         check_backbone(self.backbone, manifest, path, TaskFileError)
         options = manifest.get("options", {})
         feature_layer = options.get("feature_layer")
+        if self._next_uid > MAX_UID:
+            raise ValueError(f"this bank has been given {MAX_UID + 1:,} tasks, as many as its slot ids tell apart; "
+                             "make a new TaskBank")
         alone = _served_alone(manifest)
-        variables = {v.path: v for v in feature_model(self.backbone, feature_layer).variables}
-        if not alone:  # a task served alone is only listed: it sets nothing of the bank's layout
+        if alone:  # listed (a single-task export's listing), never served (see BankModule): nothing to lay out
+            kind, masks, own, head = "alone", {}, {}, None
+        else:
             if any(t.kind != "alone" for t in self._tasks) and feature_layer != self._feature_layer:
                 raise TaskFileError(
                     f"{path!r} feeds its head from feature_layer={feature_layer!r}, the bank's tasks from "
                     f"{self._feature_layer!r}; a bank holds tasks over one feature model")
+            variables = {v.path: v for v in feature_model(self.backbone, feature_layer).variables}
+            kind, masks = self._pack_masks(path, manifest, arrays, variables)
+            own, head = self._own_and_head(path, manifest, arrays, variables)
             self._feature_layer = feature_layer
             self._variables = {p: tuple(v.shape) for p, v in variables.items()}
-        if self._next_uid > MAX_UID:
-            raise ValueError(f"this bank has been given {MAX_UID + 1:,} tasks, as many as its slot ids tell apart; "
-                             "make a new TaskBank")
-        kind, masks = self._pack_masks(path, manifest, arrays, variables)
-        if alone:
-            kind = "alone"  # listed (a single-task export's listing), never served: see BankModule
-        own = {}
-        weights = manifest["weights"]
-        for i, entry in enumerate(weights):
-            value = np.asarray(arrays[f"w{i}"], np.float32)
-            if entry["name"].startswith(f"{HEAD_NAME}/") or alone:
-                continue
-            if entry["name"] not in variables or tuple(variables[entry["name"]].shape) != value.shape:
-                raise TaskFileError(f"{path!r}: task weight {entry['name']} does not fit this backbone")
-            own[entry["name"]] = value
-        heads = [np.asarray(arrays[f"w{i}"], np.float32) for i, e in enumerate(weights)
-                 if e["name"].startswith(f"{HEAD_NAME}/")]
-        if alone:
-            heads = [np.zeros((0, manifest["num_classes"]), np.float32), np.zeros(manifest["num_classes"], np.float32)]
-        if len(heads) != 2 or heads[0].ndim != 2 or heads[0].shape[1] != manifest["num_classes"]:
-            raise TaskFileError(f"{path!r} has no Dense head of {manifest['num_classes']} classes")
-        head = (heads[0], heads[1])
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         info = {"num_classes": int(manifest["num_classes"]), "class_names": manifest.get("class_names"),
@@ -207,6 +192,23 @@ class TaskBank:
         except ValueError:
             raise ValueError(f"no task named {name!r}; the bank has {', '.join(self.names) or 'no tasks'}") from None
 
+    @staticmethod
+    def _own_and_head(path, manifest, arrays, variables):
+        """`(BankTask.own, BankTask.head)` of a task file: its per-task backbone weights by path,
+        and its Dense head's kernel and bias."""
+        own, heads = {}, []
+        for i, entry in enumerate(manifest["weights"]):
+            value = np.asarray(arrays[f"w{i}"], np.float32)
+            if entry["name"].startswith(f"{HEAD_NAME}/"):
+                heads.append(value)
+            elif entry["name"] not in variables or tuple(variables[entry["name"]].shape) != value.shape:
+                raise TaskFileError(f"{path!r}: task weight {entry['name']} does not fit this backbone")
+            else:
+                own[entry["name"]] = value
+        if len(heads) != 2 or heads[0].ndim != 2 or heads[0].shape[1] != manifest["num_classes"]:
+            raise TaskFileError(f"{path!r} has no Dense head of {manifest['num_classes']} classes")
+        return own, (heads[0], heads[1])
+
     def _pack_masks(self, path, manifest, arrays, variables):
         """`(kind, BankTask.masks)` of a task file's masks."""
         layers = manifest["layers"]
@@ -229,7 +231,7 @@ class TaskBank:
     def kernel_paths(self):
         """The kernels any task masks, in the backbone's order: the bank's flat slot layout.
         The same set of tasks gives the same layout in any order."""
-        masked = {p for t in self._tasks if t.kind != "alone" for p in t.masks}
+        masked = {p for t in self._tasks for p in t.masks}
         return [p for p in self._variables if p in masked]
 
     @property
