@@ -260,10 +260,14 @@ class MaskedLayer(MaskedWrapper):
     def _mask_name(self, kernel_name):
         return "mask" if len(self.kernels) == 1 else kernel_name.replace("/", "_") + "_mask"
 
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        self._takes_training = "training" in inspect.signature(self.layer.call).parameters
+
     def call(self, *args, training=None, **kwargs):
         products = {id(k): m for k, m in zip(self.kernels, self.masked_kernels())}
         values = {id(v): products.get(id(v), v.value) for v in self.layer.variables}
-        if "training" in inspect.signature(self.layer.call).parameters:
+        if self._takes_training:
             kwargs["training"] = training
         with keras.StatelessScope([(v, values[id(v)]) for v in self.layer.variables],
                                   initialize_variables=False) as scope:
