@@ -171,3 +171,81 @@ def test_serving_bench_runs(tmp_path):
     assert [r["tasks"] for r in lite] == [1, 2] and lite[1]["bytes"] < 1.5 * lite[0]["bytes"]
     assert rows[1]["cold_b8_s"] > 0 and rows[1]["graph_ratio"] > 0 and "signature_first_call_s" not in rows[2]
     assert "| 3 |" in table and "| 3 (no per-task signatures) |" in table
+
+
+@pytest.fixture(scope="module")
+def resnet_tasks(tmp_path_factory):
+    """Five random-mask ResNet-50 tasks (32 px): kernels large enough that a refill takes
+    milliseconds, as in a server, and the answers of each task's baked model."""
+    import keras
+
+    from tf_piggyback.bench import paper_sparsities
+
+    def backbone():
+        keras.utils.set_random_seed(7)
+        return keras.applications.ResNet50(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
+
+    root = tmp_path_factory.mktemp("resnet")
+    model = pb.piggyback(backbone(), 5)
+    head = model.get_layer("head")
+    paths = []
+    for i in range(5):
+        paper_sparsities(model, seed=i)
+        rng = np.random.default_rng(i)
+        head.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in head.get_weights()])
+        paths.append(str(root / f"t{i}" / "task.npz"))
+        pb.save_task(model, paths[-1])
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    expected = [pb.bake(pb.load_task(path, backbone()))(images).numpy() for path in paths]
+    return backbone, paths, images, expected
+
+
+def _concurrent_answers(call, tasks, threads=16):
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(call, tasks))
+
+
+def test_concurrent_requests_get_their_own_tasks_answers(resnet_tasks, tmp_path):
+    """One slot, five tasks, 16 threads, a random task (or mix of tasks) per request: every
+    answer, through `TaskBank.predict` and a loaded SavedModel's `tasks` signature, equals the
+    task's baked model's."""
+    backbone, paths, images, expected = resnet_tasks
+    rng = np.random.default_rng(1)
+    requests = [rng.integers(0, len(paths), len(images)) if i % 4 == 3 else np.full(len(images), rng.integers(0, 5))
+                for i in range(160)]
+
+    def check(answers):
+        for tasks, logits in zip(requests, answers):
+            for row, task in enumerate(tasks):
+                np.testing.assert_allclose(logits[row], expected[task][row], rtol=1e-4, atol=1e-3)
+
+    bank = TaskBank(backbone(), slots=1)
+    for path in paths:
+        bank.add(path)
+    check(_concurrent_answers(lambda tasks: bank.predict(images, task=list(tasks)), requests))
+    assert bank.module.refills.numpy() >= len(paths)
+    path = export_saved_model(backbone(), paths, str(tmp_path / "multi"), slots=1, per_task_signatures=False)
+    serve = tf.saved_model.load(path).signatures["tasks"]
+    check(_concurrent_answers(lambda tasks: serve(image=tf.constant(images), task=tf.constant(tasks, tf.int32))
+                              ["logits"].numpy(), requests))
+
+
+def test_concurrent_cold_calls_of_one_task_fill_it_once(resnet_tasks, tmp_path):
+    """Sixteen requests for a task no slot holds unpack it once (the others wait for that
+    fill and use it): memory stays at `slots + 1` copies of the kernels."""
+    backbone, paths, images, expected = resnet_tasks
+    bank = TaskBank(backbone(), slots=2)
+    for path in paths:
+        bank.add(path)
+    answers = _concurrent_answers(lambda _: bank.predict(images, task=2), range(16))
+    assert bank.module.refills.numpy() == 1
+    for logits in answers:
+        np.testing.assert_allclose(logits, expected[2], rtol=1e-4, atol=1e-3)
+    bank.predict(images, task=0)  # a second slot
+    _concurrent_answers(lambda i: bank.predict(images, task=[2, 0][i % 2]), range(16))
+    assert bank.module.refills.numpy() == 2  # both held: every call hits
+    loaded = tf.saved_model.load(export_saved_model(backbone(), paths, str(tmp_path / "sm"), slots=1,
+                                                    per_task_signatures=False))
+    _concurrent_answers(lambda _: loaded.signatures["tasks"](image=tf.constant(images), task=tf.constant([4, 4, 4])),
+                        range(16))
+    assert loaded.refills.numpy() == 1

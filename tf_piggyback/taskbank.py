@@ -13,11 +13,14 @@ The same `tf.Module` is what `export_saved_model` saves for several tasks, so th
 and TensorFlow Serving run one implementation.
 
 Concurrency (TensorFlow Serving runs requests in parallel): each slot is one variable whose
-last element is the id of the task whose kernels it holds. A TensorFlow variable read is a
+last entries are the id of the task whose kernels it holds. A TensorFlow variable read is a
 snapshot (an assignment while a reader holds the buffer writes a new one), so a call that
-reads a slot and finds its own task's id there uses kernels of that task only; otherwise it
-computes them itself and leaves them in a slot for the next call. Racing fills may evict
-each other, never mix.
+reads a slot and finds its own task's id there uses kernels of that task only, without a
+lock. A call that misses takes the bank's one fill lock (a TensorFlow mutex), looks again and
+otherwise fills a slot: one unpack at a time, and N concurrent cold calls of one task unpack it
+once (`BankModule.refills` counts fills). A request still computing with a slot's old copy
+keeps it alive until it finishes, so under load memory can briefly hold one more copy per
+such request.
 
 Reference: §3, last paragraph (only the thresholded masks are kept); §5 and Table 3 (one
 backbone, many tasks at about 1 bit per parameter each).
@@ -25,6 +28,8 @@ backbone, many tasks at about 1 bit per parameter each).
 
 import dataclasses
 import hashlib
+import threading
+import uuid
 
 import keras
 import numpy as np
@@ -125,6 +130,7 @@ class TaskBank:
         self._feature_layer = None
         self._variables = {}  # path -> shape of the feature model's variables, in its order
         self._module = None
+        self._building = threading.Lock()
 
     # ---- the set of tasks -------------------------------------------------------------------
     @property
@@ -253,12 +259,17 @@ class TaskBank:
     # ---- serving ----------------------------------------------------------------------------
     @property
     def module(self):
-        """The `BankModule` over the current tasks (rebuilt after `add` / `remove`)."""
+        """The `BankModule` over the current tasks (rebuilt after `add` / `remove`), its
+        functions traced (a tf.function's concurrent first calls would each trace it)."""
         if not self._tasks:
             raise ValueError("the bank has no tasks; add a task file first")
-        if self._module is None:
-            self._module = BankModule(self)
-        return self._module
+        with self._building:  # concurrent first calls build and trace one module, once
+            if self._module is None:
+                module = BankModule(self)
+                module.forward.get_concrete_function()
+                module.mixed.get_concrete_function()
+                self._module = module
+            return self._module
 
     def predict(self, images, task):
         """Logits for `images` under `task`: a name or index, or one per image (mixed).
@@ -397,6 +408,10 @@ class BankModule(tf.Module):
         self.slot_uids = tf.Variable([-1.0] * bank.slots, trainable=False)  # a hint; the slot's id entries decide
         self.slot_used = tf.Variable([0] * bank.slots, trainable=False, dtype=tf.int64)
         self.clock = tf.Variable(0, trainable=False, dtype=tf.int64)
+        self.refills = tf.Variable(0, trainable=False, dtype=tf.int64)  # slots filled since loading
+        # The fill lock (`_locked_fill`): a mutex resource that every call of this module's
+        # functions finds by this name, in the Python API and in a loaded SavedModel alike.
+        self._lock_name = f"tf_piggyback_bank_fill_{uuid.uuid4().hex}"
 
         spec = tf.TensorSpec([None, *bank.backbone.inputs[0].shape[1:]], tf.float32)
         # autograph=False: control flow is written out (tf.cond, tf.switch_case, tf.while_loop).
@@ -413,40 +428,74 @@ class BankModule(tf.Module):
 
     # ---- masked kernels ------------------------------------------------------------------
     def _kernels(self, task):
-        """`[flat_size + ALIGN]`: the task's masked kernels (flat, aligned), then its id's entries."""
+        """`[flat_size + ALIGN]`: the task's masked kernels (flat, aligned), then its id's entries.
+
+        A hit reads a slot without a lock. A miss takes the bank's fill lock, looks again (a
+        request that waited may find its task filled by the one before it) and otherwise fills
+        the least recently used slot, so concurrent cold calls of one task unpack it once.
+        """
         uid = self.uids[task]
         kind = self.kinds[task]
 
         def from_slots():
-            tick = self.clock.assign_add(1)
-            hits = tf.where(tf.equal(self.slot_uids, uid))[:, 0]
-
-            def lookup():  # the hint names a slot: its id entries decide
-                slot = tf.cast(hits[0], tf.int32)
-                held = tf.switch_case(slot, [lambda s=s: s.read_value() for s in self.slots])
-                hit = tf.logical_and(tf.equal(tf.size(held), self.flat_size + ALIGN),
-                                     tf.equal(tf.reduce_sum(held[-ALIGN:]), uid))
-
-                def use():
-                    self.slot_used.scatter_nd_update([[slot]], [tick])
-                    return held
-
-                return tf.cond(hit, use, lambda: self._fill(task, kind, tick, uid))
-
-            # No slot is read when none is hinted: the one refilled is then freed as it is replaced.
-            return tf.cond(tf.size(hits) > 0, lookup, lambda: self._fill(task, kind, tick, uid))
+            hit, _, held = self._slot_holding(uid)
+            return tf.cond(hit, lambda: held, lambda: self._locked_fill(task, kind, uid))
 
         return tf.cond(tf.equal(kind, 0), self.weights.read_value, from_slots)
 
-    def _fill(self, task, kind, tick, uid):
-        """Unpacks the task's masks into `W ⊙ m` and stores it in the least recently used slot."""
+    def _slot_holding(self, uid):
+        """`(hit, slot, kernels)`: whether the slot the hint names for `uid` holds `uid`'s kernels
+        (the hint may be stale; the slot's id entries decide) and, if so, a snapshot of them (else
+        empty). No slot is read when none is hinted, so a refilled slot's old copy is freed as
+        it is replaced."""
+        hits = tf.where(tf.equal(self.slot_uids.read_value(), uid))[:, 0]
+
+        def lookup():
+            slot = tf.cast(hits[0], tf.int32)
+            held = tf.switch_case(slot, [lambda s=s: s.read_value() for s in self.slots])
+            hit = tf.logical_and(tf.equal(tf.size(held), self.flat_size + ALIGN),
+                                 tf.equal(tf.reduce_sum(held[-ALIGN:]), uid))
+            # A snapshot of another task's kernels is let go here, not kept through a refill.
+            return hit, slot, tf.cond(hit, lambda: held, lambda: tf.zeros([0], tf.float32))
+
+        return tf.cond(tf.size(hits) > 0, lookup,
+                       lambda: (tf.constant(False), tf.constant(-1), tf.zeros([0], tf.float32)))
+
+    def _locked_fill(self, task, kind, uid):
+        """The task's kernels from a slot or a fill, with the fill lock held (see `_kernels`).
+
+        Only fills write slots, and every fill holds the lock, so the read that follows a
+        slot's assignment is that assignment's value (an assignment and a read are two
+        operations; without the lock, a racing fill in between gave another task's kernels).
+        """
+        lock = tf.raw_ops.MutexLock(mutex=tf.raw_ops.MutexV2(shared_name=self._lock_name))
+        with tf.control_dependencies([lock]):
+            tick = self.clock.assign_add(1)
+            hit, slot, held = self._slot_holding(uid)
+
+            def use():
+                with tf.control_dependencies([self.slot_used.scatter_nd_update([[slot]], [tick])]):
+                    return tf.identity(held)
+
+            kernels = tf.cond(hit, use, lambda: self._fill(task, kind, tick))
+            check = tf.debugging.assert_equal(tf.reduce_sum(kernels[-ALIGN:]), uid,
+                                              message="a working slot holds another task's kernels")
+        with tf.control_dependencies([kernels, check]):
+            release = tf.raw_ops.ConsumeMutexLock(mutex_lock=lock)
+        with tf.control_dependencies([release]):
+            return tf.identity(kernels)
+
+    def _fill(self, task, kind, tick):
+        """Unpacks the task's masks into `W ⊙ m` and stores it in the least recently used slot
+        (called with the fill lock held)."""
         packed = self.packed[self.packed_offsets[task]:self.packed_offsets[task + 1]]
         weights = self.weights.read_value()
         # One multiplication, in place on the unpacked mask; its last ALIGN entries are the id.
         flat = weights * tf.cond(tf.equal(kind, 1), lambda: unpack_binary(packed), lambda: unpack_ternary(packed))
-        slot = tf.cast(tf.argmin(self.slot_used), tf.int32)
-        self.slot_uids.scatter_nd_update([[slot]], [uid])
+        slot = tf.cast(tf.argmin(self.slot_used.read_value()), tf.int32)
+        self.slot_uids.scatter_nd_update([[slot]], [self.uids[task]])
         self.slot_used.scatter_nd_update([[slot]], [tick])
+        self.refills.assign_add(1)
 
         # The slot adopts `flat`'s buffer (its only user is the assignment) and the call reads
         # it back: no copy. Measured: TensorFlow's CPU allocator keeps freed buffers resident,
