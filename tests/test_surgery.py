@@ -9,13 +9,13 @@ import tensorflow as tf
 
 from tf_piggyback.trainer import TrainConfig, epoch_batches, train
 
-APPLICATIONS = [
-    ("ResNet50", 32),
-    ("VGG16", 32),
-    ("DenseNet121", 32),
-    ("MobileNetV2", 32),
-    ("EfficientNetB0", 32),
-]
+# Every model keras.applications has, at a small input size (their smallest, where above 32).
+SIZES = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
+FAST = {"ResNet50", "VGG16", "DenseNet121", "MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large",
+        "EfficientNetB0", "ConvNeXtTiny"}
+APPLICATIONS = [pytest.param(name, SIZES.get(name, 32), marks=() if name in FAST else pytest.mark.slow)
+                for name in sorted(dir(keras.applications))
+                if name[0].isupper() and callable(getattr(keras.applications, name))]
 
 
 def features_of(model):
@@ -23,10 +23,21 @@ def features_of(model):
     return keras.Model(model.input, model.get_layer("head").input)
 
 
+def test_every_keras_application_is_listed():
+    assert len(APPLICATIONS) >= 40 and {"MobileNetV3Small", "ConvNeXtTiny", "NASNetLarge"} <= {
+        p.values[0] for p in APPLICATIONS}
+
+
 @pytest.mark.parametrize("name,size", APPLICATIONS)
-def test_surgery_on_keras_applications(name, size):
+def test_surgery_on_keras_applications(name, size, tmp_path):
+    """Every kernel masked, the first forward equal to the backbone's, random masks reloaded
+    from a task file and baked exactly, the backbone unchanged."""
+    from tf_piggyback import load_task, save_task
+    from tf_piggyback.bench import paper_sparsities
+
     backbone = getattr(keras.applications, name)(
         weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3))
+    before = [w.numpy().copy() for w in backbone.weights]
     model = piggyback(backbone, num_classes=3)
     kernels = [layer for layer in backbone.layers if any(w.path.endswith("kernel") for w in layer.weights)]
     assert len(masked_layers(model)) == len(kernels) > 0
@@ -36,7 +47,12 @@ def test_surgery_on_keras_applications(name, size):
     x = np.random.default_rng(0).uniform(0, 255, size=(2, size, size, 3)).astype("float32")
     # The constant init (1e-2 >= tau) gives all-ones masks: the first forward equals the backbone.
     np.testing.assert_allclose(features_of(model)(x), backbone(x), rtol=1e-4, atol=1e-4)
+    paper_sparsities(model)
+    save_task(model, str(tmp_path / "task.npz"))
+    np.testing.assert_array_equal(load_task(str(tmp_path / "task.npz"), backbone)(x), model(x))
     np.testing.assert_allclose(bake(model)(x), model(x), rtol=1e-5, atol=1e-5)
+    for value, weight in zip(before, backbone.weights):
+        np.testing.assert_array_equal(value, weight.numpy())
 
 
 def test_backbone_bit_identical_after_training():

@@ -350,3 +350,43 @@ def test_no_trainable_flag_a_user_can_touch_changes_the_backbone(train_bn):
     owned = {"head/kernel", "head/bias"} | ({f"bn{i}/{n}" for i in range(1, 5) for n in ("gamma", "beta")}
                                             if train_bn else set())
     assert trained == owned | {m.path for layer in pb.masked_layers(model) for m in layer.masks}
+
+
+def ops_backbone():
+    """A functional model written as people write one: `x + y`, `keras.ops` calls and
+    `keras.activations.gelu` between layers (Keras operations, not layers, in the graph)."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((32, 32, 1), name="image")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    a = keras.layers.Conv2D(8, 3, padding="same", name="a")(x)
+    b = keras.layers.Conv2D(8, 3, padding="same", name="b")(x)
+    x = keras.activations.gelu(a + b)
+    x = keras.ops.multiply(x, keras.ops.sigmoid(keras.layers.Dense(8, name="gate")(x)))
+    x = keras.layers.DepthwiseConv2D(3, name="dw")(x)
+    x = keras.ops.mean(x, axis=(1, 2))
+    return keras.Model(inputs, keras.layers.Dense(16, name="fc")(x), name="ops")
+
+
+def test_a_functional_model_with_operations_from_the_cli(tmp_path):
+    """A `.keras` backbone with operations between its layers: every kernel masked, trained from
+    the CLI, reloaded in a fresh process with the same accuracy, baked exactly."""
+    backbone_path = str(tmp_path / "ops.keras")
+    ops_backbone().save(backbone_path)
+    model_dir = str(tmp_path / "run")
+    result = train_cli(f"--backbone={backbone_path}", "--dataset=digits:upper", "--head_lr=1e-3", "--verbose=0",
+                       f"--model_dir={model_dir}", "--epochs=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    task = os.path.join(model_dir, "task.npz")
+    assert [layer["name"] for layer in pb.read_manifest(task)["layers"]] == [
+        "a/kernel", "b/kernel", "gate/kernel", "dw/kernel", "fc/kernel"]
+    metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
+    evaluate = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), f"--backbone={backbone_path}",
+         f"--task={task}", "--dataset=digits:upper"], capture_output=True, text=True, cwd=REPO)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    assert json.loads(evaluate.stdout.splitlines()[-1])["accuracy"] == metrics["accuracy"]
+    model = pb.load_task(task, pb.load_backbone(backbone_path))
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1)).astype("float32")
+    np.testing.assert_allclose(pb.bake(model)(x), model(x), rtol=1e-5, atol=1e-5)

@@ -52,8 +52,9 @@ ADAPTERS = ("lora_kernel_a", "lora_kernel_b")
 
 
 def lora_adapters(layer):
-    """The LoRA adapters (`lora_kernel_a`, `lora_kernel_b`) of `layer` and its sublayers."""
-    return [w for w in layer.weights if w.path.rsplit("/", 1)[-1] in ADAPTERS]
+    """The LoRA adapters (`lora_kernel_a`, `lora_kernel_b`) of `layer` and its sublayers (none
+    for an operation of a functional graph, `x + y` or a `keras.ops` call, which holds no weights)."""
+    return [w for w in getattr(layer, "weights", ()) if w.path.rsplit("/", 1)[-1] in ADAPTERS]
 
 
 def _lora_targets(layer):
