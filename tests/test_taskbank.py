@@ -249,3 +249,22 @@ def test_concurrent_cold_calls_of_one_task_fill_it_once(resnet_tasks, tmp_path):
     _concurrent_answers(lambda _: loaded.signatures["tasks"](image=tf.constant(images), task=tf.constant([4, 4, 4])),
                         range(16))
     assert loaded.refills.numpy() == 1
+
+
+def test_adding_a_task_does_not_fingerprint_the_backbone_again(task_files, monkeypatch):
+    """`add` costs reading and packing one task file: the backbone's fingerprint (a hash over
+    every weight) is computed once per bank, the feature model once per feature layer."""
+    import tf_piggyback.taskbank
+
+    paths, images, expected = task_files
+    bank = TaskBank(pb.digits_backbone(), slots=1)
+    calls = []
+    for module in (sys.modules["tf_piggyback.fingerprint"], tf_piggyback.taskbank):
+        monkeypatch.setattr(module, "fingerprint", lambda model: calls.append(model) or "unused")
+    built = []
+    original = tf_piggyback.taskbank.feature_model
+    monkeypatch.setattr(tf_piggyback.taskbank, "feature_model", lambda *a: built.append(a) or original(*a))
+    for path in paths.values():
+        bank.add(path)
+    assert calls == [] and len(built) == 1
+    np.testing.assert_allclose(bank.predict(images, task="bn"), expected["bn"], atol=1e-5)

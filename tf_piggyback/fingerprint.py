@@ -45,17 +45,18 @@ def fingerprint(model):
     return digest.hexdigest()
 
 
-def check_backbone(backbone, manifest, path, error=ValueError):
+def check_backbone(backbone, manifest, path, error=ValueError, actual=None):
     """Raises `error` (one line naming both sides) unless `backbone` is the one a file's
     `manifest` was made on: first its image size (`manifest["image_size"]`, when recorded),
-    then its fingerprint (`manifest["backbone"]`)."""
+    then its fingerprint (`manifest["backbone"]`; `actual`, when given, is the backbone's,
+    computed once by a caller that checks many files against one backbone)."""
     size = list(backbone.inputs[0].shape[1:])
     trained = manifest.get("image_size")
     if trained is not None and list(trained) != size:
         raise error(f"{path!r} was trained on {'x'.join(map(str, trained))} images; the given backbone takes "
                     f"{'x'.join(map(str, size))}: build it at the task's size (--image_size={trained[0]})")
     expected = manifest["backbone"]
-    actual = fingerprint(backbone)
+    actual = fingerprint(backbone) if actual is None else actual
     if actual != expected["fingerprint"]:
         raise error(f"{path!r} was trained on backbone {expected['name']!r} (fingerprint "
                     f"{expected['fingerprint'][:12]}), not on the given {backbone.name!r} (fingerprint "

@@ -103,7 +103,8 @@ class TaskBank:
     """One backbone, many task files, a bounded set of unpacked working copies.
 
     Args:
-        backbone: the backbone every task was trained on (fingerprints are checked).
+        backbone: the backbone every task was trained on (fingerprints are checked against
+            the one computed here: the bank takes the backbone as it is now, as frozen).
         slots: how many tasks' masked kernels are kept unpacked (floats) at once; >= 1.
 
     Example:
@@ -129,6 +130,7 @@ class TaskBank:
         self._next_uid = 0
         self._feature_layer = None
         self._variables = {}  # path -> shape of the feature model's variables, in its order
+        self._feature_variables = {}  # feature_layer -> {path: variable}, built once each
         self._module = None
         self._building = threading.Lock()
 
@@ -152,7 +154,7 @@ class TaskBank:
         if name in MIXED_SIGNATURES or name == "serving_default":
             raise ValueError(f"{name!r} is a reserved signature name; name the task with NAME=PATH")
         manifest, arrays = read_task(path)
-        check_backbone(self.backbone, manifest, path, TaskFileError)
+        check_backbone(self.backbone, manifest, path, TaskFileError, actual=self.fingerprint)
         options = manifest.get("options", {})
         feature_layer = options.get("feature_layer")
         if self._next_uid > MAX_UID:
@@ -166,7 +168,10 @@ class TaskBank:
                 raise TaskFileError(
                     f"{path!r} feeds its head from feature_layer={feature_layer!r}, the bank's tasks from "
                     f"{self._feature_layer!r}; a bank holds tasks over one feature model")
-            variables = {v.path: v for v in feature_model(self.backbone, feature_layer).variables}
+            if feature_layer not in self._feature_variables:
+                self._feature_variables[feature_layer] = {
+                    v.path: v for v in feature_model(self.backbone, feature_layer).variables}
+            variables = self._feature_variables[feature_layer]
             kind, masks = self._pack_masks(path, manifest, arrays, variables)
             own, head = self._own_and_head(path, manifest, arrays, variables)
             self._feature_layer = feature_layer
