@@ -306,3 +306,53 @@ def test_int8_calibration_images_span_the_classes(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "REPRESENTATIVE_SAMPLES", 6)
     images = export.representative_images(f"folder:{root}", (8, 8, 3))
     assert len(images) == 6 and len({int(x.mean()) for x in images}) >= 2
+
+
+def _numbered_folder(root, count, classes=10):
+    """A folder of `count` 8x8 PNGs whose pixels spell each image's number (lossless)."""
+    for i in range(count):
+        folder = os.path.join(root, f"c{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        image = np.zeros((8, 8, 3), np.uint8)
+        image[..., 0], image[..., 1] = i // 256, i % 256
+        tf.io.write_file(os.path.join(folder, f"{i:05d}.png"), tf.io.encode_png(image))
+
+
+@pytest.mark.parametrize("spec", ["folder", "digits"])
+def test_every_epoch_visits_the_images_in_a_fresh_order(tmp_path, spec):
+    """With a cache smaller than the set and a shuffle window smaller than the set, an image's
+    place in one epoch says nothing of its place in the next (|rank correlation| < 0.1); each
+    epoch visits every image once; a resumed run repeats an epoch's batches; batches span as
+    many classes as a full shuffle gives."""
+    from tf_piggyback.trainer import epoch_batches
+
+    if spec == "folder":
+        root = str(tmp_path / "numbered")
+        _numbered_folder(root, 900)
+        splits = load_dataset(f"folder:{root}", image_shape=(8, 8, 3), cache_bytes=300 * 8 * 8 * 3)
+
+        def ids(images):
+            return (images[:, 0, 0, 0] * 256 + images[:, 0, 0, 1]).astype(int)
+    else:  # every digits image is told apart by its pixels
+        splits = load_dataset("digits:all", image_shape=(32, 32, 1), cache_bytes=300 * 32 * 32)
+        first = np.stack([x.numpy() for x, _ in splits.train])
+        lookup = {first[i].tobytes(): i for i in range(len(first))}
+        assert len(lookup) == len(first)
+
+        def ids(images):
+            return np.array([lookup[image.tobytes()] for image in images])
+
+    make = epoch_batches(splits.epoch, 32, seed=3, buffer_size=64)
+    orders, classes = [], []
+    for epoch in (0, 1, 1):
+        order = []
+        for images, labels in make(epoch):
+            order.extend(ids(images.numpy()))
+            classes.append(len(set(labels.numpy().tolist())))
+        orders.append(np.array(order))
+    assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == len(orders[0]) == splits.train_size
+    np.testing.assert_array_equal(orders[1], orders[2])  # seeded by (seed, epoch)
+    place = [np.argsort(order) for order in orders[:2]]  # image -> its place in the epoch
+    assert abs(np.corrcoef(place[0], place[1])[0, 1]) < 0.1
+    full = 10 * (1 - 0.9 ** 32)  # expected classes in 32 draws from 10 equally frequent ones
+    assert np.mean(classes) > full - 0.3

@@ -117,10 +117,13 @@ class Splits:
     class_names: list
     train_size: int
     test_size: int
-    # `k -> (first k training examples, the rest)`, each read without touching the other (a
-    # `skip` would decode the skipped images): what the cache budget splits on.
+    # `k -> (first k training examples, seed -> the rest in an order of that seed)`, each read
+    # without touching the other (a `skip` would decode the skipped images): what the cache
+    # budget splits on, and what `epoch` orders afresh.
     train_parts: object = dataclasses.field(default=None, repr=False)
     dense: bool = False
+    # `seed -> the training examples in a fresh order of that seed`, each once (`load_dataset`).
+    epoch: object = dataclasses.field(default=None, repr=False)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -142,7 +145,8 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
             file's manifest, and `scripts/evaluate.py` reads it from there).
         cache_bytes: with `image_shape`, keep the first training images, resized and as uint8,
             in memory after the first epoch, as many as fit in this many bytes; the rest are
-            read and decoded every epoch. 0: no cache. (A float32 cache of WikiArt's 42k
+            read and decoded every epoch. 0: no cache. `Splits.epoch(seed)` gives every
+            epoch its own order over both parts (`_epoch`). (A float32 cache of WikiArt's 42k
             images at 224 px would take 25 GB; uint8 takes 6.3 GB, so a budget is needed.)
         protocol: `"simple"`: every image resized to `image_shape`. `"paper"`: the data
             handling of the paper's experiments as the official code runs it: CUBS-200 and
@@ -162,9 +166,13 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
     if kind in ("digits", "digits_seg"):
         load = load_digits_variant if kind == "digits" else load_digits_segmentation
         (x, y), (xt, yt), names = load(arg)
+
+        def in_order(images, labels):
+            return lambda seed: tf.data.Dataset.from_tensor_slices(_permuted(seed, images, labels))
+
         splits = Splits(tf.data.Dataset.from_tensor_slices((x, y)), tf.data.Dataset.from_tensor_slices((xt, yt)),
                         names, len(x), len(xt), lambda k: (tf.data.Dataset.from_tensor_slices((x[:k], y[:k])),
-                                                           tf.data.Dataset.from_tensor_slices((x[k:], y[k:]))),
+                                                           in_order(x[k:], y[k:])),
                         dense=kind == "digits_seg")
     elif kind == "folder":
         splits = _folder(arg, split_seed)
@@ -175,7 +183,9 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
             f"unknown dataset {spec!r}; use digits:VARIANT (VARIANT one of {', '.join(DIGITS_VARIANTS)}), "
             "digits_seg:VARIANT, tfds:NAME[/CONFIG] or folder:PATH"
         )
-    if image_shape is not None:
+    if image_shape is None:
+        splits.epoch = splits.train_parts(0)[1]
+    else:
         if splits.dense and protocol != "simple":
             raise ValueError(f"{spec} has per-pixel labels; its crops would need them cropped too: use protocol=simple")
         shape = tuple(image_shape)
@@ -189,15 +199,43 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
         if cache_bytes < 0:
             raise ValueError(f"the cache budget must be >= 0 bytes. Received: cache_bytes={cache_bytes}")
         cached = min(splits.train_size, int(cache_bytes) // int(np.prod(stored)))
+        head, tail = splits.train_parts(cached)
+        cache = head.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE).map(_to_uint8).cache()
+        splits.epoch = functools.partial(_epoch, cache=cache, cached=cached, size=splits.train_size,
+                                         tail=lambda seed: tail(seed).map(fit_train, num_parallel_calls=tf.data.AUTOTUNE))
         if cached > 0:
-            head, tail = splits.train_parts(cached)
-            head = head.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE).map(_to_uint8).cache().map(_to_float)
-            splits.train = head if cached == splits.train_size else head.concatenate(
-                tail.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE))
+            splits.train = cache.map(_to_float) if cached == splits.train_size else cache.map(_to_float).concatenate(
+                tail(None).map(fit_train, num_parallel_calls=tf.data.AUTOTUNE))
         else:
             splits.train = splits.train.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE)
         splits.test = splits.test.map(fit, num_parallel_calls=tf.data.AUTOTUNE)
     return splits
+
+
+def _epoch(seed, cache, cached, size, tail):
+    """One epoch of training examples in a fresh order of `seed`: the cached part (uint8 in
+    memory, filled on the first epoch) shuffled whole, which holds only references to the
+    cached images, and the streamed rest in its own order of `seed` (`Splits.train_parts`),
+    drawn from at random in proportion to their sizes, so every image's place in an epoch is
+    independent of its place in the last one, whatever the cache budget."""
+    parts, weights = [], []
+    if cached > 0:
+        parts.append(cache.shuffle(cached, seed=seed, reshuffle_each_iteration=False).map(_to_float))
+        weights.append(cached / size)
+    if cached < size:
+        parts.append(tail(seed))
+        weights.append(1 - cached / size)
+    if len(parts) == 1:
+        return parts[0]
+    return tf.data.Dataset.sample_from_datasets(parts, weights=weights, seed=seed, stop_on_empty_dataset=False)
+
+
+def _permuted(seed, *arrays):
+    """`arrays` in one order of `seed` (None: as they are)."""
+    if seed is None:
+        return arrays
+    order = np.random.default_rng(seed).permutation(len(arrays[0]))
+    return tuple(np.asarray(a)[order] for a in arrays)
 
 
 def paper_scale(shape):
@@ -335,7 +373,8 @@ def _folder(root, seed):
     files, labels = _interleaved(files, labels)
     test_files, test_labels = _interleaved(test_files, test_labels)
     return Splits(_image_files(files, labels), _image_files(test_files, test_labels), names, len(files),
-                  len(test_files), lambda k: (_image_files(files[:k], labels[:k]), _image_files(files[k:], labels[k:])))
+                  len(test_files), lambda k: (_image_files(files[:k], labels[:k]),
+                                              lambda seed: _image_files(*_permuted(seed, files[k:], labels[k:]))))
 
 
 def _tfds(name, protocol="simple"):
@@ -373,9 +412,15 @@ def _tfds(name, protocol="simple"):
                              "private test labels); evaluate on a split with labels, such as validation")
 
     def train_parts(k):
-        if train_split == "train":  # tfds slices by record: neither part reads the other's
-            return tuple(load([f"train[:{k}]", f"train[{k}:]"]))
-        return train.take(k), train.skip(k)
+        # The rest streams in the stored order (records are read in sequence, not by index):
+        # `trainer.epoch_batches`' window shuffles it.
+        if k == 0:
+            head, rest = train.take(0), train
+        elif train_split == "train":  # tfds slices by record: neither part reads the other's
+            head, rest = load([f"train[:{k}]", f"train[{k}:]"])
+        else:
+            head, rest = train.take(k), train.skip(k)
+        return head, lambda seed: rest
 
     return Splits(train, test, list(builder.info.features["label"].names), _size(train), _size(test), train_parts)
 

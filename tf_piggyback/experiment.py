@@ -152,7 +152,7 @@ def input_pipeline(config, image_shape):
     if config.augment and splits.dense:
         raise ValueError(f"--augment crops and flips the images only; {config.dataset}'s per-pixel labels would "
                          "not follow: leave it off")
-    return splits, epoch_batches(splits.train, config.train.batch_size, seed=config.train.seed,
+    return splits, epoch_batches(splits.epoch, config.train.batch_size, seed=config.train.seed,
                                  augment_images=config.augment,
                                  crop_to=tuple(image_shape) if config.protocol == "paper" else None)
 

@@ -101,7 +101,9 @@ def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=Non
     """`epoch -> batched dataset`: a fixed shuffle per epoch, so a resumed run sees the same batches.
 
     Args:
-        examples: an unbatched `tf.data.Dataset` of `(image, label)`.
+        examples: an unbatched `tf.data.Dataset` of `(image, label)`, or `seed -> such a
+            dataset` in a fresh order of that seed (`datasets.Splits.epoch`: every epoch then
+            visits the images in an order of its own, not just within the shuffle window).
         batch_size: the global batch size.
         seed: with the epoch number, seeds that epoch's shuffle (and augmentation).
         buffer_size: the shuffle window, in images; default as many as fit in
@@ -114,14 +116,14 @@ def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=Non
             for examples of any size (`datasets.load_dataset(protocol="paper")`).
     """
     if buffer_size is None:
-        shape = examples.element_spec[0].shape
+        shape = (examples(0) if callable(examples) else examples).element_spec[0].shape
         if crop_to is not None:
             shape = tf.TensorShape([paper_scale(crop_to)] * 2 + [crop_to[-1]])  # what it is cropped from
         image_bytes = 4 * int(np.prod(shape)) if shape.is_fully_defined() else 1
         buffer_size = int(min(MAX_SHUFFLE_BUFFER, max(batch_size, SHUFFLE_BUFFER_BYTES // image_bytes)))
 
     def make(epoch):
-        ds = examples
+        ds = examples(seed * 100_003 + epoch) if callable(examples) else examples
         if shuffle:
             ds = ds.shuffle(buffer_size, seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
         if augment_images or crop_to is not None:
