@@ -4,7 +4,8 @@ python export/tflite.py --backbone=digits --task=runs/demo/upper/piggyback/task.
     --output=upper.tflite --quantize=int8 --representative=digits:upper
 
 Several --task give one signature per task (the backbone stored once, masks packed); a single
-task gives `serving_default`. Run it with
+task gives `serving_default`. `--switching` keeps the active task's masked kernels unpacked
+between calls (see `tf_piggyback.export.export_tflite`). Run it with
 `ai_edge_litert.interpreter.Interpreter(model_path=F).get_signature_runner(NAME)(image=x)`.
 """
 
@@ -26,6 +27,8 @@ def define_flags():
     flags.DEFINE_string("output", None, "The .tflite file to write.")
     flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "none (float32), float16, or int8 (full integer).")
     flags.DEFINE_string("representative", None, "For int8: a dataset spec whose training images calibrate.")
+    flags.DEFINE_bool("switching", False, "With several --task: keep the active task's masked kernels in variables, "
+                      "so a call unpacks masks only when it switches tasks (faster warm calls, one more copy in memory).")
     for name in ("task", "output"):
         flags.mark_flag_as_required(name)
 
@@ -37,7 +40,7 @@ def main(argv):
     representative = None
     if FLAGS.representative:
         representative = representative_images(FLAGS.representative, backbone.inputs[0].shape[1:])
-    size = export_tflite(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative)
+    size = export_tflite(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative, FLAGS.switching)
     print(f"{FLAGS.output}: {size:,} bytes")
 
 

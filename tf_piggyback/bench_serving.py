@@ -162,7 +162,15 @@ def tflite_child(path, names, image_shape, calls):
         begin = time.perf_counter()
         first(image=image)
         warm.append(time.perf_counter() - begin)
-    return {**result, "first_call_s": float(np.median(firsts)), "warm_b1_s": float(np.median(warm)), "rss": memory_bytes()}
+    result.update(first_call_s=float(np.median(firsts)), warm_b1_s=float(np.median(warm)))
+    if len(names) > 1:  # each call another task's than the last
+        switches = []
+        for i in range(calls):
+            begin = time.perf_counter()
+            runners[names[1 + i % (len(names) - 1)]](image=image)
+            switches.append(time.perf_counter() - begin)
+        result["switch_call_b1_s"] = float(np.median(switches))
+    return {**result, "rss": memory_bytes()}
 
 
 def tflite_rows(backbone, paths, config, log=print):
@@ -173,24 +181,25 @@ def tflite_rows(backbone, paths, config, log=print):
 
     n = config.tflite_tasks
     files = {}
-    for count in (1, n):
-        file = os.path.join(config.workdir, "tflite", f"tasks{count}.tflite")
+    for count, switching in ((1, False), (n, False), (n, True)):
+        file = os.path.join(config.workdir, "tflite", f"tasks{count}{'_switching' if switching else ''}.tflite")
         if not os.path.exists(file):
             start = time.perf_counter()
-            export_tflite(backbone, [f"t{i:03d}={p}" for i, p in enumerate(paths[:count])], file)
-            log(f"exported {count} task(s) to TFLite in {time.perf_counter() - start:.0f} s")
-        files[count] = file
+            export_tflite(backbone, [f"t{i:03d}={p}" for i, p in enumerate(paths[:count])], file, switching=switching)
+            log(f"exported {count} task(s) to TFLite{' (switching)' if switching else ''} in "
+                f"{time.perf_counter() - start:.0f} s")
+        files[count, switching] = file
     names = {1: ["serving_default"], n: [f"t{i:03d}" for i in range(n)]}
-    samples = {count: [] for count in files}
+    samples = {key: [] for key in files}
     for _ in range(config.repeats):
-        for count, file in files.items():
-            samples[count].append(_child("tflite_child", path=file, names=names[count],
-                                         image_shape=list(backbone.inputs[0].shape[1:]), calls=config.calls))
+        for (count, switching), file in files.items():
+            samples[count, switching].append(_child("tflite_child", path=file, names=names[count],
+                                                    image_shape=list(backbone.inputs[0].shape[1:]), calls=config.calls))
     rows = []
-    for count, file in files.items():
-        row = {"tasks": count, "bytes": os.path.getsize(file)}
-        for key in samples[count][0]:
-            row[key] = float(np.median([s[key] for s in samples[count]]))
+    for (count, switching), file in files.items():
+        row = {"tasks": count, "switching": switching, "bytes": os.path.getsize(file)}
+        for key in samples[count, switching][0]:
+            row[key] = float(np.median([s[key] for s in samples[count, switching]]))
         rows.append(row)
     return rows
 
@@ -265,11 +274,15 @@ def run(config, log=print):
         bound = lite[0]["bytes"] + config.tflite_tasks * bits / 8 * 1.1
         rows += [{"format": "tflite", **r, "bound_bytes": bound if r["tasks"] > 1 else None} for r in lite]
         table += ("\n| TFLite tasks | bytes (bound: one task's file + N n/8 x 1.1) | load | first call, each "
-                  "signature (b1) | warm call (b1) | RSS |\n|---|---|---|---|---|---|\n")
+                  "signature (b1) | warm call (b1) (ratio) | call after another task's (b1) | RSS |\n"
+                  "|---|---|---|---|---|---|---|\n")
         for r in lite:
-            table += (f"| {r['tasks']} | {r['bytes'] / 1e6:,.1f} MB" + (f" ({bound / 1e6:,.1f} MB)" if r["tasks"] > 1
-                      else "") + f" | {r['load_s'] * 1000:,.0f} ms | {r['first_call_s'] * 1000:,.0f} ms | "
-                      f"{r['warm_b1_s'] * 1000:,.0f} ms | {r['rss'] / 1e6:,.0f} MB |\n")
+            switch = f"{r['switch_call_b1_s'] * 1000:,.0f} ms" if "switch_call_b1_s" in r else "—"
+            table += (f"| {r['tasks']}{' (--switching)' if r['switching'] else ''} | {r['bytes'] / 1e6:,.1f} MB"
+                      + (f" ({bound / 1e6:,.1f} MB)" if r["tasks"] > 1 else "")
+                      + f" | {r['load_s'] * 1000:,.0f} ms | {r['first_call_s'] * 1000:,.0f} ms | "
+                      f"{r['warm_b1_s'] * 1000:,.0f} ms ({r['warm_b1_s'] / lite[0]['warm_b1_s']:.2f}) | {switch} | "
+                      f"{r['rss'] / 1e6:,.0f} MB |\n")
     return rows, table
 
 

@@ -131,13 +131,51 @@ class _PackedTask(tf.Module):
             return self.own[source[1]]
         return self._masked_kernel(*source[1:])
 
-    def __call__(self, image):
-        values = {id(v): self._value(source) for v, source in zip(self._model.variables, self._sources)}
+    def __call__(self, image, kernels=None):
+        """The task's logits; `kernels`, if given, maps each of its masked kernel's sources
+        (`W`, a backbone variable) to `W ⊙ m` held elsewhere (`_SwitchingTasks`)."""
+        values = {id(v): self._value(source) if source[0] != "kernel" or kernels is None else kernels[id(source[2])]
+                  for v, source in zip(self._model.variables, self._sources)}
         logits, _ = self._model.stateless_call(
             [values[id(v)] for v in self._model.trainable_variables],
             [values[id(v)] for v in self._model.non_trainable_variables],
             image, training=False)
         return logits
+
+
+class _SwitchingTasks(tf.Module):
+    """Several `_PackedTask`s with one working copy of the active task's masked kernels, held
+    in resource variables, which LiteRT keeps across calls and shares between the signatures of
+    one interpreter: a task's call unpacks its masks only when another task was active.
+
+    The variables start as the backbone's kernels (the converter stores equal buffers once, so
+    the file does not grow by a copy) and `active` as -1 (none: the first call unpacks).
+    """
+
+    def __init__(self, backbone, tasks):
+        super().__init__()
+        self.variables_ = [v.value for v in backbone.variables]
+        self.tasks = tasks
+        masked = {id(source[2]) for task in tasks for source in task._sources if source[0] == "kernel"}
+        kernels = [v for v in backbone.variables if id(v) in masked]
+        self.__dict__["_slot"] = {id(v): i for i, v in enumerate(kernels)}
+        self.working = [tf.Variable(keras.ops.convert_to_numpy(v), trainable=False) for v in kernels]
+        self.active = tf.Variable(-1, trainable=False)
+
+    def logits(self, index, image):
+        task = self.tasks[index]
+        sources = [source for source in task._sources if source[0] == "kernel"]
+
+        def switch():
+            writes = [self.working[self._slot[id(source[2])]].assign(task._masked_kernel(*source[1:]))
+                      for source in sources]
+            with tf.control_dependencies(writes):
+                return tf.identity(self.active.assign(index))
+
+        switched = tf.cond(tf.not_equal(self.active, index), switch, lambda: tf.identity(self.active))
+        with tf.control_dependencies([switched]):
+            kernels = {id(source[2]): self.working[self._slot[id(source[2])]].read_value() for source in sources}
+        return task(image, kernels)
 
 
 def _signature(forward, spec, name):
@@ -186,9 +224,9 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     return module, {names[0]: signature, "serving_default": signature}, bank.listing()
 
 
-def _tflite_module(backbone, task_paths):
+def _tflite_module(backbone, task_paths, switching=False):
     """The module and per-task signatures a TFLite file is converted from: one task baked,
-    several as `_PackedTask`s over one copy of the backbone."""
+    several as `_PackedTask`s over one copy of the backbone (`switching`: `_SwitchingTasks`)."""
     names, paths = _task_paths(task_paths)
     spec = tf.TensorSpec([None, *backbone.inputs[0].shape[1:]], tf.float32, name="image")
     module = tf.Module()
@@ -199,8 +237,13 @@ def _tflite_module(backbone, task_paths):
     else:
         module.variables_ = [v.value for v in backbone.variables]
         backbone_ids = {id(v) for v in backbone.variables}
-        module.tasks = [_PackedTask(load_task(p, backbone), backbone_ids) for p in paths]
-        forwards = [task.__call__ for task in module.tasks]
+        tasks = [_PackedTask(load_task(p, backbone), backbone_ids) for p in paths]
+        if switching:
+            module = _SwitchingTasks(backbone, tasks)
+            forwards = [lambda image, i=i: module.logits(i, image) for i in range(len(tasks))]
+        else:
+            module.tasks = tasks
+            forwards = [task.__call__ for task in module.tasks]
     return module, {name: _signature(_with_outputs(f), spec, name) for name, f in zip(names, forwards)}
 
 
@@ -268,7 +311,7 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
     return final
 
 
-def export_tflite(backbone, task_paths, output_path, quantize="none", representative=None):
+def export_tflite(backbone, task_paths, output_path, quantize="none", representative=None, switching=False):
     """Writes one `.tflite` file with one signature per task, atomically; returns its size.
 
     Built from the same module as `export_saved_model` (converted from its concrete functions,
@@ -282,6 +325,11 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
         quantize: `"none"` (float32), `"float16"` (float16 weights) or `"int8"` (full-integer
             post-training quantization of weights and activations; float input and output).
         representative: for int8, a NumPy array of raw images `[N, H, W, C]` (200 are used).
+        switching: with several tasks, keep the active task's masked kernels in resource
+            variables (`_SwitchingTasks`): a call unpacks its task's masks only when another
+            task was called last, instead of on every call. Measured (ResNet-50, 96 px, 3 tasks,
+            XNNPACK): warm calls 105 ms against 813 ms, a switching call as slow as a call was
+            before; it holds one more float copy of the kernels in memory. BUILD.md compares them.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}. Received: quantize={quantize!r}")
@@ -297,16 +345,23 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
             # The masked kernels of a multi-task file are computed at run time, and TFLite's int8
             # convolutions need constant, symmetric filters.
             raise ValueError("int8 quantization takes one --task; export each task to its own .tflite")
-    module, signatures = _tflite_module(backbone, task_paths)
+    switching = switching and len(task_paths) > 1
+    if switching and quantize != "none":
+        raise ValueError("switching keeps float32 working copies of the kernels; export it with quantize=none")
+    module, signatures = _tflite_module(backbone, task_paths, switching)
     names = list(signatures)
     # Through a SavedModel: functions restored from one read plain tf.Variables, which the
     # converter freezes into the flatbuffer (Keras variables in memory stay READ_VARIABLE ops).
     with tempfile.TemporaryDirectory() as tmp:
         tf.saved_model.save(module, tmp, signatures=signatures)
-        loaded = tf.saved_model.load(tmp)
-        spec = tf.TensorSpec([None, *shape], tf.float32, name="image")
-        functions = [_signature(_restored(loaded, name), spec, name).get_concrete_function() for name in names]
-        converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, loaded)
+        if switching:  # its variables stay variables: straight from the SavedModel, as ondevice does
+            converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=names)
+            converter.experimental_enable_resource_variables = True
+        else:
+            loaded = tf.saved_model.load(tmp)
+            spec = tf.TensorSpec([None, *shape], tf.float32, name="image")
+            functions = [_signature(_restored(loaded, name), spec, name).get_concrete_function() for name in names]
+            converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, loaded)
         if quantize == "float16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
