@@ -50,6 +50,8 @@ def define_flags():
     flags.DEFINE_integer("slots", None, "serving: unpacked working copies in each multi-task model (default 2).")
     flags.DEFINE_string("workdir", None, "serving: where the random tasks and exports go (default runs/bench_serving).")
     flags.DEFINE_integer("tflite_tasks", None, "serving: tasks in the multi-task .tflite measured (default 10; 0: none).")
+    flags.DEFINE_list("clients", None, "serving: concurrent clients per run of the saturation table (default 1,4,16; "
+                      "empty: skipped).")
     flags.DEFINE_string("dataset", None, "pipeline: the dataset spec, as train.py takes it.")
     flags.DEFINE_integer("cache_mb", DEFAULT_CACHE_MB, "pipeline: train.py's --cache_mb (0: no cache).")
     flags.DEFINE_integer("channels", 3, "pipeline: image channels the backbone would take.")
@@ -66,6 +68,8 @@ def _serving():
         if counts[0] != 1 or len(counts) < 2:
             raise ValueError(f"--tasks must include 1 (the baked baseline) and a larger count. Received: {FLAGS.tasks}")
         settings["tasks"] = counts
+    if FLAGS.clients is not None:
+        settings["clients"] = tuple(int(c) for c in FLAGS.clients)
     config = bench_serving.ServingConfig(**settings)
     # The random (weights=None) backbone is seeded, so the tasks kept in --workdir load in the
     # next run, whose backbone has the same fingerprint.

@@ -161,8 +161,12 @@ def test_serving_bench_runs(tmp_path):
     from tf_piggyback import bench_serving
 
     config = bench_serving.ServingConfig(model="digits", image_size=None, tasks=(1, 3), repeats=1, calls=1,
-                                         workdir=str(tmp_path), tflite_tasks=2)
+                                         workdir=str(tmp_path), tflite_tasks=2, clients=(1, 4), concurrent_requests=4)
     rows, table = bench_serving.run(config, log=lambda line: None)
+    busy = [r for r in rows if r["format"] == "concurrency"]
+    assert [(r["model"], r["clients"]) for r in busy] == [(m, c) for m in ("baked", "n3-shared") for c in (1, 4)]
+    assert all(r["requests_per_s"] > 0 and r["p99_s"] >= r["p50_s"] for r in busy) and busy[0]["fill_rate"] == 0
+    assert "| n3-shared | 4 |" in table
     lite = [r for r in rows if r["format"] == "tflite"]
     rows = [r for r in rows if r["format"] == "saved_model"]
     assert [(r["tasks"], r["per_task_signatures"]) for r in rows] == [(1, True), (3, True), (3, False)]
@@ -300,3 +304,15 @@ def test_switching_tflite_answers_every_task_after_every_switch(task_files, tmp_
             np.testing.assert_allclose(runners[name](image=images)["logits"], expected[name], atol=1e-4)
     with pytest.raises(ValueError, match="switching keeps float32 working copies"):
         export_tflite(pb.digits_backbone(), list(paths.values()), str(tmp_path / "x.tflite"), "float16", switching=True)
+
+
+def test_a_hit_keeps_its_slot_least_recently_used_first_out(task_files):
+    """Two slots, calls a, b, a, c, a: c evicts b, the slot used longest ago, so the last call of
+    a is a hit (three fills, not four)."""
+    paths, images, expected = task_files
+    bank = TaskBank(pb.digits_backbone(), slots=2)
+    for path in paths.values():
+        bank.add(path)
+    for name in ("bin", "ter", "bin", "bn", "bin"):
+        np.testing.assert_allclose(bank.predict(images, task=name), expected[name], atol=1e-5)
+    assert bank.module.refills.numpy() == 3

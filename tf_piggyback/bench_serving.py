@@ -38,6 +38,9 @@ class ServingConfig:
     shared_only: bool = True
     # Multi-task TFLite: this many tasks in one .tflite against one task's (0: skipped).
     tflite_tasks: int = 10
+    # Concurrent clients (threads) per run of `concurrency_child`, each sending this many requests.
+    clients: tuple = (1, 4, 16)
+    concurrent_requests: int = 16
     repeats: int = 3
     calls: int = 7
     workdir: str = os.path.join("runs", "bench_serving")
@@ -139,6 +142,54 @@ def warm_child(models, batch_sizes, calls, image_shape):
         for name in fns:
             result[name][str(batch)] = float(np.median(samples[name]))
     return result
+
+
+def concurrency_child(path, tasks, clients, requests, image_shape):
+    """`clients` threads calling a freshly loaded SavedModel, `requests` calls each at batch 1, a
+    random task per call (the baked model: its one task): requests per second, p50 and p99
+    latency, the share of calls that filled a slot (`refills`), and peak RSS."""
+    import resource
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(path)
+    image = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, *image_shape)).astype("float32"))
+    multi = len(tasks) > 1
+    if multi:
+        serve = loaded.signatures["tasks"]
+        call = lambda task: serve(image=image, task=tf.constant([task], tf.int32))["logits"].numpy()  # noqa: E731
+    else:
+        serve = loaded.signatures["serving_default"]
+        call = lambda task: serve(image=image)["logits"].numpy()  # noqa: E731
+    call(0)
+    before = int(loaded.refills.numpy()) if multi else 0
+    order = np.random.default_rng(1).integers(0, len(tasks), clients * requests)
+
+    def timed(task):
+        begin = time.perf_counter()
+        call(int(task))
+        return time.perf_counter() - begin
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        latencies = list(pool.map(timed, order))
+    elapsed = time.perf_counter() - start
+    fills = int(loaded.refills.numpy()) - before if multi else 0
+    return {"requests_per_s": len(order) / elapsed, "p50_s": float(np.percentile(latencies, 50)),
+            "p99_s": float(np.percentile(latencies, 99)), "fill_rate": fills / len(order),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def concurrency_rows(models, config, image_shape):
+    """`concurrency_child` for each model and each of `config.clients`, one fresh process each."""
+    rows = []
+    for name, (path, n, _) in models.items():
+        for clients in config.clients:
+            result = _child("concurrency_child", path=path, tasks=[f"t{i:03d}" for i in range(n)], clients=clients,
+                            requests=config.concurrent_requests, image_shape=image_shape)
+            rows.append({"format": "concurrency", "model": name, "tasks": n, "clients": clients, **result})
+    return rows
 
 
 def tflite_child(path, names, image_shape, calls):
@@ -266,6 +317,16 @@ def run(config, log=print):
             row["cold_b8_over_warm"] = row["cold_b8_s"] / row["warm_b8_s"]
             row["cold_b1_extra_s"] = row["cold_b1_s"] - row["warm_b1_s"]
     table = markdown(rows, config, packed_bytes, kernel_bytes)
+    if config.clients:
+        busy = concurrency_rows({name: m for name, m in models.items() if name == "baked" or not m[2]
+                                 or f"{name}-shared" not in models}, config, image_shape)
+        rows += busy
+        table += (f"\n{config.concurrent_requests} requests per client at batch 1, a random task each (the baked "
+                  "model: its one task); fills: the share of requests that unpacked a task into a slot.\n\n"
+                  "| model | clients | requests/s | p50 | p99 | fills | peak RSS |\n|---|---|---|---|---|---|---|\n")
+        for r in busy:
+            table += (f"| {r['model']} | {r['clients']} | {r['requests_per_s']:,.1f} | {r['p50_s'] * 1000:,.0f} ms | "
+                      f"{r['p99_s'] * 1000:,.0f} ms | {r['fill_rate']:.2f} | {r['peak_rss'] / 1e6:,.0f} MB |\n")
     if config.tflite_tasks > 1:
         if config.tflite_tasks > len(paths):
             raise ValueError(f"tflite_tasks={config.tflite_tasks} is more than the {len(paths)} tasks built")

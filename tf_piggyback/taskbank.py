@@ -443,8 +443,8 @@ class BankModule(tf.Module):
         kind = self.kinds[task]
 
         def from_slots():
-            hit, _, held = self._slot_holding(uid)
-            return tf.cond(hit, lambda: held, lambda: self._locked_fill(task, kind, uid))
+            hit, slot, held = self._slot_holding(uid)
+            return tf.cond(hit, lambda: self._used(slot, held), lambda: self._locked_fill(task, kind, uid))
 
         return tf.cond(tf.equal(kind, 0), self.weights.read_value, from_slots)
 
@@ -475,14 +475,8 @@ class BankModule(tf.Module):
         """
         lock = tf.raw_ops.MutexLock(mutex=tf.raw_ops.MutexV2(shared_name=self._lock_name))
         with tf.control_dependencies([lock]):
-            tick = self.clock.assign_add(1)
             hit, slot, held = self._slot_holding(uid)
-
-            def use():
-                with tf.control_dependencies([self.slot_used.scatter_nd_update([[slot]], [tick])]):
-                    return tf.identity(held)
-
-            kernels = tf.cond(hit, use, lambda: self._fill(task, kind, tick))
+            kernels = tf.cond(hit, lambda: self._used(slot, held), lambda: self._fill(task, kind))
             check = tf.debugging.assert_equal(tf.reduce_sum(kernels[-ALIGN:]), uid,
                                               message="a working slot holds another task's kernels")
         with tf.control_dependencies([kernels, check]):
@@ -490,9 +484,16 @@ class BankModule(tf.Module):
         with tf.control_dependencies([release]):
             return tf.identity(kernels)
 
-    def _fill(self, task, kind, tick):
+    def _used(self, slot, kernels):
+        """`kernels`, read from `slot`, once the slot is marked as used now (least recently used
+        first out; outside the lock two hits may tick in either order, which only orders them)."""
+        with tf.control_dependencies([self.slot_used.scatter_nd_update([[slot]], [self.clock.assign_add(1)])]):
+            return tf.identity(kernels)
+
+    def _fill(self, task, kind):
         """Unpacks the task's masks into `W ⊙ m` and stores it in the least recently used slot
         (called with the fill lock held)."""
+        tick = self.clock.assign_add(1)
         packed = self.packed[self.packed_offsets[task]:self.packed_offsets[task + 1]]
         weights = self.weights.read_value()
         # One multiplication, in place on the unpacked mask; its last ALIGN entries are the id.
