@@ -356,3 +356,38 @@ def test_every_epoch_visits_the_images_in_a_fresh_order(tmp_path, spec):
     assert abs(np.corrcoef(place[0], place[1])[0, 1]) < 0.1
     full = 10 * (1 - 0.9 ** 32)  # expected classes in 32 draws from 10 equally frequent ones
     assert np.mean(classes) > full - 0.3
+
+
+def test_tfds_cache_and_stream_split_by_record_for_combined_splits():
+    """Flowers-102 under --protocol=paper trains on train+validation: the cached part and the
+    streamed rest are tfds slices by record that neither overlap nor miss one (a `skip` re-read
+    the cached part every epoch), and every epoch visits each image once."""
+    import re
+
+    import tensorflow_datasets as tfds
+
+    sizes = {"train": 6, "validation": 4, "test": 5}
+    offsets = {"train": 0, "validation": 100, "test": 200}
+    asked = []
+
+    def fake(self, split=None, *args, as_supervised=False, **kwargs):
+        records = []
+        for part in str(split).split("+"):
+            name, low, high = re.fullmatch(r"(\w+)(?:\[(\d*):(\d*)\])?", part).groups()
+            records += [offsets[name] + i for i in range(int(low or 0), int(high) if high else sizes[name])]
+        asked.append(str(split))
+        images = np.broadcast_to(np.array(records, np.uint8)[:, None, None, None], (len(records), 12, 12, 3))
+        labels = np.zeros(len(records), np.int64)
+        if as_supervised:
+            return tf.data.Dataset.from_tensor_slices((images.copy(), labels))
+        return tf.data.Dataset.from_tensor_slices({"image": images.copy(), "label": labels})
+
+    shape = (8, 8, 3)
+    with tfds.testing.mock_data(as_dataset_fn=fake):
+        side = round(8 * 256 / 224)
+        splits = load_dataset("tfds:oxford_flowers102", image_shape=shape, protocol="paper",
+                              cache_bytes=7 * side * side * 3)
+        assert asked[-2:] == ["train[0:6]+validation[0:1]", "validation[1:4]"]
+        for seed in (1, 2):
+            seen = sorted(int(round(float(x[0, 0, 0]))) for x, _ in splits.epoch(seed))
+            assert seen == [0, 1, 2, 3, 4, 5, 100, 101, 102, 103]

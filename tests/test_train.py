@@ -236,6 +236,7 @@ def test_loss_scaling_keeps_every_group_on_its_own_scale():
     (["--batch_size=0"], "batch_size must be an integer > 0"),
     (["--mask_lr=0"], "mask_lr must be > 0"),
     (["--backbone=ResNet50", "--weights=none", "--image_size=16"], "Input size must be at least 32x32"),
+    (["--protocol=paper", "--augment"], "--protocol=paper takes its own random-sized crops and flips"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
     flags = {a.split("=")[0]: a for a in [*BASE, "--epochs=1", f"--model_dir={tmp_path}/m", *args]}

@@ -412,17 +412,33 @@ def _tfds(name, protocol="simple"):
                              "private test labels); evaluate on a split with labels, such as validation")
 
     def train_parts(k):
-        # The rest streams in the stored order (records are read in sequence, not by index):
-        # `trainer.epoch_batches`' window shuffles it.
+        # Sliced by record, so neither part reads the other's (a `skip` would read the cached
+        # part again every epoch). The rest streams in the stored order (records are read in
+        # sequence, not by index): `trainer.epoch_batches`' window shuffles it.
         if k == 0:
-            head, rest = train.take(0), train
-        elif train_split == "train":  # tfds slices by record: neither part reads the other's
-            head, rest = load([f"train[:{k}]", f"train[{k}:]"])
-        else:
-            head, rest = train.take(k), train.skip(k)
+            return train.take(0), lambda seed: train
+        ranges = [("train", 0, _size(train))] if train_split == "train[:80%]" else [
+            (part, 0, _size(load([part])[0])) for part in train_split.split("+")]
+        total = sum(stop - start for _, start, stop in ranges)
+        if k >= total:
+            return train, lambda seed: train.take(0)
+        head, rest = load([_records(ranges, 0, k), _records(ranges, k, total)])
         return head, lambda seed: rest
 
     return Splits(train, test, list(builder.info.features["label"].names), _size(train), _size(test), train_parts)
+
+
+def _records(ranges, begin, end):
+    """The tfds split of records `[begin, end)` of the concatenated `ranges` (`[(split, start,
+    stop)]`), e.g. `train[1000:1020]+validation[0:1020]` for Flowers-102's train+validation past
+    the first 1,000."""
+    parts, offset = [], 0
+    for name, start, stop in ranges:
+        low, high = max(begin - offset, 0), min(end - offset, stop - start)
+        if low < high:
+            parts.append(f"{name}[{start + low}:{start + high}]")
+        offset += stop - start
+    return "+".join(parts)
 
 
 def _crop_to_box(example):

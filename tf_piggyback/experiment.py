@@ -147,6 +147,9 @@ def _check_same_run(config, model_dir):
 def input_pipeline(config, image_shape):
     """`(splits, epoch -> batches)`: the training input as `run` builds it (also what
     `scripts/bench.py --preset=pipeline` measures, with no model)."""
+    if config.augment and config.protocol == "paper":
+        raise ValueError("--protocol=paper takes its own random-sized crops and flips (trainer.random_sized_crop); "
+                         "leave --augment off")
     splits = load_dataset(config.dataset, image_shape=image_shape, split_seed=config.split_seed,
                           cache_bytes=config.cache_mb * 2**20 if config.cache else 0, protocol=config.protocol)
     if config.augment and splits.dense:
