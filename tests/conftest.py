@@ -50,3 +50,40 @@ def tflite_ops(path):
     with contextlib.redirect_stdout(text):
         tf.lite.experimental.Analyzer.analyze(model_path=path)
     return set(re.findall(r"Op#\d+ (\w+)\(", text.getvalue()))
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Block(keras.layers.Layer):
+    """A user's own composite layer: a pre-norm residual MLP whose kernels live in sublayers,
+    one of them nested in a sublayer of its own (`mlp`)."""
+
+    def __init__(self, width, **kwargs):
+        super().__init__(**kwargs)
+        self.width = width
+        self.norm = keras.layers.LayerNormalization(name="norm")
+        self.mlp = keras.Sequential([keras.layers.Dense(2 * width, activation="gelu", name="fc1"),
+                                     keras.layers.Dense(width, name="fc2")], name="mlp")
+        self.gate = keras.layers.Dense(width, activation="sigmoid", name="gate")
+
+    def build(self, input_shape):
+        self.norm.build(input_shape)
+        self.mlp.build(input_shape)
+        self.gate.build(input_shape)
+
+    def call(self, x):
+        return x + self.mlp(self.norm(x)) * self.gate(x)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width}
+
+
+def composite_backbone():
+    """A functional backbone built from `Block`s, seeded: the same weights in every process."""
+    keras.utils.set_random_seed(4321)
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(16, 3, padding="same", name="stem")(inputs)
+    x = keras.layers.Reshape((64, 16))(x)
+    x = Block(16, name="block1")(x)
+    x = Block(16, name="block2")(x)
+    x = keras.ops.mean(x, axis=1)
+    return keras.Model(inputs, x, name="composite")

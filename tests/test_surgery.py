@@ -164,3 +164,43 @@ def test_vgg_keeps_fc6_and_fc7_and_replaces_only_the_classifier():
     # a flat keras.applications backbone: any inner layer can feed the head
     resnet = load_backbone("ResNet50", "none", 32)
     assert pb.piggyback(resnet, 5, feature_layer="conv4_block6_out").output.shape[-1] == 5
+
+
+def test_composite_layers_mask_every_kernel_they_own(tmp_path):
+    """A user's `Layer` subclass holding `Dense` layers (one nested a level deeper) beside
+    operations: every kernel it owns is masked without the library knowing its class; random
+    masks reload from the task file in a fresh process exactly, bake exactly; the backbone
+    is unchanged."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, composite_backbone
+    from tf_piggyback import load_task, read_manifest, save_task
+    from tf_piggyback.bench import paper_sparsities
+
+    backbone = composite_backbone()
+    before = [w.numpy().copy() for w in backbone.weights]
+    model = piggyback(backbone, 3)
+    kernels = sorted(w.path for w in backbone.weights if w.path.endswith("kernel"))
+    assert len(kernels) == 7
+    assert sorted(k.path for layer in masked_layers(model) for k in layer.kernels) == kernels
+    x = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(features_of(model)(x), backbone(x), rtol=1e-5, atol=1e-5)
+    paper_sparsities(model)
+    task = str(tmp_path / "task.npz")
+    save_task(model, task)
+    assert sorted(entry["name"] for entry in read_manifest(task)["layers"]) == kernels
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np; sys.path.insert(0, 'tests'); import tf_piggyback as pb; "
+              "from conftest import composite_backbone; "
+              f"m = pb.load_task({task!r}, composite_backbone()); "
+              f"np.save({str(tmp_path / 'y.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r})).numpy())")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), model(x).numpy())
+    np.testing.assert_array_equal(load_task(task, backbone)(x), model(x))
+    np.testing.assert_allclose(bake(model)(x), model(x), rtol=1e-5, atol=1e-5)
+    for value, weight in zip(before, backbone.weights):
+        np.testing.assert_array_equal(value, weight.numpy())

@@ -281,6 +281,29 @@ class MaskedLayer(MaskedWrapper):
         return self.layer.compute_output_spec(*args, **kwargs)
 
 
+@keras.saving.register_keras_serializable(package="tf_piggyback")
+class MaskedComposite(MaskedLayer):
+    """A layer of any class that holds its kernels in sublayers, at any depth (a user's `Layer`
+    subclass with `Dense` layers inside, a transformer block): every `kernel` it owns is masked
+    and its own `call` runs as `MaskedLayer` runs one, so the library need not know its class.
+    Each mask is named after its kernel's path inside the layer (`mlp/fc1/kernel`), and task
+    files name masks by the kernel's full path.
+
+    Reference: §3 (any `y = (W ⊙ m) x`).
+    """
+
+    wrapped_types = (keras.layers.Layer,)
+
+
+def _is_composite(layer):
+    """Whether `layer` holds kernels in sublayers and no recurrent ones (whose recurrent kernels
+    a mask over `kernel` weights would miss)."""
+    sublayers = layer._flatten_layers(include_self=False)
+    return (not isinstance(layer, (keras.Model, keras.layers.RNN))
+            and any(w.path.rsplit("/", 1)[-1] == "kernel" for sub in sublayers for w in sub.weights)
+            and not any(w.path.rsplit("/", 1)[-1] == "recurrent_kernel" for w in layer.weights))
+
+
 # Most specific class first: SeparableConv2D and DepthwiseConv2D are not Conv2D subclasses in
 # Keras 3, but user subclasses of any of these are matched by isinstance.
 WRAPPERS = (MaskedSeparableConv2D, MaskedDepthwiseConv2D, MaskedConv, MaskedDense, MaskedLayer)
@@ -291,4 +314,6 @@ def wrapper_for(layer):
     for cls in WRAPPERS:
         if isinstance(layer, cls.wrapped_types) and getattr(layer, "padding", None) != "causal":
             return cls
+    if isinstance(layer, keras.layers.Layer) and _is_composite(layer):
+        return MaskedComposite
     return None
