@@ -20,7 +20,9 @@ import json
 import keras
 from absl import app, flags
 
-from tf_piggyback import bench, bench_pipeline, bench_serving
+from benchmarks import pipeline as bench_pipeline
+from benchmarks import serving as bench_serving
+from benchmarks import suite as bench
 from tf_piggyback.cli import user_errors
 from tf_piggyback.datasets import DEFAULT_CACHE_MB
 from tf_piggyback.experiment import RunConfig

@@ -1,6 +1,6 @@
 """scripts/bench.py's measurements run end to end (tiny sizes; no timing is asserted)."""
 
-from tf_piggyback import bench
+from benchmarks import suite as bench
 
 
 def test_bench_runs_every_figure():

@@ -295,7 +295,7 @@ def test_int8_calibration_images_span_the_classes(tmp_path, monkeypatch):
     the first classes only; now they are drawn across classes."""
     import tensorflow as tf
 
-    from tf_piggyback import export
+    from tf_piggyback import tflite
 
     root = tmp_path / "images"
     for label in range(3):
@@ -303,8 +303,8 @@ def test_int8_calibration_images_span_the_classes(tmp_path, monkeypatch):
         for i in range(12):
             pixels = np.full((8, 8, 3), 40 + 80 * label, np.uint8)  # the class is the pixel value
             tf.io.write_file(str(root / f"c{label}" / f"{i}.png"), tf.io.encode_png(pixels))
-    monkeypatch.setattr(export, "REPRESENTATIVE_SAMPLES", 6)
-    images = export.representative_images(f"folder:{root}", (8, 8, 3))
+    monkeypatch.setattr(tflite, "REPRESENTATIVE_SAMPLES", 6)
+    images = tflite.representative_images(f"folder:{root}", (8, 8, 3))
     assert len(images) == 6 and len({int(x.mean()) for x in images}) >= 2
 
 

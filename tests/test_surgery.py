@@ -33,7 +33,7 @@ def test_surgery_on_keras_applications(name, size, tmp_path):
     """Every kernel masked, the first forward equal to the backbone's, random masks reloaded
     from a task file and baked exactly, the backbone unchanged."""
     from tf_piggyback import load_task, save_task
-    from tf_piggyback.bench import paper_sparsities
+    from benchmarks.suite import paper_sparsities
 
     backbone = getattr(keras.applications, name)(
         weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3))
@@ -171,14 +171,12 @@ def test_composite_layers_mask_every_kernel_they_own(tmp_path):
     operations: every kernel it owns is masked without the library knowing its class; random
     masks reload from the task file in a fresh process exactly, bake exactly; the backbone
     is unchanged."""
-    import json
-    import os
     import subprocess
     import sys
 
     from conftest import REPO, composite_backbone
     from tf_piggyback import load_task, read_manifest, save_task
-    from tf_piggyback.bench import paper_sparsities
+    from benchmarks.suite import paper_sparsities
 
     backbone = composite_backbone()
     before = [w.numpy().copy() for w in backbone.weights]

@@ -158,7 +158,7 @@ def test_list_tasks_of_saved_model_and_tflite(task_files, tmp_path):
 
 def test_serving_bench_runs(tmp_path):
     """The serving preset end to end at digits size (no timing is asserted)."""
-    from tf_piggyback import bench_serving
+    from benchmarks import serving as bench_serving
 
     config = bench_serving.ServingConfig(model="digits", image_size=None, tasks=(1, 3), repeats=1, calls=1,
                                          workdir=str(tmp_path), tflite_tasks=2, clients=(1, 4), concurrent_requests=4)
@@ -185,7 +185,7 @@ def resnet_tasks(tmp_path_factory):
     milliseconds, as in a server, and the answers of each task's baked model."""
     import keras
 
-    from tf_piggyback.bench import paper_sparsities
+    from benchmarks.suite import paper_sparsities
 
     def backbone():
         keras.utils.set_random_seed(7)

@@ -214,7 +214,6 @@ def test_one_threshold_rule_and_one_bit_order_everywhere(mask_type):
     import tensorflow as tf
 
     from tf_piggyback.binarizers import threshold_mask, threshold_mask_numpy
-    from tf_piggyback.export import _pack_words, _unpack_words
     from tf_piggyback.taskbank import unpack_binary, unpack_ternary
 
     rng = np.random.default_rng(0)
@@ -227,5 +226,5 @@ def test_one_threshold_rule_and_one_bit_order_everywhere(mask_type):
     np.testing.assert_array_equal(coding.unpack(packed, mask.size, mask_type), mask)
     unpack = unpack_binary if mask_type == "binary" else unpack_ternary
     np.testing.assert_array_equal(unpack(tf.constant(packed)).numpy()[:mask.size], mask)
-    bits = _unpack_words(tf.constant(_pack_words(mask, mask_type)), coding.mask_bits(mask, mask_type).size).numpy()
+    bits = coding.unpack_words(tf.constant(coding.pack_words(mask, mask_type)), coding.mask_bits(mask, mask_type).size).numpy()
     np.testing.assert_array_equal(bits, coding.mask_bits(mask, mask_type))

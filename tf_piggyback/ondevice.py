@@ -30,6 +30,7 @@ import tensorflow as tf
 from tf_piggyback import coding
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD, real_from_mask, threshold_mask
 from tf_piggyback.fingerprint import check_backbone
+from tf_piggyback.signatures import image_spec
 from tf_piggyback.surgery import masked_layers, piggyback
 from tf_piggyback.taskfile import save_task, task_weights, write_atomic
 
@@ -147,7 +148,7 @@ class OnDeviceTask(tf.Module):
         shape = list(model.inputs[0].shape[1:])
         self.train = tf.function(self._train, input_signature=[
             tf.TensorSpec([batch_size, *shape], tf.float32, name="image"), tf.TensorSpec([batch_size], tf.int32, name="label")])
-        self.infer = tf.function(self._infer, input_signature=[tf.TensorSpec([None, *shape], tf.float32, name="image")])
+        self.infer = tf.function(self._infer, input_signature=[image_spec(shape)])
         self.export_task = tf.function(self._export_task, input_signature=[])
         self.reset = tf.function(self._reset, input_signature=[])
 

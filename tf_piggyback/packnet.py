@@ -23,7 +23,7 @@ import keras
 import numpy as np
 
 from tf_piggyback.fingerprint import check_backbone, fingerprint
-from tf_piggyback.surgery import _add_head, feature_model, iter_layers
+from tf_piggyback.surgery import add_head, feature_model, iter_layers
 from tf_piggyback.taskfile import TaskFileError, _sha256, _write_npz, read_npz, write_atomic
 
 FREE = -1
@@ -115,7 +115,7 @@ class PackNet:
 
     def training_model(self, num_classes):
         """The shared network and a new head, trained in place by `add_task`."""
-        return _add_head(self.body, num_classes, name=f"packnet_{self.backbone_name}_{len(self.tasks) + 1}")
+        return add_head(self.body, num_classes, name=f"packnet_{self.backbone_name}_{len(self.tasks) + 1}")
 
     def add_task(self, fit, num_classes, class_names=None):
         """Learns task `len(tasks) + 1`: train the free weights, prune, retrain the kept ones.
@@ -153,7 +153,7 @@ class PackNet:
         body.set_weights(self.body.get_weights())
         for kernel, source, owners in zip(_kernels(body), self.kernels, self.owners):
             kernel.assign(keras.ops.convert_to_numpy(source) * ((owners >= 0) & (owners <= k)))
-        model = _add_head(body, self.tasks[k - 1]["num_classes"], name=f"packnet_task{k}")
+        model = add_head(body, self.tasks[k - 1]["num_classes"], name=f"packnet_task{k}")
         model.get_layer("head").set_weights(self.tasks[k - 1]["head"])
         return model
 

@@ -187,7 +187,7 @@ def fcn_head(num_classes, scale, width=64):
     ], name=HEAD_NAME)
 
 
-def _add_head(body, num_classes, name, head=None):
+def add_head(body, num_classes, name, head=None):
     """`body` and a head: `Dense(num_classes)` on pooled features, or the user's `head` (any Keras
     layer or model, e.g. `fcn_head`) on the feature map itself, its output the logits."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
@@ -313,7 +313,7 @@ def piggyback(
     for copy, layer in bn_copies:
         copy.set_weights(layer.get_weights())
     head, stored = _task_head(head)
-    model = _add_head(body, num_classes, name=f"piggyback_{backbone.name}", head=head)
+    model = add_head(body, num_classes, name=f"piggyback_{backbone.name}", head=head)
     options = {**options, "train_bn": bool(train_bn), "feature_layer": feature_layer,
                "skip_unsupported": bool(skip_unsupported), "mask_from": mask_from, **stored}
     owned = _owned(head, *(copy.name for copy, _ in bn_copies))
@@ -332,7 +332,7 @@ def classifier_only(backbone, num_classes, *, feature_layer=None, head=None):
         layer.trainable = False
     body = keras.models.clone_model(features, clone_function=lambda layer: layer, recursive=True)
     head, stored = _task_head(head)
-    model = _add_head(body, num_classes, name=f"classifier_{backbone.name}", head=head)
+    model = add_head(body, num_classes, name=f"classifier_{backbone.name}", head=head)
     model.task_spec = TaskSpec("classifier", backbone.name, fingerprint(backbone), int(num_classes),
                                {"feature_layer": feature_layer, **stored}, _owned(head))
     return model
@@ -371,7 +371,7 @@ def lora(backbone, num_classes, *, rank, feature_layer=None):
         copy.set_weights(layer.get_weights())
         for target in _lora_targets(copy):
             target.enable_lora(int(rank))
-    model = _add_head(body, num_classes, name=f"lora_{backbone.name}")
+    model = add_head(body, num_classes, name=f"lora_{backbone.name}")
     model.task_spec = TaskSpec("lora", backbone.name, fingerprint(backbone), int(num_classes),
                                {"rank": int(rank), "feature_layer": feature_layer})
     freeze_backbone(model)
@@ -400,7 +400,7 @@ def finetune(backbone, num_classes, *, feature_layer=None, head=None):
     body.set_weights(features.get_weights())
     for layer in iter_layers(body):
         layer.trainable = True
-    return _add_head(body, num_classes, name=f"finetune_{backbone.name}", head=_task_head(head)[0])
+    return add_head(body, num_classes, name=f"finetune_{backbone.name}", head=_task_head(head)[0])
 
 
 def bake(model):

@@ -37,8 +37,9 @@ import tensorflow as tf
 
 from tf_piggyback import coding
 from tf_piggyback.fingerprint import check_backbone, fingerprint
+from tf_piggyback.signatures import image_spec
 from tf_piggyback.surgery import HEAD_NAME, feature_model, pool_features
-from tf_piggyback.taskfile import TaskFileError, read_task
+from tf_piggyback.taskfile import TaskFileError, read_task, task_name
 
 DEFAULT_SLOTS = 2
 MIXED_SIGNATURES = ("tasks", "tasks_by_name")
@@ -145,9 +146,7 @@ class TaskBank:
         return [{"name": t.name, **t.info} for t in self._tasks]
 
     def add(self, path, name=None):
-        """Adds a task file; returns its name (default from the path, `export.task_name`)."""
-        from tf_piggyback.export import task_name
-
+        """Adds a task file; returns its name (default from the path, `taskfile.task_name`)."""
         name = name or task_name(path)
         if name in self.names:
             raise ValueError(f"a task named {name!r} is already in the bank; name it with NAME=PATH")
@@ -300,7 +299,7 @@ class TaskBank:
         of each instantiates it (~0.7 s, ~12 MB). `tasks` serves every task from one graph.
         """
         module = self.module
-        spec = tf.TensorSpec([None, *self.backbone.inputs[0].shape[1:]], tf.float32, name="image")
+        spec = image_spec(self.backbone)
         signatures = {task.name: _task_signature(module, index, task.info["num_classes"], spec, task.name)
                       for index, task in enumerate(self._tasks[:len(self._tasks) if per_task else 1])}
         signatures["serving_default"] = signatures[self._tasks[0].name]
@@ -418,7 +417,7 @@ class BankModule(tf.Module):
         # functions finds by this name, in the Python API and in a loaded SavedModel alike.
         self._lock_name = f"tf_piggyback_bank_fill_{uuid.uuid4().hex}"
 
-        spec = tf.TensorSpec([None, *bank.backbone.inputs[0].shape[1:]], tf.float32)
+        spec = image_spec(bank.backbone)
         # autograph=False: control flow is written out (tf.cond, tf.switch_case, tf.while_loop).
         # `compute` is not inlined into its callers and is stateless (see `_compute`): every
         # signature runs one instance of the backbone's graph, optimized once.

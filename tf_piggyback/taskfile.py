@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import zipfile
 
@@ -238,3 +239,29 @@ def _check_shape(path, entry, shape):
         raise TaskFileError(
             f"{path!r}: {entry['name']} has shape {tuple(entry['shape'])} but the backbone's is {tuple(shape)}"
         )
+
+
+def parse_task(spec):
+    """`NAME=PATH` or `PATH` -> `(signature name, path)`; see `task_name` for the default name."""
+    name, sep, path = spec.partition("=")
+    if sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        return name, path
+    return task_name(spec), spec
+
+
+def task_name(path):
+    """A signature name for a task file: its folder's name for `.../NAME/task.npz`, else its stem."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == "task" else stem
+    name = re.sub(r"[^A-Za-z0-9_]", "_", name) or "task"
+    return name if not name[0].isdigit() else f"task_{name}"
+
+
+def named_tasks(task_paths):
+    """`--task` values (`PATH` or `NAME=PATH`) -> `(names, paths)`; names must differ."""
+    if not task_paths:
+        raise ValueError("give at least one --task")
+    names, paths = zip(*[parse_task(p) for p in task_paths])
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must differ; got {list(names)}: name them with --task=NAME=PATH")
+    return names, paths

@@ -15,7 +15,7 @@ def run(config, image_shape, epochs=1, log=print):
     """Iterates `epochs` epochs of the training batches of `config` (an `experiment.RunConfig`);
     returns the row dict (keys `pipeline_images_per_s`, `pipeline_peak_rss_bytes`,
     `pipeline_classes_per_batch`, ...) that `bench.json` holds."""
-    from tf_piggyback.bench import memory_bytes
+    from benchmarks.suite import memory_bytes
     from tf_piggyback.experiment import input_pipeline
 
     start = time.perf_counter()

@@ -19,10 +19,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from benchmarks import CHILD_PATH
 from tf_piggyback import coding
 from tf_piggyback.backbones import load_backbone
-from tf_piggyback.export import _outputs, _signature, export_saved_model
-from tf_piggyback.surgery import _add_head, classifier_only, feature_model, finetune, lora, masked_layers, piggyback
+from tf_piggyback.export import export_saved_model
+from tf_piggyback.signatures import image_spec, signature, with_outputs
+from tf_piggyback.surgery import add_head, classifier_only, feature_model, finetune, lora, masked_layers, piggyback
 from tf_piggyback.taskfile import save_task
 from tf_piggyback.datasets import load_dataset
 from tf_piggyback.trainer import TrainConfig, epoch_batches, make_optimizers, make_train_step, precision_policy
@@ -107,7 +109,7 @@ def floor_model(backbone, num_classes):
         return layer
 
     body = keras.models.clone_model(feature_model(backbone), clone_function=clone)
-    return _add_head(body, num_classes, name=f"floor_{backbone.name}")
+    return add_head(body, num_classes, name=f"floor_{backbone.name}")
 
 
 def gradient_step(model, config):
@@ -220,9 +222,8 @@ def paper_sparsities(model, seed=0):
 def _saved_signature(model, path):
     module = tf.Module()
     module.variables_ = [v.value for v in model.variables]  # as export.build_serving_module does
-    spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32, name="image")
-    signature = _signature(lambda image: _outputs(model(image, training=False)), spec, "serving_default")
-    tf.saved_model.save(module, path, signatures={"serving_default": signature})
+    serve = signature(with_outputs(lambda image: model(image, training=False)), image_spec(model), "serving_default")
+    tf.saved_model.save(module, path, signatures={"serving_default": serve})
     return tf.saved_model.load(path).signatures["serving_default"]
 
 
@@ -337,7 +338,7 @@ def run(config, log=print):
 
 
 def _peak_ram(method, config, mask_from=None):
-    code = (f"import json, tf_piggyback.bench as b\n"
+    code = (f"import json, sys\nsys.path.insert(0, {CHILD_PATH!r})\nimport benchmarks.suite as b\n"
             f"print(b.ram_child({method!r}, b.BenchConfig(**json.loads({json.dumps(json.dumps(dataclasses.asdict(config)))})), "
             f"{mask_from!r}))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

@@ -18,12 +18,14 @@ import time
 
 import numpy as np
 
-from tf_piggyback.bench import memory_bytes
+from benchmarks import CHILD_PATH
+from benchmarks.suite import memory_bytes
 
 SERVING_CHILD = """
 import json, sys
-from tf_piggyback import bench_serving
-print(json.dumps(getattr(bench_serving, sys.argv[1])(**json.loads(sys.argv[2]))))
+sys.path.insert(0, sys.argv[3])
+from benchmarks import serving
+print(json.dumps(getattr(serving, sys.argv[1])(**json.loads(sys.argv[2]))))
 """
 
 
@@ -49,7 +51,7 @@ class ServingConfig:
 def random_tasks(backbone, count, folder, num_classes=10, log=print):
     """`count` task files of random piggyback masks over `backbone`, in `folder/tNNN/task.npz`
     (reused when already there and made for this backbone: the same seeds give the same files)."""
-    from tf_piggyback.bench import paper_sparsities
+    from benchmarks.suite import paper_sparsities
     from tf_piggyback.fingerprint import fingerprint
     from tf_piggyback.surgery import piggyback
     from tf_piggyback.taskfile import read_manifest, save_task
@@ -148,7 +150,6 @@ def concurrency_child(path, tasks, clients, requests, image_shape):
     """`clients` threads calling a freshly loaded SavedModel, `requests` calls each at batch 1, a
     random task per call (the baked model: its one task): requests per second, p50 and p99
     latency, the share of calls that filled a slot (`refills`), and peak RSS."""
-    import resource
     from concurrent.futures import ThreadPoolExecutor
 
     import tensorflow as tf
@@ -178,7 +179,7 @@ def concurrency_child(path, tasks, clients, requests, image_shape):
     fills = int(loaded.refills.numpy()) - before if multi else 0
     return {"requests_per_s": len(order) / elapsed, "p50_s": float(np.percentile(latencies, 50)),
             "p99_s": float(np.percentile(latencies, 99)), "fill_rate": fills / len(order),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss": memory_bytes("VmHWM")}
 
 
 def concurrency_rows(models, config, image_shape):
@@ -256,7 +257,7 @@ def tflite_rows(backbone, paths, config, log=print):
 
 
 def _child(function, **kwargs):
-    out = subprocess.run([sys.executable, "-c", SERVING_CHILD, function, json.dumps(kwargs)], check=True,
+    out = subprocess.run([sys.executable, "-c", SERVING_CHILD, function, json.dumps(kwargs), CHILD_PATH], check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -1,0 +1,227 @@
+"""Task files -> one TFLite / LiteRT file (DESIGN 3.5), every signature as `signatures` says.
+
+- One task: the mask baked into ordinary layers (`bake`), float32, float16 or full int8.
+- Several tasks: one copy of the backbone weights and each task's masks packed 32 to an int32
+  word (`coding.pack_words`); a task's graph unpacks them with floor-div/mod (TFLite has no
+  BitwiseAnd) on every call (`_PackedTask`), or, with `switching`, only when it is called after
+  another task (`_SwitchingTasks`: the active task's kernels kept in resource variables).
+"""
+
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_piggyback.coding import pack_words, unpack_words
+from tf_piggyback.signatures import image_spec, signature, with_outputs
+from tf_piggyback.surgery import bake, bake_with_layers
+from tf_piggyback.taskfile import load_task, named_tasks, write_atomic
+
+QUANTIZATIONS = ("none", "float16", "int8")
+REPRESENTATIVE_SAMPLES = 500
+
+
+class _PackedTask(tf.Module):
+    """One task of a multi-task TFLite file: its masks packed 1 bit per parameter, its own
+    weights (head, per-task BatchNormalization), and a forward pass through the task's baked
+    model (`stateless_call`) whose masked kernels are `W ⊙ m`, unpacked on every call (TFLite
+    freezes variables, so there is no cache to fill), with `W` the shared backbone's.
+    SavedModels use `TaskBank` instead: one traced backbone for every task.
+    """
+
+    def __init__(self, model, backbone_ids):
+        super().__init__()
+        baked, pairs = bake_with_layers(model)
+        # Kept out of tracking (tf.Module tracks attributes): the baked kernels must not be
+        # saved; the backbone variables it reads are tracked by the parent module.
+        self.__dict__["_model"] = baked
+        kernels, shared = {}, {}
+        for wrapper, plain in pairs:
+            masks = {id(k): (m, wrapper.mask_type) for k, m in zip(wrapper.kernels, wrapper.thresholded_masks())}
+            for weight, source in zip(plain.weights, wrapper.layer.weights):
+                if id(source) in masks:
+                    kernels[id(weight)] = (source, *masks[id(source)])
+                else:
+                    shared[id(weight)] = source
+        self.packed, self.own = [], []
+        self.__dict__["_sources"] = []  # per baked variable: ("kernel", index, W, type) | ("own", index) | ("shared", var)
+        for variable in baked.variables:
+            if id(variable) in kernels:
+                source, mask, mask_type = kernels[id(variable)]
+                self.packed.append(tf.Variable(pack_words(mask, mask_type), trainable=False))
+                self._sources.append(("kernel", len(self.packed) - 1, source, mask_type))
+            elif id(variable) in shared or id(variable) in backbone_ids:
+                self._sources.append(("shared", shared.get(id(variable), variable)))
+            else:
+                self.own.append(tf.Variable(keras.ops.convert_to_numpy(variable), trainable=False))
+                self._sources.append(("own", len(self.own) - 1))
+
+    def _masked_kernel(self, index, kernel, mask_type):
+        size = int(np.prod(kernel.shape))
+        if mask_type == "ternary":
+            bits = tf.reshape(unpack_words(self.packed[index], 2 * size), [size, 2])
+            mask = bits[:, 0] * 2 + bits[:, 1] - 1
+        else:
+            mask = unpack_words(self.packed[index], size)
+        return kernel.value * tf.reshape(mask, kernel.shape)
+
+    def _value(self, source):
+        if source[0] == "shared":
+            return source[1].value
+        if source[0] == "own":
+            return self.own[source[1]]
+        return self._masked_kernel(*source[1:])
+
+    def __call__(self, image, kernels=None):
+        """The task's logits; `kernels`, if given, maps each of its masked kernel's sources
+        (`W`, a backbone variable) to `W ⊙ m` held elsewhere (`_SwitchingTasks`)."""
+        values = {id(v): self._value(source) if source[0] != "kernel" or kernels is None else kernels[id(source[2])]
+                  for v, source in zip(self._model.variables, self._sources)}
+        logits, _ = self._model.stateless_call(
+            [values[id(v)] for v in self._model.trainable_variables],
+            [values[id(v)] for v in self._model.non_trainable_variables],
+            image, training=False)
+        return logits
+
+
+class _SwitchingTasks(tf.Module):
+    """Several `_PackedTask`s with one working copy of the active task's masked kernels, held
+    in resource variables, which LiteRT keeps across calls and shares between the signatures of
+    one interpreter: a task's call unpacks its masks only when another task was active.
+
+    The variables start as the backbone's kernels (the converter stores equal buffers once, so
+    the file does not grow by a copy) and `active` as -1 (none: the first call unpacks).
+    """
+
+    def __init__(self, backbone, tasks):
+        super().__init__()
+        self.variables_ = [v.value for v in backbone.variables]
+        self.tasks = tasks
+        masked = {id(source[2]) for task in tasks for source in task._sources if source[0] == "kernel"}
+        kernels = [v for v in backbone.variables if id(v) in masked]
+        self.__dict__["_slot"] = {id(v): i for i, v in enumerate(kernels)}
+        self.working = [tf.Variable(keras.ops.convert_to_numpy(v), trainable=False) for v in kernels]
+        self.active = tf.Variable(-1, trainable=False)
+
+    def logits(self, index, image):
+        task = self.tasks[index]
+        sources = [source for source in task._sources if source[0] == "kernel"]
+
+        def switch():
+            writes = [self.working[self._slot[id(source[2])]].assign(task._masked_kernel(*source[1:]))
+                      for source in sources]
+            with tf.control_dependencies(writes):
+                return tf.identity(self.active.assign(index))
+
+        switched = tf.cond(tf.not_equal(self.active, index), switch, lambda: tf.identity(self.active))
+        with tf.control_dependencies([switched]):
+            kernels = {id(source[2]): self.working[self._slot[id(source[2])]].read_value() for source in sources}
+        return task(image, kernels)
+
+
+def _tflite_module(backbone, task_paths, switching=False):
+    """The module and per-task signatures a TFLite file is converted from: one task baked,
+    several as `_PackedTask`s over one copy of the backbone (`switching`: `_SwitchingTasks`)."""
+    names, paths = named_tasks(task_paths)
+    spec = image_spec(backbone)
+    module = tf.Module()
+    if len(paths) == 1:
+        model = bake(load_task(paths[0], backbone))
+        module.variables_ = [v.value for v in model.variables]
+        forwards = [lambda image: model(image, training=False)]
+    else:
+        module.variables_ = [v.value for v in backbone.variables]
+        backbone_ids = {id(v) for v in backbone.variables}
+        tasks = [_PackedTask(load_task(p, backbone), backbone_ids) for p in paths]
+        if switching:
+            module = _SwitchingTasks(backbone, tasks)
+            forwards = [lambda image, i=i: module.logits(i, image) for i in range(len(tasks))]
+        else:
+            module.tasks = tasks
+            forwards = [task.__call__ for task in module.tasks]
+    return module, {name: signature(with_outputs(f), spec, name) for name, f in zip(names, forwards)}
+
+
+def _restored(loaded, name):
+    return lambda image: loaded.signatures[name](image=image)
+
+
+def representative_images(spec, image_shape):
+    """Up to `REPRESENTATIVE_SAMPLES` raw training images of a dataset spec, for int8 calibration."""
+    from tf_piggyback.datasets import load_dataset, to_arrays
+
+    return to_arrays(load_dataset(spec, image_shape=image_shape).train.take(REPRESENTATIVE_SAMPLES))[0]
+
+
+def export_tflite(backbone, task_paths, output_path, quantize="none", representative=None, switching=False):
+    """Writes one `.tflite` file with one signature per task, atomically; returns its size.
+
+    Built from the same module as `export_saved_model` (converted from its concrete functions,
+    so the weights are embedded as constants). Check it with
+    `ai_edge_litert.interpreter.Interpreter(...).get_signature_runner(name)(image=x)`.
+
+    Args:
+        backbone: the backbone the tasks were trained on.
+        task_paths: one or more task files, each `PATH` or `NAME=PATH`.
+        output_path: the `.tflite` file.
+        quantize: `"none"` (float32), `"float16"` (float16 weights) or `"int8"` (full-integer
+            post-training quantization of weights and activations; float input and output).
+        representative: for int8, a NumPy array of raw images `[N, H, W, C]` (200 are used).
+        switching: with several tasks, keep the active task's masked kernels in resource
+            variables (`_SwitchingTasks`): a call unpacks its task's masks only when another
+            task was called last, instead of on every call. Measured (ResNet-50, 96 px, 3 tasks,
+            XNNPACK): warm calls 105 ms against 813 ms, a switching call as slow as a call was
+            before; it holds one more float copy of the kernels in memory. BUILD.md compares them.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}. Received: quantize={quantize!r}")
+    shape = tuple(backbone.inputs[0].shape[1:])
+    if quantize == "int8":
+        if representative is None or len(representative) == 0:
+            raise ValueError("int8 quantization needs a representative dataset (--representative=DATASET_SPEC)")
+        representative = np.asarray(representative, np.float32)
+        if tuple(representative.shape[1:]) != shape:
+            raise ValueError(f"representative images have shape {tuple(representative.shape[1:])}; "
+                             f"the model takes {shape}")
+        if len(task_paths) > 1:
+            # The masked kernels of a multi-task file are computed at run time, and TFLite's int8
+            # convolutions need constant, symmetric filters.
+            raise ValueError("int8 quantization takes one --task; export each task to its own .tflite")
+    switching = switching and len(task_paths) > 1
+    if switching and quantize != "none":
+        raise ValueError("switching keeps float32 working copies of the kernels; export it with quantize=none")
+    module, signatures = _tflite_module(backbone, task_paths, switching)
+    names = list(signatures)
+    # Through a SavedModel: functions restored from one read plain tf.Variables, which the
+    # converter freezes into the flatbuffer (Keras variables in memory stay READ_VARIABLE ops).
+    with tempfile.TemporaryDirectory() as tmp:
+        tf.saved_model.save(module, tmp, signatures=signatures)
+        if switching:  # its variables stay variables: straight from the SavedModel, as ondevice does
+            converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=names)
+            converter.experimental_enable_resource_variables = True
+        else:
+            loaded = tf.saved_model.load(tmp)
+            spec = image_spec(shape)
+            functions = [signature(_restored(loaded, name), spec, name).get_concrete_function() for name in names]
+            converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, loaded)
+        if quantize == "float16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        elif quantize == "int8":
+
+            def samples():
+                for name in names:
+                    for image in representative[:REPRESENTATIVE_SAMPLES]:
+                        yield (name, {"image": image[None]}) if len(names) > 1 else {"image": image[None]}
+
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = samples
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        with warnings.catch_warnings():
+            # int8 calibration runs TensorFlow's own deprecated tf.lite.Interpreter: nothing to act on
+            warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated")
+            flatbuffer = converter.convert()
+    write_atomic(output_path, lambda f: f.write(flatbuffer))
+    return len(flatbuffer)
