@@ -52,6 +52,7 @@ def define_flags():
     flags.DEFINE_float("mask_scale", DEFAULT_MASK_SCALE, "Constant / range of the mask init (paper: 1e-2).")
     flags.DEFINE_enum("mask_type", "binary", MASK_TYPES, "binary {0,1} or ternary {-1,0,1} masks.")
     flags.DEFINE_bool("train_bn", False, "Learn per-task BatchNormalization (paper §5.3).")
+    flags.DEFINE_bool("mask_embeddings", True, "Mask Embedding tables too (--nomask_embeddings: leave them frozen).")
     flags.DEFINE_string("feature_layer", None, "The backbone layer whose output feeds the head (default: its output).")
     flags.DEFINE_bool("skip_unsupported", False, "Keep layers whose kernels cannot be masked (e.g. recurrent layers) "
                       "frozen and unmasked instead of stopping.")
@@ -91,6 +92,7 @@ def config_from_flags():
     return RunConfig(backbone=FLAGS.backbone, weights=FLAGS.weights, image_size=FLAGS.image_size,
                      dataset=FLAGS.dataset, threshold=FLAGS.threshold, mask_init=FLAGS.mask_init,
                      mask_scale=FLAGS.mask_scale, mask_type=FLAGS.mask_type, train_bn=FLAGS.train_bn,
+                     mask_embeddings=FLAGS.mask_embeddings,
                      feature_layer=FLAGS.feature_layer, skip_unsupported=FLAGS.skip_unsupported,
                      mask_from=FLAGS.mask_from, lora_rank=FLAGS.lora_rank, head=FLAGS.head,
                      prune=validate_prune(FLAGS.prune), packnet_base=FLAGS.packnet_base, augment=FLAGS.augment,

@@ -202,3 +202,30 @@ def test_composite_layers_mask_every_kernel_they_own(tmp_path):
     np.testing.assert_allclose(bake(model)(x), model(x), rtol=1e-5, atol=1e-5)
     for value, weight in zip(before, backbone.weights):
         np.testing.assert_array_equal(value, weight.numpy())
+
+
+def test_embedding_tables_are_masked_unless_asked_not_to(tmp_path):
+    """A text backbone's `Embedding` table gets a mask like a kernel (reloaded exactly, baked
+    exactly); `mask_embeddings=False` leaves it frozen and shared, and the task file says which."""
+    from tf_piggyback import MaskedEmbedding, load_task, read_manifest, save_task
+    from benchmarks.suite import paper_sparsities
+
+    keras.utils.set_random_seed(5)
+    tokens = keras.Input((12,), dtype="int32", name="token_ids")
+    x = keras.layers.Embedding(50, 16, name="embed")(tokens)
+    x = keras.layers.Dense(16, activation="gelu", name="fc")(x)
+    backbone = keras.Model(tokens, keras.ops.mean(x, axis=1), name="text")
+    ids = np.random.default_rng(0).integers(0, 50, (4, 12)).astype("int32")
+    model = piggyback(backbone, 3)
+    assert [type(layer).__name__ for layer in masked_layers(model)] == ["MaskedEmbedding", "MaskedDense"]
+    np.testing.assert_allclose(features_of(model)(ids), backbone(ids), rtol=1e-5, atol=1e-5)
+    paper_sparsities(model)
+    save_task(model, str(tmp_path / "task.npz"))
+    manifest = read_manifest(str(tmp_path / "task.npz"))
+    assert [entry["name"] for entry in manifest["layers"]] == ["embed/embeddings", "fc/kernel"]
+    assert manifest["options"]["mask_embeddings"] is True
+    np.testing.assert_array_equal(load_task(str(tmp_path / "task.npz"), backbone)(ids), model(ids))
+    np.testing.assert_allclose(bake(model)(ids), model(ids), rtol=1e-5, atol=1e-5)
+    frozen = piggyback(backbone, 3, mask_embeddings=False)
+    assert not any(isinstance(layer, MaskedEmbedding) for layer in masked_layers(frozen))
+    assert frozen.get_layer("embed") is backbone.get_layer("embed") and not frozen.get_layer("embed").trainable

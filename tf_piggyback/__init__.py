@@ -19,15 +19,16 @@ from tf_piggyback.backbones import digits_backbone, load_backbone
 from tf_piggyback.binarizers import binarize, ternarize
 from tf_piggyback.datasets import load_dataset, load_digits_variant
 from tf_piggyback.fingerprint import fingerprint
-from tf_piggyback.layers import (MaskedConv, MaskedDense, MaskedDepthwiseConv2D, MaskedLayer, MaskedSeparableConv2D,
-                                 MaskedWrapper)
+from tf_piggyback.layers import (MaskedComposite, MaskedConv, MaskedDense, MaskedDepthwiseConv2D, MaskedEmbedding,
+                                 MaskedLayer, MaskedSeparableConv2D, MaskedWrapper)
 from tf_piggyback.packnet import PackNet
 from tf_piggyback.surgery import bake, classifier_only, finetune, masked_layers, piggyback
 from tf_piggyback.taskfile import TaskFileError, load_task, read_manifest, save_task
 from tf_piggyback.trainer import TrainConfig, evaluate, train
 
 __all__ = [
-    "MaskedConv", "MaskedDense", "MaskedDepthwiseConv2D", "MaskedLayer", "MaskedSeparableConv2D", "MaskedWrapper",
+    "MaskedComposite", "MaskedConv", "MaskedDense", "MaskedDepthwiseConv2D", "MaskedEmbedding", "MaskedLayer",
+    "MaskedSeparableConv2D", "MaskedWrapper",
     "PackNet", "TaskFileError", "TrainConfig", "bake", "binarize", "classifier_only", "digits_backbone",
     "evaluate", "fingerprint", "finetune", "load_backbone", "load_dataset", "load_digits_variant",
     "load_task", "masked_layers", "piggyback", "read_manifest", "save_task", "ternarize", "train",

@@ -41,6 +41,7 @@ class RunConfig:
     skip_unsupported: bool = False
     # Learn masks only from this layer on (surgery.piggyback): a faster step, less activation memory.
     mask_from: str = None
+    mask_embeddings: bool = True  # mask Embedding tables too (surgery.piggyback)
     lora_rank: int = 4  # --method=lora: the adapters' rank
     head: str = "auto"  # one of HEADS: "dense", or "fcn" for per-pixel labels (§6); "auto" picks by the labels
     prune: float = DEFAULT_PRUNE
@@ -109,7 +110,7 @@ def build_model(config, backbone, num_classes, dense=False):
         return piggyback(backbone, num_classes, threshold=config.threshold, mask_init=config.mask_init,
                          mask_scale=config.mask_scale, mask_type=config.mask_type, train_bn=config.train_bn,
                          feature_layer=config.feature_layer, skip_unsupported=config.skip_unsupported,
-                         mask_from=config.mask_from, head=head)
+                         mask_from=config.mask_from, head=head, mask_embeddings=config.mask_embeddings)
     if method == "classifier":
         return classifier_only(backbone, num_classes, feature_layer=config.feature_layer, head=head)
     if method == "lora":

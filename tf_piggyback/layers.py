@@ -282,6 +282,20 @@ class MaskedLayer(MaskedWrapper):
 
 
 @keras.saving.register_keras_serializable(package="tf_piggyback")
+class MaskedEmbedding(MaskedLayer):
+    """An `Embedding` table masked like a kernel (`piggyback(mask_embeddings=True)`, the default):
+    each row a token's weights, 1 bit per entry. The layer's own `call` runs with `W ⊙ m`.
+
+    Reference: §3; for language backbones, Zhao et al., EMNLP 2020 (masks over BERT's weights).
+    """
+
+    wrapped_types = (keras.layers.Embedding,)
+
+    def _kernel_weights(self):
+        return [self.layer.embeddings]
+
+
+@keras.saving.register_keras_serializable(package="tf_piggyback")
 class MaskedComposite(MaskedLayer):
     """A layer of any class that holds its kernels in sublayers, at any depth (a user's `Layer`
     subclass with `Dense` layers inside, a transformer block): every `kernel` it owns is masked
@@ -306,7 +320,7 @@ def _is_composite(layer):
 
 # Most specific class first: SeparableConv2D and DepthwiseConv2D are not Conv2D subclasses in
 # Keras 3, but user subclasses of any of these are matched by isinstance.
-WRAPPERS = (MaskedSeparableConv2D, MaskedDepthwiseConv2D, MaskedConv, MaskedDense, MaskedLayer)
+WRAPPERS = (MaskedSeparableConv2D, MaskedDepthwiseConv2D, MaskedConv, MaskedDense, MaskedLayer, MaskedEmbedding)
 
 
 def wrapper_for(layer):

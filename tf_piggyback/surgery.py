@@ -12,7 +12,7 @@ import numpy as np
 
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD
 from tf_piggyback.fingerprint import fingerprint
-from tf_piggyback.layers import DEFAULT_MASK_SCALE, MaskedWrapper, wrapper_for
+from tf_piggyback.layers import DEFAULT_MASK_SCALE, MaskedEmbedding, MaskedWrapper, wrapper_for
 
 HEAD_NAME = "head"
 
@@ -237,6 +237,7 @@ def piggyback(
     skip_unsupported=False,
     mask_from=None,
     head=None,
+    mask_embeddings=True,
 ):
     """Wraps every Conv / DepthwiseConv2D / SeparableConv2D / Dense kernel with a mask, and
     every EinsumDense, MultiHeadAttention and transposed-convolution kernel (`MaskedLayer`).
@@ -266,6 +267,9 @@ def piggyback(
             In a ResNet, `"conv4_block1_0_conv"` or `"conv4_block1_1_conv"` (the block's two
             first convolutions, neither computed from the other) masks stages 4 and 5, shortcut
             included. Default: mask every layer.
+        mask_embeddings: mask `Embedding` tables too (`MaskedEmbedding`), as the kernels of a
+            language backbone; False leaves them frozen and shared. (Task files written before
+            this option left them frozen, and load so.)
 
     Returns:
         An uncompiled `keras.Model` whose only trainable weights are the masks, the head
@@ -300,6 +304,8 @@ def piggyback(
             layer.trainable = False
             return layer
         cls = wrapper_for(layer)
+        if cls is MaskedEmbedding and not mask_embeddings:
+            cls = None
         if cls is not None:
             return cls(layer, **options)
         if train_bn and isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
@@ -315,7 +321,8 @@ def piggyback(
     head, stored = _task_head(head)
     model = add_head(body, num_classes, name=f"piggyback_{backbone.name}", head=head)
     options = {**options, "train_bn": bool(train_bn), "feature_layer": feature_layer,
-               "skip_unsupported": bool(skip_unsupported), "mask_from": mask_from, **stored}
+               "skip_unsupported": bool(skip_unsupported), "mask_from": mask_from,
+               "mask_embeddings": bool(mask_embeddings), **stored}
     owned = _owned(head, *(copy.name for copy, _ in bn_copies))
     model.task_spec = TaskSpec("piggyback", backbone.name, fingerprint(backbone), int(num_classes), options, owned)
     return model

@@ -204,7 +204,9 @@ def load_task(path, backbone):
     check_backbone(backbone, manifest, path, TaskFileError)
     try:
         if manifest["method"] == "piggyback":
-            model = piggyback(backbone, manifest["num_classes"], **manifest["options"])
+            # Files from before `mask_embeddings` left Embedding tables frozen.
+            options = {"mask_embeddings": False, **manifest["options"]}
+            model = piggyback(backbone, manifest["num_classes"], **options)
         elif manifest["method"] == "lora":
             model = lora(backbone, manifest["num_classes"], **manifest["options"])
         else:
