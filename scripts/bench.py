@@ -27,7 +27,7 @@ from tf_piggyback.cli import user_errors
 from tf_piggyback.datasets import DEFAULT_CACHE_MB
 from tf_piggyback.experiment import RunConfig
 from tf_piggyback.trainer import TrainConfig
-from tf_piggyback.taskfile import write_atomic
+from tf_piggyback.files import write_atomic
 
 FLAGS = flags.FLAGS
 

@@ -25,7 +25,7 @@ from tf_piggyback.datasets import DEFAULT_CACHE_MB, PROTOCOLS, SPLIT_SEED
 from tf_piggyback.distribute import STRATEGIES, make_strategy
 from tf_piggyback.experiment import HEADS, RunConfig, run
 from tf_piggyback.layers import DEFAULT_MASK_SCALE, MASK_INITS
-from tf_piggyback.packnet import DEFAULT_PRUNE, validate_prune
+from tf_piggyback.methods.packnet import DEFAULT_PRUNE, validate_prune
 from tf_piggyback.trainer import METHODS, PRECISIONS, TrainConfig
 
 FLAGS = flags.FLAGS

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_piggyback.datasets import _fit_image, load_dataset, load_digits_variant
+from tf_piggyback.datasets import load_dataset, load_digits_variant
+from tf_piggyback.images import fit_image
 
 
 def test_digits_variants():
@@ -90,9 +91,9 @@ def test_folder_dataset_errors(tmp_path):
 def test_channel_counts_that_cannot_be_converted():
     four = tf.data.Dataset.from_tensor_slices((np.zeros((2, 8, 8, 4), np.uint8), np.zeros(2, np.int64)))
     with pytest.raises(ValueError, match="images have 4 channels and the backbone takes 3; only grayscale"):
-        four.map(lambda x, y: _fit_image(x, y, (8, 8, 3)))
+        four.map(lambda x, y: fit_image(x, y, (8, 8, 3)))
     gray = tf.data.Dataset.from_tensor_slices((np.full((2, 8, 8, 1), 7, np.uint8), np.zeros(2, np.int64)))
-    rgb, _ = next(iter(gray.map(lambda x, y: _fit_image(x, y, (8, 8, 3)))))
+    rgb, _ = next(iter(gray.map(lambda x, y: fit_image(x, y, (8, 8, 3)))))
     assert rgb.shape == (8, 8, 3) and float(tf.reduce_min(rgb)) == 7.0
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import tf_piggyback
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(tf_piggyback.__path__, "tf_piggyback."))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(tf_piggyback.__path__, "tf_piggyback."))
 
 
 @pytest.mark.parametrize("name", ["tf_piggyback"] + MODULES)

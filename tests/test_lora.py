@@ -14,7 +14,7 @@ from conftest import REPO
 from tf_piggyback.backbones import digits_vit_backbone
 from tf_piggyback.datasets import to_arrays
 from tf_piggyback.export import export_saved_model, export_tflite
-from tf_piggyback.surgery import lora
+from tf_piggyback import lora
 
 
 def script(*args):

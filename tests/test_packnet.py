@@ -11,7 +11,7 @@ import pytest
 import tf_piggyback as pb
 from conftest import REPO
 from tf_piggyback.experiment import RunConfig, run
-from tf_piggyback.packnet import FREE, PackNet, _kernels
+from tf_piggyback.methods.packnet import FREE, PackNet, _kernels
 from tf_piggyback.trainer import epoch_batches, train
 
 

@@ -21,8 +21,12 @@ from tf_piggyback.datasets import load_dataset, load_digits_variant
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.layers import (MaskedComposite, MaskedConv, MaskedDense, MaskedDepthwiseConv2D, MaskedEmbedding,
                                  MaskedLayer, MaskedSeparableConv2D, MaskedWrapper)
-from tf_piggyback.packnet import PackNet
-from tf_piggyback.surgery import bake, classifier_only, finetune, masked_layers, piggyback
+from tf_piggyback.methods.classifier import classifier_only
+from tf_piggyback.methods.finetune import finetune
+from tf_piggyback.methods.lora import lora
+from tf_piggyback.methods.packnet import PackNet
+from tf_piggyback.methods.piggyback import piggyback
+from tf_piggyback.surgery import bake, masked_layers
 from tf_piggyback.taskfile import TaskFileError, load_task, read_manifest, save_task
 from tf_piggyback.trainer import TrainConfig, evaluate, train
 
@@ -31,5 +35,5 @@ __all__ = [
     "MaskedSeparableConv2D", "MaskedWrapper",
     "PackNet", "TaskFileError", "TrainConfig", "bake", "binarize", "classifier_only", "digits_backbone",
     "evaluate", "fingerprint", "finetune", "load_backbone", "load_dataset", "load_digits_variant",
-    "load_task", "masked_layers", "piggyback", "read_manifest", "save_task", "ternarize", "train",
+    "load_task", "lora", "masked_layers", "piggyback", "read_manifest", "save_task", "ternarize", "train",
 ]

@@ -25,6 +25,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tf_piggyback.images import center_crop, fit_image, paper_scale, scale_shorter_side, to_float, to_uint8
+
 DIGITS_VARIANTS = ("base", "upper", "inverted", "all")
 # Pixels of a digit's strokes: ink above half intensity (the images are 0-255 after upsampling).
 STROKE_THRESHOLD = 127.5
@@ -153,7 +155,7 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
             Stanford Cars cropped to their bounding boxes, Flowers-102 trained on train +
             validation (Table 1's 2,040 images); training images scaled so the shorter side
             is 256/224 of the input size (random-sized crops are taken per epoch:
-            `trainer.random_sized_crop`), test images scaled so and center-cropped.
+            `images.random_sized_crop`), test images scaled so and center-cropped.
 
     Example:
     >>> splits = load_dataset("digits:inverted")
@@ -189,22 +191,22 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
         if splits.dense and protocol != "simple":
             raise ValueError(f"{spec} has per-pixel labels; its crops would need them cropped too: use protocol=simple")
         shape = tuple(image_shape)
-        fit = functools.partial(_fit_image, shape=shape)
+        fit = functools.partial(fit_image, shape=shape)
         fit_train, stored = fit, shape
         if protocol == "paper":
             side = paper_scale(shape)
-            fit_train = functools.partial(_scale_shorter_side, side=side, channels=shape[-1])
-            fit = functools.partial(_center_crop, side=side, shape=shape)
+            fit_train = functools.partial(scale_shorter_side, side=side, channels=shape[-1])
+            fit = functools.partial(center_crop, side=side, shape=shape)
             stored = (side, side, shape[-1])  # at least: the shorter side is `side`
         if cache_bytes < 0:
             raise ValueError(f"the cache budget must be >= 0 bytes. Received: cache_bytes={cache_bytes}")
         cached = min(splits.train_size, int(cache_bytes) // int(np.prod(stored)))
         head, tail = splits.train_parts(cached)
-        cache = head.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE).map(_to_uint8).cache()
+        cache = head.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE).map(to_uint8).cache()
         splits.epoch = functools.partial(_epoch, cache=cache, cached=cached, size=splits.train_size,
                                          tail=lambda seed: tail(seed).map(fit_train, num_parallel_calls=tf.data.AUTOTUNE))
         if cached > 0:
-            splits.train = cache.map(_to_float) if cached == splits.train_size else cache.map(_to_float).concatenate(
+            splits.train = cache.map(to_float) if cached == splits.train_size else cache.map(to_float).concatenate(
                 tail(None).map(fit_train, num_parallel_calls=tf.data.AUTOTUNE))
         else:
             splits.train = splits.train.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE)
@@ -220,7 +222,7 @@ def _epoch(seed, cache, cached, size, tail):
     independent of its place in the last one, whatever the cache budget."""
     parts, weights = [], []
     if cached > 0:
-        parts.append(cache.shuffle(cached, seed=seed, reshuffle_each_iteration=False).map(_to_float))
+        parts.append(cache.shuffle(cached, seed=seed, reshuffle_each_iteration=False).map(to_float))
         weights.append(cached / size)
     if cached < size:
         parts.append(tail(seed))
@@ -238,59 +240,10 @@ def _permuted(seed, *arrays):
     return tuple(np.asarray(a)[order] for a in arrays)
 
 
-def paper_scale(shape):
-    """The shorter side images are scaled to before a crop of `shape` (256 for 224 px)."""
-    return int(round(max(shape[:2]) * 256 / 224))
-
-
-def _scale_shorter_side(image, label, side, channels):
-    image = _channels(tf.cast(image, tf.float32), channels)
-    size = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = side / tf.reduce_min(size)
-    new = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), side)
-    return tf.image.resize(image, new, method="bilinear"), tf.cast(label, tf.int64)
-
-
-def _center_crop(image, label, side, shape):
-    image, label = _scale_shorter_side(image, label, side, shape[-1])
-    size = tf.shape(image)[:2]
-    top, left = (size[0] - shape[0]) // 2, (size[1] - shape[1]) // 2
-    return tf.ensure_shape(image[top:top + shape[0], left:left + shape[1]], shape), label
-
-
-def _to_uint8(image, label):
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8), label
-
-
-def _to_float(image, label):
-    return tf.cast(image, tf.float32), label
-
-
 def to_arrays(dataset):
     """An unbatched `(image, label)` dataset as NumPy `(images [N, H, W, C], labels [N] or [N, H, W])`."""
     images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset])
     return np.stack(images), np.array(labels)
-
-
-def _channels(image, wanted):
-    channels = image.shape[-1]
-    if channels != wanted and not {channels, wanted} <= {1, 3}:
-        raise ValueError(f"the dataset's images have {channels} channels and the backbone takes {wanted}; "
-                         "only grayscale (1) and RGB (3) are converted into each other")
-    if channels == 1 and wanted == 3:
-        return tf.image.grayscale_to_rgb(image)
-    if channels == 3 and wanted == 1:
-        return tf.image.rgb_to_grayscale(image)
-    return image
-
-
-def _fit_image(image, label, shape):
-    image = _channels(tf.cast(image, tf.float32), shape[-1])
-    if tuple(image.shape[:2]) != shape[:2]:
-        image = tf.image.resize(image, shape[:2], method="bilinear")
-        if label.shape.rank == 2:  # a per-pixel map follows its image, without new classes
-            label = tf.image.resize(label[..., None], shape[:2], method="nearest")[..., 0]
-    return tf.ensure_shape(image, shape), tf.cast(label, tf.int64)
 
 
 def _list_class_folders(root):

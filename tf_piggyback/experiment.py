@@ -1,26 +1,26 @@
 """One training run, end to end: backbone + dataset + method -> trained task on disk.
 
 This is what `scripts/train.py` and the demo call; everything it writes goes to `model_dir`:
-`task.npz` (piggyback, classifier) or `model.keras` (finetune), `metrics.json`, `config.json`.
+the method's output (`task.npz`, a task file; `model.keras` for finetune; `packnet.npz`: see
+`Method.output`), `metrics.json`, `config.json`.
 """
 
 import dataclasses
-import functools
 import json
 import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from tf_piggyback import methods
 from tf_piggyback.backbones import load_backbone
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD
 from tf_piggyback.datasets import DEFAULT_CACHE_MB, SPLIT_SEED, load_dataset
+from tf_piggyback.files import write_atomic
 from tf_piggyback.layers import DEFAULT_MASK_SCALE
-from tf_piggyback.packnet import DEFAULT_PRUNE, PackNet
-from tf_piggyback.surgery import (classifier_only, fcn_head, feature_model, finetune, lora, mask_sparsity,
-                                  masked_layers, piggyback)
-from tf_piggyback.taskfile import save_task, task_weights, write_atomic
+from tf_piggyback.methods.packnet import DEFAULT_PRUNE
+from tf_piggyback.surgery import fcn_head, feature_model
+from tf_piggyback.taskfile import save_task
 from tf_piggyback.trainer import TrainConfig, epoch_batches, is_chief, precision_policy, test_metrics, train
 
 
@@ -48,7 +48,7 @@ class RunConfig:
     packnet_base: str = ""
     augment: bool = False
     # "simple" or "paper": the paper's data handling (datasets.load_dataset); "paper" crops
-    # training images with trainer.random_sized_crop, so it needs no --augment.
+    # training images with images.random_sized_crop, so it needs no --augment.
     protocol: str = "simple"
     cache: bool = True
     cache_mb: int = DEFAULT_CACHE_MB
@@ -61,23 +61,7 @@ class RunConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
-PACKNET_FILE = "packnet.npz"
 HEADS = ("auto", "dense", "fcn")
-
-
-def retrain_epochs(epochs):
-    """PackNet's retraining after pruning: half the epochs (at least 1), at a tenth of the lr."""
-    return max(1, epochs // 2)
-
-
-def _pack(config, backbone):
-    if not config.packnet_base:
-        return PackNet(backbone, config.prune, feature_layer=config.feature_layer)
-    path = os.path.join(config.packnet_base, PACKNET_FILE)
-    if not os.path.exists(path):
-        raise ValueError(f"--packnet_base={config.packnet_base} holds no {PACKNET_FILE}; "
-                         "pass the --model_dir of a finished PackNet run")
-    return PackNet.load(path, backbone)
 
 
 def build_head(config, backbone, num_classes, dense=False):
@@ -89,9 +73,8 @@ def build_head(config, backbone, num_classes, dense=False):
                          "(per-pixel logits), one label per image needs --head=dense")
     if head == "dense":
         return None
-    if config.train.method not in ("piggyback", "classifier", "finetune"):
-        raise ValueError(f"--head=fcn trains with --method=piggyback, classifier or finetune. "
-                         f"Received: method={config.train.method!r}")
+    if not methods.get(config.train.method).takes_head:
+        raise ValueError(f"--head=fcn trains with --method={_head_methods()}. Received: method={config.train.method!r}")
     shape, size = feature_model(backbone, config.feature_layer).output_shape, backbone.input_shape[1:3]
     if len(shape) != 4 or size[0] % shape[1] or size[1] % shape[2] or size[0] // shape[1] != size[1] // shape[2]:
         raise ValueError(f"--head=fcn needs a spatial feature map whose size divides the input's {tuple(size)}; "
@@ -100,28 +83,10 @@ def build_head(config, backbone, num_classes, dense=False):
     return fcn_head(num_classes, size[0] // shape[1])
 
 
-def build_model(config, backbone, num_classes, dense=False):
-    """The task model for `config.train.method` over `backbone` (`dense`: per-pixel labels)."""
-    method = config.train.method
-    if config.mask_from and method != "piggyback":
-        raise ValueError(f"--mask_from applies to --method=piggyback only. Received: method={method!r}")
-    head = build_head(config, backbone, num_classes, dense)
-    if method == "piggyback":
-        return piggyback(backbone, num_classes, threshold=config.threshold, mask_init=config.mask_init,
-                         mask_scale=config.mask_scale, mask_type=config.mask_type, train_bn=config.train_bn,
-                         feature_layer=config.feature_layer, skip_unsupported=config.skip_unsupported,
-                         mask_from=config.mask_from, head=head, mask_embeddings=config.mask_embeddings)
-    if method == "classifier":
-        return classifier_only(backbone, num_classes, feature_layer=config.feature_layer, head=head)
-    if method == "lora":
-        return lora(backbone, num_classes, rank=config.lora_rank, feature_layer=config.feature_layer)
-    return finetune(backbone, num_classes, feature_layer=config.feature_layer, head=head)
-
-
-def _stored_params(model, masks):
-    """Parameters the task stores besides the shared backbone: masks (1 bit each) and its own
-    weights — the head, per-task BatchNormalization, or for finetune the whole network."""
-    return int(sum(m.size for m in masks) + sum(int(np.prod(w.shape)) for w in task_weights(model)))
+def _head_methods():
+    """"piggyback, classifier or finetune": the methods that train with another head (`Method.takes_head`)."""
+    names = [name for name in methods.names() if methods.get(name).takes_head]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _check_same_run(config, model_dir):
@@ -149,7 +114,7 @@ def input_pipeline(config, image_shape):
     """`(splits, epoch -> batches)`: the training input as `run` builds it (also what
     `scripts/bench.py --preset=pipeline` measures, with no model)."""
     if config.augment and config.protocol == "paper":
-        raise ValueError("--protocol=paper takes its own random-sized crops and flips (trainer.random_sized_crop); "
+        raise ValueError("--protocol=paper takes its own random-sized crops and flips (images.random_sized_crop); "
                          "leave --augment off")
     splits = load_dataset(config.dataset, image_shape=image_shape, split_seed=config.split_seed,
                           cache_bytes=config.cache_mb * 2**20 if config.cache else 0, protocol=config.protocol)
@@ -177,70 +142,50 @@ def run(config, model_dir, *, strategy=None, log=print, verbose=0):
 
 
 def _run(config, model_dir, strategy, log, verbose):
-    chief = is_chief(strategy)
+    chief, method = is_chief(strategy), methods.get(config.train.method)
     with strategy.scope():
         backbone = load_backbone(config.backbone, config.weights, config.image_size)
         splits, batches = input_pipeline(config, backbone.inputs[0].shape[1:])
         keras.utils.set_random_seed(config.train.seed)
-        if splits.dense and config.train.method == "packnet":
-            raise ValueError("per-pixel labels train with --method=piggyback, classifier or finetune")
-        pack = _pack(config, backbone) if config.train.method == "packnet" else None
-        model = build_model(config, backbone, len(splits.class_names), splits.dense) if pack is None else None
+        if config.mask_from and method.name != "piggyback":
+            raise ValueError(f"--mask_from applies to --method=piggyback only. Received: method={method.name!r}")
+        if splits.dense and not method.takes_head:
+            raise ValueError(f"per-pixel labels train with --method={_head_methods()}")
+        started = method.start(backbone, len(splits.class_names), config,
+                               build_head(config, backbone, len(splits.class_names), splits.dense))
     if chief:  # only once the inputs are known good: a failed start must not claim the model_dir
         os.makedirs(model_dir, exist_ok=True)
         write_atomic(os.path.join(model_dir, "config.json"), lambda f: f.write(config.to_json().encode()))
-    fit = functools.partial(train, dataset=batches, strategy=strategy, log=log, verbose=verbose,
-                            steps_per_epoch=-(-splits.train_size // config.train.batch_size))
-    if pack is None:
-        history = fit(model, config=config.train, checkpoint_dir=os.path.join(model_dir, "checkpoints"),
-                      summary_dir=os.path.join(model_dir, "logs"))
-    else:
-        history = []
+    steps_per_epoch = -(-splits.train_size // config.train.batch_size)
 
-        def fit_phase(task_model, phase):
-            train_config = config.train if phase == "train" else dataclasses.replace(
-                config.train, epochs=retrain_epochs(config.train.epochs), finetune_lr=config.train.finetune_lr * 0.1)
-            history.extend(fit(task_model, config=train_config, gradient_masks=pack.gradient_masks(),
-                               checkpoint_dir=os.path.join(model_dir, "checkpoints", phase),
-                               summary_dir=os.path.join(model_dir, "logs", phase)))
+    def fit(model, train_config, phase, gradient_masks=None):
+        return train(model, batches, train_config, strategy=strategy, log=log, verbose=verbose,
+                     steps_per_epoch=steps_per_epoch, gradient_masks=gradient_masks,
+                     checkpoint_dir=os.path.join(model_dir, "checkpoints", phase),
+                     summary_dir=os.path.join(model_dir, "logs", phase))
 
-        with strategy.scope():
-            model = pack.task_model(pack.add_task(fit_phase, len(splits.class_names), splits.class_names))
+    with strategy.scope():
+        model, history = method.train(started, config, fit, splits.class_names)
     scores = test_metrics(model, splits)
-    if pack is None:
-        masks = [m for layer in masked_layers(model) for m in layer.thresholded_masks()]
-        sparsity, params = mask_sparsity(masks), _stored_params(model, masks)
-    else:  # PackNet: the room left for later tasks, and the one network all tasks share
-        sparsity, params = pack.free_fraction(), int(sum(k.size for k in pack.owners))
     metrics = {
-        "method": config.train.method,
+        "method": method.name,
         "dataset": config.dataset,
         "split_seed": config.split_seed,
         **scores,
         "protocol": config.protocol,
         "train_accuracy": history[-1]["accuracy"] if history else None,
-        "sparsity": sparsity,
-        "params": params,
         "train_seconds": float(sum(h["seconds"] for h in history)),
+        **method.summary(model),
     }
-    if pack is not None:
-        metrics["task_index"] = len(pack.tasks)
-        pack.tasks[-1]["metrics"] = {k: metrics[k] for k in ("accuracy", "top1_error")}
     if not chief:
         return metrics
-    if pack is not None:
-        path = os.path.join(model_dir, PACKNET_FILE)
-        pack.save(path)
-    elif config.train.method == "finetune":
-        path = os.path.join(model_dir, "model.keras")
-        tmp = os.path.join(model_dir, ".model.tmp.keras")
-        model.save(tmp)
-        os.replace(tmp, path)
+    path = os.path.join(model_dir, method.output)
+    # Only what the masks and head determine goes into the task file: reruns give the same bytes.
+    recorded = {k: metrics[k] for k in ("dataset", "split_seed", "protocol", *scores, "sparsity")}
+    if method.output == methods.TASK_FILE:
+        save_task(model, path, class_names=splits.class_names, metrics=recorded)
     else:
-        path = os.path.join(model_dir, "task.npz")
-        # Only what the masks and head determine goes into the task file: reruns give the same bytes.
-        save_task(model, path, class_names=splits.class_names,
-                  metrics={k: metrics[k] for k in ("dataset", "split_seed", "protocol", *scores, "sparsity")})
+        method.save(model, path, class_names=splits.class_names, metrics=recorded)
     metrics["task_bytes"] = os.path.getsize(path)
     metrics["config"] = dataclasses.asdict(config)
     write_atomic(os.path.join(model_dir, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))

@@ -11,7 +11,10 @@ import json
 import os
 import statistics
 
-from tf_piggyback.taskfile import read_manifest, write_atomic
+from tf_piggyback import methods
+from tf_piggyback.backbones import load_backbone
+from tf_piggyback.files import write_atomic
+from tf_piggyback.taskfile import read_manifest
 
 COLUMNS = ("task", "method", "accuracy", "top1_error", "top5_error", "sparsity", "params", "task_bytes")
 
@@ -99,8 +102,9 @@ def _task_name(dataset):
 
 
 def collect(model_dirs):
-    """One row per finished run: `task`, `method` (PackNet runs labelled with their task order),
-    `accuracy`, `top1_error`, `sparsity`, `params`, `task_bytes`, `model_dir`, `backbone`."""
+    """One row per finished run: `task`, `method` (the method's label, `Method.label`; PackNet runs
+    labelled with their task order), `storage` (`Method.storage`), `accuracy`, `top1_error`,
+    `sparsity`, `params`, `task_bytes`, `model_dir`, `backbone`."""
     runs = {}
     for model_dir in model_dirs:
         path = os.path.join(model_dir, "metrics.json")
@@ -116,9 +120,9 @@ def collect(model_dirs):
                "backbone": f"{config['backbone']}:{config['weights']}", "task_index": metrics.get("task_index"),
                **{k: metrics.get(k) for k in ("accuracy", "top1_error", "top5_error", "sparsity", "params",
                                               "task_bytes")}}
-        if row["method"] == "lora":
-            row["method"] = f"lora (r={config['lora_rank']})"
-        if row["method"] == "packnet":  # grouped by the pack's first run, found through packnet_base
+        method = methods.get(metrics["method"])
+        row["method"], row["storage"] = method.label(config), method.storage
+        if method.storage == "pack":  # grouped by the pack's first run, found through packnet_base
             first, base = model_dir, config.get("packnet_base")
             while base:
                 first = os.path.abspath(base)
@@ -155,24 +159,24 @@ def comparison(rows, backbone_bytes):
     method next to one backbone's (`backbone_bytes`, float32 weights). Several runs of one task
     and method (seeds) show as mean ± standard deviation over the runs, with their count.
 
-    Storage: piggyback and classifier-only keep one backbone and each task file; finetune one
-    model per task; PackNet one pack, the one written after its last task (per task, the
-    first run's files count).
+    Storage, by `Method.storage`: piggyback, classifier-only and LoRA keep one backbone and each
+    task file; finetune one model per task; PackNet one pack, the one written after its last
+    task (per task, the first run's files count).
     """
-    methods = list(dict.fromkeys(row["method"] for row in rows))
+    labels = list(dict.fromkeys(row["method"] for row in rows))
     tasks = list(dict.fromkeys(row["task"] for row in rows))
     cells = {}
     for row in rows:
         cells.setdefault((row["task"], row["method"]), []).append(row)
-    lines = ["| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines = ["| task | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for task in tasks:
-        lines.append(f"| {task} | " + " | ".join(_error_cell(cells.get((task, m), [])) for m in methods) + " |")
+        lines.append(f"| {task} | " + " | ".join(_error_cell(cells.get((task, m), [])) for m in labels) + " |")
     storage, counts = [], []
-    for method in methods:
+    for method in labels:
         own = [runs[0] for (_, m), runs in cells.items() if m == method]
-        if method.startswith("packnet"):
+        if own[0]["storage"] == "pack":
             total, models = max(own, key=lambda row: row["task_index"])["task_bytes"], 1
-        elif method == "finetune":
+        elif own[0]["storage"] == "own":
             total, models = sum(row["task_bytes"] for row in own), len(own)
         else:
             total, models = backbone_bytes + sum(row["task_bytes"] for row in own), 1
@@ -196,8 +200,6 @@ def write_csv(rows, path):
 
 def backbone_bytes(model_dir):
     """float32 bytes of the backbone a run was trained on (built without downloading weights)."""
-    from tf_piggyback.backbones import load_backbone
-
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
     weights = "none" if config["weights"] == "imagenet" or config["backbone"] == "digits" else config["weights"]

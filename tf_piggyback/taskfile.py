@@ -10,44 +10,29 @@ Layout (DESIGN 3.3), readable with `numpy.load(path, allow_pickle=False)`:
 Reference: §3, last paragraph: only the thresholded masks are kept, 1 bit per parameter.
 """
 
-import hashlib
-import io
 import json
 import os
 import re
-import tempfile
-import zipfile
 
 import keras
 import numpy as np
 
-from tf_piggyback import coding
+from tf_piggyback import coding, methods
 from tf_piggyback.binarizers import real_from_mask
+from tf_piggyback.files import TaskFileError, read_npz, sha256, write_atomic, write_npz
 from tf_piggyback.fingerprint import check_backbone
-from tf_piggyback.surgery import (classifier_only, iter_layers, lora, lora_adapters, mask_sparsity, masked_layers,
-                                  piggyback, task_layers)
+from tf_piggyback.surgery import mask_sparsity, masked_layers, task_weights
 
 FORMAT = "tf_piggyback.task"
 VERSION = 1
-
-
-class TaskFileError(ValueError):
-    """A task file that cannot be used: missing, corrupted, another format, another backbone."""
-
-
-def task_weights(model):
-    """The weights a task owns besides its masks: head, BatchNormalization with `train_bn`
-    (`TaskSpec.owned`) and a LoRA task's adapters, whatever their `trainable` flags say, in the
-    model's layer order. Everything else in the model belongs to the shared backbone."""
-    owned = {id(layer) for layer in task_layers(model)}
-    return [w for layer in iter_layers(model) for w in (layer.weights if id(layer) in owned else lora_adapters(layer))]
 
 
 def save_task(model, path, *, class_names=None, metrics=None):
     """Writes `model`'s task to `path` (a `.npz`), atomically.
 
     Args:
-        model: a model made by `piggyback`, `classifier_only` or `lora` (or returned by `load_task`).
+        model: a model made by a method that writes task files (`piggyback`, `classifier_only`,
+            `lora`; see `tf_piggyback.methods`), or returned by `load_task`.
         path: destination; written to a temporary file in the same folder, then renamed.
         class_names: optional list of `num_classes` strings.
         metrics: optional JSON-serializable dict, e.g. `{"accuracy": 0.93}`.
@@ -106,72 +91,15 @@ def save_task(model, path, *, class_names=None, metrics=None):
         "metrics": metrics or {},
     }
     arrays = {"masks": np.frombuffer(b"".join(payloads), dtype=np.uint8), **{f"w{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(weights)}}
-    manifest["sha256"] = {name: _sha256(array) for name, array in arrays.items()}
+    manifest["sha256"] = {name: sha256(array) for name, array in arrays.items()}
     arrays = {"manifest": np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8), **arrays}
-    write_atomic(path, lambda f: _write_npz(f, arrays))
+    write_atomic(path, lambda f: write_npz(f, arrays))
     return manifest
-
-
-def _write_npz(file, arrays):
-    """`np.savez` with fixed zip timestamps, so the same task always gives the same bytes."""
-    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
-            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
-
-
-def write_atomic(path, write):
-    """Calls `write(file)` on a temporary file beside `path`, then renames it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_task(path):
     """Returns `(manifest, arrays)` of a task file, checked; raises `TaskFileError`."""
     return read_npz(path, FORMAT, VERSION)
-
-
-def read_npz(path, file_format, version):
-    """`(manifest, arrays)` of a file this library wrote (`file_format`, e.g. a task file or a
-    PackNet pack), checked: readable without pickle, its format and version, its checksums."""
-    kind = "task file" if file_format == FORMAT else f"{file_format.rsplit('.', 1)[-1]} file"
-    if not os.path.isfile(path):
-        raise TaskFileError(f"{kind} {path!r} does not exist; pass the file that training wrote")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-        manifest = json.loads(arrays.pop("manifest").tobytes().decode("utf-8"))
-    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as e:
-        raise TaskFileError(
-            f"{path!r} is not a readable tf_piggyback {kind} (truncated or corrupted: {e}); write it again"
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != file_format:
-        raise TaskFileError(f"{path!r} is not a tf_piggyback {kind} (its manifest has no format {file_format!r})")
-    if manifest.get("version") != version:
-        raise TaskFileError(
-            f"{path!r} has {kind} version {manifest.get('version')!r}; this tf_piggyback reads "
-            f"version {version}: upgrade tf_piggyback or write the file again"
-        )
-    checksums = manifest.get("sha256") or {}
-    if set(checksums) != set(arrays) or any(_sha256(arrays[name]) != digest for name, digest in checksums.items()):
-        raise TaskFileError(f"{path!r} is corrupted: its arrays do not match the manifest's SHA-256 checksums")
-    return manifest, arrays
-
-
-def _sha256(array):
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 def read_manifest(path):
@@ -203,14 +131,7 @@ def load_task(path, backbone):
     manifest, arrays = read_task(path)
     check_backbone(backbone, manifest, path, TaskFileError)
     try:
-        if manifest["method"] == "piggyback":
-            # Files from before `mask_embeddings` left Embedding tables frozen.
-            options = {"mask_embeddings": False, **manifest["options"]}
-            model = piggyback(backbone, manifest["num_classes"], **options)
-        elif manifest["method"] == "lora":
-            model = lora(backbone, manifest["num_classes"], **manifest["options"])
-        else:
-            model = classifier_only(backbone, manifest["num_classes"], **manifest["options"])
+        model = methods.get(manifest["method"]).load(backbone, manifest)
         entries = iter(manifest["layers"])
         for layer in masked_layers(model):
             for mask_var in layer.masks:

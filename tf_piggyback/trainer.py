@@ -16,11 +16,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_piggyback.datasets import paper_scale
-from tf_piggyback.surgery import freeze_backbone, iter_layers, lora_adapters, mask_sparsity, masked_layers
-from tf_piggyback.taskfile import task_weights
+from tf_piggyback import methods
+from tf_piggyback.images import augment, paper_scale, random_sized_crop
+from tf_piggyback.surgery import freeze_backbone, mask_sparsity, masked_layers
 
-METHODS = ("piggyback", "classifier", "finetune", "packnet", "lora")
+METHODS = methods.names()
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -42,8 +42,7 @@ class TrainConfig:
     jit_compile: bool = False
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}. Received: method={self.method!r}")
+        methods.get(self.method)  # one of METHODS, or a one-line ValueError
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}")
         for name in ("epochs", "batch_size"):
@@ -72,28 +71,6 @@ class TrainConfig:
 
 SHUFFLE_BUFFER_BYTES = 256 * 2**20
 MAX_SHUFFLE_BUFFER = 10_000
-
-
-def augment(image, seed):
-    """The paper's training augmentation (§4): scale up by 256/224, random crop back, random
-    horizontal flip. Stateless: `seed` (a shape-[2] integer tensor) fixes the crop and the flip."""
-    height, width = image.shape[0], image.shape[1]
-    larger = tf.image.resize(image, [round(height * 256 / 224), round(width * 256 / 224)], method="bilinear")
-    cropped = tf.image.stateless_random_crop(larger, image.shape, seed=seed)
-    return tf.image.stateless_random_flip_left_right(cropped, seed=seed[::-1])
-
-
-def random_sized_crop(image, seed, shape):
-    """The paper protocol's training crop: a random part of 8-100% of the image's area with an
-    aspect ratio in [3/4, 4/3], resized to `shape`, and a random horizontal flip (the official
-    code's `RandomSizedCrop(224)` and `RandomHorizontalFlip`). Stateless: `seed` (shape [2])
-    fixes both, so a resumed run repeats its epochs."""
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
-        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
-    crop = tf.image.resize(tf.slice(image, begin, size), shape[:2], method="bilinear")
-    return tf.ensure_shape(tf.image.stateless_random_flip_left_right(crop, seed=seed[::-1]), shape)
 
 
 def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=None, augment_images=False,
@@ -141,28 +118,11 @@ def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=Non
     return make
 
 
-def _schedule(lr, config, steps_per_epoch):
-    boundary = config.lr_decay_epochs * steps_per_epoch
-    return keras.optimizers.schedules.PiecewiseConstantDecay([boundary], [lr, lr * config.lr_decay])
-
-
 def make_optimizers(model, config, steps_per_epoch):
-    """`[(optimizer, variables), ...]`: one group per learning rate, as in §4. Under
-    `mixed_float16` each optimizer is wrapped in a `keras.optimizers.LossScaleOptimizer`."""
-    if config.method in ("finetune", "packnet"):
-        sgd = keras.optimizers.SGD(_schedule(config.finetune_lr, config, steps_per_epoch), momentum=0.9)
-        groups = [(sgd, list(model.trainable_variables))]
-    else:
-        # What the task owns, never "everything trainable": the backbone stays out whatever its
-        # layers' trainable flags say (see `surgery.freeze_backbone`).
-        masks = [m for layer in masked_layers(model) for m in layer.masks]
-        adapters = {id(w) for layer in iter_layers(model) for w in lora_adapters(layer)}
-        others = [w for w in task_weights(model) if w.trainable and id(w) not in adapters]
-        groups = [(keras.optimizers.Adam(_schedule(config.head_lr, config, steps_per_epoch)), others)]
-        for lr, variables in ((config.lora_lr, [w for w in task_weights(model) if id(w) in adapters]),
-                              (config.mask_lr, masks)):
-            if variables:
-                groups.insert(0, (keras.optimizers.Adam(_schedule(lr, config, steps_per_epoch)), variables))
+    """`[(optimizer, variables), ...]`: one group per learning rate, as the method says
+    (`Method.optimizers`; §4). Under `mixed_float16` each optimizer is wrapped in a
+    `keras.optimizers.LossScaleOptimizer`."""
+    groups = methods.get(config.method).optimizers(model, config, steps_per_epoch)
     if config.precision == "mixed_float16":
         groups = [(keras.optimizers.LossScaleOptimizer(optimizer), vs) for optimizer, vs in groups]
     return groups

@@ -53,7 +53,7 @@ def random_tasks(backbone, count, folder, num_classes=10, log=print):
     (reused when already there and made for this backbone: the same seeds give the same files)."""
     from benchmarks.suite import paper_sparsities
     from tf_piggyback.fingerprint import fingerprint
-    from tf_piggyback.surgery import piggyback
+    from tf_piggyback import piggyback
     from tf_piggyback.taskfile import read_manifest, save_task
 
     paths = [os.path.join(folder, f"t{i:03d}", "task.npz") for i in range(count)]

@@ -17,14 +17,17 @@ Stored as one pickle-free `.npz` (`save` / `PackNet.load`): the network's kernel
 owners (int8) and each task's head, with the backbone's fingerprint and SHA-256 checksums.
 """
 
+import dataclasses
 import json
+import os
 
 import keras
 import numpy as np
 
+from tf_piggyback.files import TaskFileError, read_npz, sha256, write_atomic, write_npz
 from tf_piggyback.fingerprint import check_backbone, fingerprint
-from tf_piggyback.surgery import add_head, feature_model, iter_layers
-from tf_piggyback.taskfile import TaskFileError, _sha256, _write_npz, read_npz, write_atomic
+from tf_piggyback.methods.base import Method, momentum_sgd, register
+from tf_piggyback.surgery import add_head, feature_model, iter_layers, kernel_weights
 
 FREE = -1
 DEFAULT_PRUNE = 0.75
@@ -34,7 +37,7 @@ VERSION = 1
 
 
 def _kernels(body):
-    return [w for layer in iter_layers(body) for w in layer.weights if w.path.rsplit("/", 1)[-1].endswith("kernel")]
+    return [w for layer in iter_layers(body) for w in kernel_weights(layer)]
 
 
 def validate_prune(prune):
@@ -176,10 +179,10 @@ class PackNet:
             "kernels": [{"name": k.path, "shape": list(k.shape)} for k in self.kernels],
             "tasks": [{key: value for key, value in task.items() if key != "head"} | {"heads": len(task["head"])}
                       for task in self.tasks],
-            "sha256": {name: _sha256(array) for name, array in arrays.items()},
+            "sha256": {name: sha256(array) for name, array in arrays.items()},
         }
         arrays = {"manifest": np.frombuffer(json.dumps(manifest).encode("utf-8"), np.uint8), **arrays}
-        write_atomic(path, lambda f: _write_npz(f, arrays))
+        write_atomic(path, lambda f: write_npz(f, arrays))
 
     @classmethod
     def load(cls, path, backbone):
@@ -199,3 +202,54 @@ class PackNet:
             heads = task.pop("heads")
             pack.tasks.append({**task, "head": [arrays[f"h{t}_{j}"] for j in range(heads)]})
         return pack
+
+
+def retrain_epochs(epochs):
+    """PackNet's retraining after pruning: half the epochs (at least 1), at a tenth of the lr."""
+    return max(1, epochs // 2)
+
+
+@register
+class PackNetMethod(Method):
+    """PackNet as `--method=packnet`: each run adds one task to the pack in `config.packnet_base`
+    (a previous PackNet run's model_dir; empty: a new pack on the backbone) and writes the grown
+    pack, every task so far, to `packnet.npz`."""
+
+    name = "packnet"
+    takes_head = False
+    output = "packnet.npz"
+    storage = "pack"
+
+    def start(self, backbone, num_classes, config, head=None):
+        if not config.packnet_base:
+            return PackNet(backbone, config.prune, feature_layer=config.feature_layer)
+        path = os.path.join(config.packnet_base, self.output)
+        if not os.path.exists(path):
+            raise ValueError(f"--packnet_base={config.packnet_base} holds no {self.output}; "
+                             "pass the --model_dir of a finished PackNet run")
+        return PackNet.load(path, backbone)
+
+    def train(self, pack, config, fit, class_names):
+        history = []
+
+        def fit_phase(task_model, phase):
+            train_config = config.train if phase == "train" else dataclasses.replace(
+                config.train, epochs=retrain_epochs(config.train.epochs), finetune_lr=config.train.finetune_lr * 0.1)
+            history.extend(fit(task_model, train_config, phase, gradient_masks=pack.gradient_masks()))
+
+        model = pack.task_model(pack.add_task(fit_phase, len(class_names), class_names))
+        model.pack = pack
+        return model, history
+
+    def optimizers(self, model, config, steps_per_epoch):
+        return momentum_sgd(model, config, steps_per_epoch)
+
+    def summary(self, model):
+        """`sparsity`: the room left for later tasks; `params`: the one network all tasks share."""
+        pack = model.pack
+        return {"sparsity": pack.free_fraction(), "params": int(sum(k.size for k in pack.owners)),
+                "task_index": len(pack.tasks)}
+
+    def save(self, model, path, *, class_names, metrics):
+        model.pack.tasks[-1]["metrics"] = {k: metrics[k] for k in ("accuracy", "top1_error")}
+        model.pack.save(path)

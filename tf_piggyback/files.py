@@ -1,0 +1,72 @@
+"""Files this library writes: atomic writes, and pickle-free `.npz` archives (task files, PackNet
+packs) whose manifest names their format and version and holds each array's SHA-256."""
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+
+class TaskFileError(ValueError):
+    """A task file that cannot be used: missing, corrupted, another format, another backbone."""
+
+
+def write_npz(file, arrays):
+    """`np.savez` with fixed zip timestamps, so the same task always gives the same bytes."""
+    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
+
+
+def write_atomic(path, write):
+    """Calls `write(file)` on a temporary file beside `path`, then renames it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_npz(path, file_format, version):
+    """`(manifest, arrays)` of a file this library wrote (`file_format`, e.g. a task file or a
+    PackNet pack), checked: readable without pickle, its format and version, its checksums."""
+    kind = f"{file_format.rsplit('.', 1)[-1]} file"  # "task file", "packnet file"
+    if not os.path.isfile(path):
+        raise TaskFileError(f"{kind} {path!r} does not exist; pass the file that training wrote")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        manifest = json.loads(arrays.pop("manifest").tobytes().decode("utf-8"))
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as e:
+        raise TaskFileError(
+            f"{path!r} is not a readable tf_piggyback {kind} (truncated or corrupted: {e}); write it again"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != file_format:
+        raise TaskFileError(f"{path!r} is not a tf_piggyback {kind} (its manifest has no format {file_format!r})")
+    if manifest.get("version") != version:
+        raise TaskFileError(
+            f"{path!r} has {kind} version {manifest.get('version')!r}; this tf_piggyback reads "
+            f"version {version}: upgrade tf_piggyback or write the file again"
+        )
+    checksums = manifest.get("sha256") or {}
+    if set(checksums) != set(arrays) or any(sha256(arrays[name]) != digest for name, digest in checksums.items()):
+        raise TaskFileError(f"{path!r} is corrupted: its arrays do not match the manifest's SHA-256 checksums")
+    return manifest, arrays
+
+
+def sha256(array):
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
