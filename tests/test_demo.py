@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -101,3 +103,57 @@ def test_cli_user_errors_are_one_line(args, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
     assert "Traceback" not in result.stderr
+
+
+# README commands a test cannot run here: downloads (ImageNet weights, TFDS), a user's folder,
+# servers, placeholders ("..."), and `make` (the test suite itself).
+NOT_HERE = ("imagenet", "tfds:", "folder:/", "...", "ResNet50", "MobileNetV2", "tensorflow_model_server",
+            "docker ", "curl ", "make ")
+
+
+def readme_commands():
+    """Every command of README.md's shell blocks (``` without a language), continuation lines
+    joined and comments dropped, in the README's order."""
+    blocks, block, language = [], None, None
+    with open(os.path.join(REPO, "README.md")) as f:
+        for line in f:
+            if line.startswith("```"):
+                if block is None:
+                    block, language = [], line[3:].strip()
+                else:
+                    if not language:
+                        blocks.append("".join(block))
+                    block = None
+            elif block is not None:
+                block.append(line)
+    commands = []
+    for text in blocks:
+        for command in re.sub(r"\\\n\s*", "", text).splitlines():
+            command = re.sub(r"\s+#.*$", "", command).strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def test_readme_commands_run_as_a_new_user_copies_them(demo, tmp_path):
+    """Each README shell command that needs no download or server, run in a fresh working
+    folder (train.py at 1 epoch, to keep `make test` short); `runs/inverted` is the demo's."""
+    commands = readme_commands()
+    assert any("saved_model_cli run" in c for c in commands) and any("export/tflite.py" in c for c in commands)
+    for folder in ("scripts", "export"):
+        os.symlink(os.path.join(REPO, folder), tmp_path / folder)
+    shutil.copytree(os.path.join(demo[0], "inverted", "piggyback"), tmp_path / "runs" / "inverted",
+                    ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    ran = 0
+    for command in commands:
+        if any(part in command for part in NOT_HERE):
+            continue
+        if command.startswith("python scripts/train.py"):
+            command += " --epochs=1"
+        result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
+        ran += 1
+    assert ran >= 12, ran
+    assert (tmp_path / "models" / "digits_tasks" / "1" / "saved_model.pb").exists()
+    assert (tmp_path / "upper.tflite").stat().st_size > 100_000
