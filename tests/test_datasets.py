@@ -264,8 +264,13 @@ def test_paper_protocol_boxes_flowers_splits_and_crops():
     sizes = {"train": 6, "validation": 4, "test": 5}
 
     def fake(self, split=None, *args, as_supervised=False, **kwargs):
+        import re
+
         rng = np.random.default_rng(0)
-        n = sum(sizes[part] for part in str(split).split("+"))
+        n = 0
+        for part in str(split).split("+"):  # "train", "train+validation", "train[0:6]+validation[0:4]"
+            name, low, high = re.fullmatch(r"(\w+)(?:\[(\d*):(\d*)\])?", part).groups()
+            n += (int(high) if high else sizes[name]) - int(low or 0)
         image = np.zeros((n, 100, 300, 3), np.uint8)
         image[:, 20:60, 100:200] = 255  # the object: inside the box, the rest is black
         box = np.tile(np.array([[0.2, 1 / 3, 0.6, 2 / 3]], np.float32), (n, 1))
@@ -392,3 +397,45 @@ def test_tfds_cache_and_stream_split_by_record_for_combined_splits():
         for seed in (1, 2):
             seen = sorted(int(round(float(x[0, 0, 0]))) for x, _ in splits.epoch(seed))
             assert seen == [0, 1, 2, 3, 4, 5, 100, 101, 102, 103]
+
+
+def test_paper_cache_counts_each_images_own_bytes(tmp_path):
+    """Under --protocol=paper an image keeps its aspect ratio (shorter side 256/224 of the input),
+    so a 2:1 image takes twice a square one's bytes. The cache budget counts each image's own
+    bytes, from its header (folders) or its record's header and box (tfds); it counted every image
+    as a square, so a set of 2:1 images took twice the budget. The shuffle window's estimate
+    counts them too."""
+    import tensorflow_datasets as tfds
+
+    from tf_piggyback.datasets import scaled_bytes
+
+    root = tmp_path / "wide"
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        os.makedirs(root / f"class{c}")
+        for i in range(6):
+            size = (20, 40) if i % 2 else (20, 20)  # 2:1 and square, alternating
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            tf.io.write_file(str(root / f"class{c}" / f"{i}.png"), tf.io.encode_png(pixels))
+    shape, side = (8, 8, 3), 9  # side: round(8 * 256 / 224)
+    square = side * side * 3
+    budget = 6 * square  # six squares' worth
+    splits = load_dataset(f"folder:{root}", image_shape=shape, protocol="paper", cache_bytes=budget)
+    stored = [int(np.prod(x.shape)) for x, _ in splits.train]  # the cached first, in order
+    assert 0 < splits.cached < 6  # the old count: budget // square = 6 whatever their shapes
+    assert sum(stored[:splits.cached]) <= budget < sum(stored[:splits.cached + 1])
+    assert max(stored) == 2 * square and min(stored) == square
+    assert splits.image_bytes == pytest.approx(4 * np.mean(stored))
+    assert list(scaled_bytes([[20, 40], [40, 20], [0, 0]], side, 3)) == [2 * square, 2 * square, 0]
+
+    def boxed_cars(self, split=None, *args, as_supervised=False, **kwargs):
+        n = 12 if str(split).startswith("train") else 3
+        image = np.zeros((n, 100, 300, 3), np.uint8)
+        box = np.tile(np.array([[0.2, 0.0, 0.6, 1.0]], np.float32), (n, 1))  # 40x300: 7.5 to 1
+        labels = np.zeros(n, np.int64)
+        return tf.data.Dataset.from_tensor_slices({"image": image, "bbox": box, "label": labels})
+
+    with tfds.testing.mock_data(as_dataset_fn=boxed_cars):
+        cars = load_dataset("tfds:cars196", image_shape=shape, protocol="paper", cache_bytes=budget)
+    wide = int(scaled_bytes([[40, 300]], side, 3)[0])
+    assert cars.cached == budget // wide and cars.image_bytes == 4 * wide

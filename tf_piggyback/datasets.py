@@ -17,31 +17,21 @@ Each variant is a task for the digits backbone, which is pretrained on `base`:
 Images are upsampled to 32x32x1 and hold raw 0-255 pixel values; the split is fixed.
 """
 
-import dataclasses
 import functools
-import logging
-import os
 
 import numpy as np
 import tensorflow as tf
 
 from tf_piggyback.images import center_crop, fit_image, paper_scale, scale_shorter_side, to_float, to_uint8
+from tf_piggyback.sources import SPLIT_SEED, TEST_FRACTION, Splits, folder_splits, permuted, tfds_splits
 
 DIGITS_VARIANTS = ("base", "upper", "inverted", "all")
 # Pixels of a digit's strokes: ink above half intensity (the images are 0-255 after upsampling).
 STROKE_THRESHOLD = 127.5
 DIGITS_IMAGE_SIZE = 32
-TEST_FRACTION = 0.25
-SPLIT_SEED = 0
-# tfds names whose test split has private labels (-1): evaluated on validation instead.
-PRIVATE_TEST_LABELS = ("visual_domain_decathlon",)
 DEFAULT_CACHE_MB = 1024  # training images kept in memory (uint8) by default; the rest stream
-LABEL_CHECK = 64  # labels read from each tfds split to refuse one without labels
+WINDOW_SAMPLE = 256  # training images whose sizes estimate the shuffle window's bytes (paper protocol)
 PROTOCOLS = ("simple", "paper")
-# The paper's protocol (see `load_dataset`): tfds datasets cropped to their bounding boxes, and
-# those trained on train + validation.
-BOXED = ("caltech_birds2011", "cars196")
-TRAIN_PLUS_VALIDATION = ("oxford_flowers102",)
 
 
 @functools.lru_cache(maxsize=1)
@@ -109,30 +99,6 @@ def load_digits_segmentation(variant):
 
 
 
-@dataclasses.dataclass
-class Splits:
-    """A dataset's train and test splits: unbatched `(image float32 HxWxC 0-255, label int64)`;
-    with `dense`, each label is a map `[H, W]` of per-pixel classes (segmentation)."""
-
-    train: tf.data.Dataset
-    test: tf.data.Dataset
-    class_names: list
-    train_size: int
-    test_size: int
-    # `k -> (first k training examples, seed -> the rest in an order of that seed)`, each read
-    # without touching the other (a `skip` would decode the skipped images): what the cache
-    # budget splits on, and what `epoch` orders afresh.
-    train_parts: object = dataclasses.field(default=None, repr=False)
-    dense: bool = False
-    # `seed -> the training examples in a fresh order of that seed`, each once (`load_dataset`).
-    epoch: object = dataclasses.field(default=None, repr=False)
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-# The first bytes of each format tf.io.decode_image reads.
-IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-
-
 def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, protocol="simple"):
     """Resolves a dataset spec to `Splits` with images of `image_shape` (default: as stored).
 
@@ -170,16 +136,16 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
         (x, y), (xt, yt), names = load(arg)
 
         def in_order(images, labels):
-            return lambda seed: tf.data.Dataset.from_tensor_slices(_permuted(seed, images, labels))
+            return lambda seed: tf.data.Dataset.from_tensor_slices(permuted(seed, images, labels))
 
         splits = Splits(tf.data.Dataset.from_tensor_slices((x, y)), tf.data.Dataset.from_tensor_slices((xt, yt)),
                         names, len(x), len(xt), lambda k: (tf.data.Dataset.from_tensor_slices((x[:k], y[:k])),
                                                            in_order(x[k:], y[k:])),
-                        dense=kind == "digits_seg")
+                        dense=kind == "digits_seg", train_sizes=lambda k: np.tile(x.shape[1:3], (min(k, len(x)), 1)))
     elif kind == "folder":
-        splits = _folder(arg, split_seed)
+        splits = folder_splits(arg, split_seed)
     elif kind == "tfds":
-        splits = _tfds(arg, protocol)
+        splits = tfds_splits(arg, protocol)
     else:
         raise ValueError(
             f"unknown dataset {spec!r}; use digits:VARIANT (VARIANT one of {', '.join(DIGITS_VARIANTS)}), "
@@ -191,16 +157,22 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
         if splits.dense and protocol != "simple":
             raise ValueError(f"{spec} has per-pixel labels; its crops would need them cropped too: use protocol=simple")
         shape = tuple(image_shape)
+        if cache_bytes < 0:
+            raise ValueError(f"the cache budget must be >= 0 bytes. Received: cache_bytes={cache_bytes}")
         fit = functools.partial(fit_image, shape=shape)
-        fit_train, stored = fit, shape
+        fit_train = fit
+        cached = min(splits.train_size, int(cache_bytes) // int(np.prod(shape)))
         if protocol == "paper":
             side = paper_scale(shape)
             fit_train = functools.partial(scale_shorter_side, side=side, channels=shape[-1])
             fit = functools.partial(center_crop, side=side, shape=shape)
-            stored = (side, side, shape[-1])  # at least: the shorter side is `side`
-        if cache_bytes < 0:
-            raise ValueError(f"the cache budget must be >= 0 bytes. Received: cache_bytes={cache_bytes}")
-        cached = min(splits.train_size, int(cache_bytes) // int(np.prod(stored)))
+            # Each image keeps its aspect ratio (shorter side `side`), so a 2:1 image takes twice
+            # a square one's bytes: count each image's own, from its size, up to the budget.
+            upper = min(splits.train_size, int(cache_bytes) // (side * side * shape[-1]))
+            stored = scaled_bytes(splits.train_sizes(max(upper, WINDOW_SAMPLE)), side, shape[-1])
+            cached = int(np.searchsorted(np.cumsum(stored[:upper]), cache_bytes, side="right"))
+            splits.image_bytes = 4 * float(np.mean(stored[stored > 0])) if np.any(stored > 0) else None
+        splits.cached = cached
         head, tail = splits.train_parts(cached)
         cache = head.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE).map(to_uint8).cache()
         splits.epoch = functools.partial(_epoch, cache=cache, cached=cached, size=splits.train_size,
@@ -232,12 +204,14 @@ def _epoch(seed, cache, cached, size, tail):
     return tf.data.Dataset.sample_from_datasets(parts, weights=weights, seed=seed, stop_on_empty_dataset=False)
 
 
-def _permuted(seed, *arrays):
-    """`arrays` in one order of `seed` (None: as they are)."""
-    if seed is None:
-        return arrays
-    order = np.random.default_rng(seed).permutation(len(arrays[0]))
-    return tuple(np.asarray(a)[order] for a in arrays)
+def scaled_bytes(sizes, side, channels):
+    """uint8 bytes of images of `sizes` (`[n, 2]` heights and widths) scaled so the shorter side
+    is `side`, as `images.scale_shorter_side` does (0 for a size of 0: an unreadable file)."""
+    sizes = np.asarray(sizes, np.float32).reshape(-1, 2)
+    shorter = sizes.min(axis=1)
+    scale = np.float32(side) / np.where(shorter > 0, shorter, 1)
+    new = np.maximum(np.round(sizes * scale[:, None]), side)
+    return np.where(shorter > 0, new.prod(axis=1) * channels, 0).astype(np.int64)
 
 
 def to_arrays(dataset):
@@ -246,166 +220,3 @@ def to_arrays(dataset):
     return np.stack(images), np.array(labels)
 
 
-def _list_class_folders(root):
-    if not os.path.isdir(root):
-        raise ValueError(f"dataset folder {root!r} does not exist; pass folder:PATH with one sub-folder per class")
-    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    files, labels = [], []
-    for label, name in enumerate(names):
-        for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name))):
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.join(dirpath, filename))
-                    labels.append(label)
-    if len(names) < 2:
-        raise ValueError(f"dataset folder {root!r} has {len(names)} class sub-folder(s); it needs at least 2")
-    readable = np.array([_is_image(f) for f in files], dtype=bool)
-    if not readable.all():
-        skipped = [os.path.relpath(f, root) for f in np.array(files)[~readable]]
-        logging.warning("dataset folder %s: skipped %d of %d files that are not images: %s%s", root, len(skipped),
-                        len(files), ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
-        files, labels = list(np.array(files)[readable]), list(np.array(labels)[readable])
-    empty = [n for i, n in enumerate(names) if i not in set(labels)]
-    if empty:
-        raise ValueError(f"dataset folder {root!r}: class folder(s) {', '.join(empty)} hold no images "
-                         f"({', '.join(IMAGE_EXTENSIONS)})")
-    return names, np.array(files), np.array(labels, dtype=np.int64)
-
-
-def _is_image(path):
-    """Whether a file starts like a JPEG, PNG, GIF or BMP (truncated ones are caught at decoding)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(8).startswith(IMAGE_SIGNATURES)
-    except OSError:
-        return False
-
-
-def _decode(path, label):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    return tf.cast(image, tf.float32), label
-
-
-def _interleaved(files, labels):
-    """`files` and `labels` in a fixed, seeded order that interleaves the classes.
-
-    Folders list their files class by class; a shuffle buffer smaller than the dataset then
-    sees a narrow band of classes per batch (10,000 of WikiArt's 42k images sorted by class
-    gave ~23 of a possible ~29.5 classes per batch of 32). Permuting the list before decoding
-    lets every later shuffle, the cached part of a budgeted cache, and the first images taken
-    for int8 calibration span all classes. The permutation is fixed (`SPLIT_SEED`), so
-    resuming repeats the same batches.
-    """
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(files))
-    return np.asarray(files)[order], np.asarray(labels)[order]
-
-
-def _image_files(files, labels):
-    """Decoded images of `files`."""
-    # Files that are not images are skipped when listed; ones that fail to decode (truncated)
-    # are dropped with a warning rather than stopping a long run (so the length is unknown
-    # until read: `trainer.train` counts it then).
-    ds = tf.data.Dataset.from_tensor_slices((files, labels)).map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.ignore_errors(log_warning=True)
-
-
-def _folder(root, seed):
-    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-        names, files, labels = _list_class_folders(os.path.join(root, "train"))
-        test_names, test_files, test_labels = _list_class_folders(os.path.join(root, "test"))
-        if test_names != names:
-            raise ValueError(f"dataset folder {root!r}: train/ and test/ have different class folders")
-    else:
-        names, all_files, all_labels = _list_class_folders(root)
-        test = np.zeros(len(all_files), dtype=bool)
-        rng = np.random.default_rng(seed)
-        for label in range(len(names)):
-            idx = rng.permutation(np.flatnonzero(all_labels == label))
-            test[idx[: int(round(len(idx) * TEST_FRACTION))]] = True
-        files, labels, test_files, test_labels = all_files[~test], all_labels[~test], all_files[test], all_labels[test]
-    files, labels = _interleaved(files, labels)
-    test_files, test_labels = _interleaved(test_files, test_labels)
-    return Splits(_image_files(files, labels), _image_files(test_files, test_labels), names, len(files),
-                  len(test_files), lambda k: (_image_files(files[:k], labels[:k]),
-                                              lambda seed: _image_files(*_permuted(seed, files[k:], labels[k:]))))
-
-
-def _tfds(name, protocol="simple"):
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder(name)
-    except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
-        raise ValueError(f"unknown TensorFlow Datasets name {name!r} ({type(e).__name__}); see tfds.list_builders()") from None
-    splits = list(builder.info.splits.keys()) or ["train", "test"]  # none listed before download
-    test_split = "test" if "test" in splits else "validation" if "validation" in splits else None
-    if name.startswith(PRIVATE_TEST_LABELS):
-        # The Visual Decathlon keeps its test labels private (every label is -1); its own
-        # tables, and the paper's Table 8, score the validation split.
-        test_split = "validation"
-    train_split, test_split = ("train", test_split) if test_split else ("train[:80%]", "train[80%:]")
-    paper = protocol == "paper"
-    if paper and name.split("/")[0] in TRAIN_PLUS_VALIDATION:
-        train_split = "train+validation"  # Flowers-102: 2,040 training images (Table 1)
-    boxed = paper and name.split("/")[0] in BOXED
-
-    def load(split):
-        try:
-            datasets = tfds.load(name, split=split, as_supervised=not boxed)
-        except Exception as e:
-            raise ValueError(f"could not load tfds:{name} ({type(e).__name__}: {e}); download it with "
-                             f"`tfds build {name}` or set TFDS_DATA_DIR") from None
-        return [ds.map(_crop_to_box, num_parallel_calls=tf.data.AUTOTUNE) for ds in datasets] if boxed else datasets
-
-    train, test = load([train_split, test_split])
-    for split, ds in ((train_split, train), (test_split, test)):
-        labels = np.array([int(label) for _, label in ds.take(LABEL_CHECK)])
-        if labels.size and (labels < 0).all():
-            raise ValueError(f"tfds:{name} split {split!r} has no labels (all {labels.size} checked are negative: "
-                             "private test labels); evaluate on a split with labels, such as validation")
-
-    def train_parts(k):
-        # Sliced by record, so neither part reads the other's (a `skip` would read the cached
-        # part again every epoch). The rest streams in the stored order (records are read in
-        # sequence, not by index): `trainer.epoch_batches`' window shuffles it.
-        if k == 0:
-            return train.take(0), lambda seed: train
-        ranges = [("train", 0, _size(train))] if train_split == "train[:80%]" else [
-            (part, 0, _size(load([part])[0])) for part in train_split.split("+")]
-        total = sum(stop - start for _, start, stop in ranges)
-        if k >= total:
-            return train, lambda seed: train.take(0)
-        head, rest = load([_records(ranges, 0, k), _records(ranges, k, total)])
-        return head, lambda seed: rest
-
-    return Splits(train, test, list(builder.info.features["label"].names), _size(train), _size(test), train_parts)
-
-
-def _records(ranges, begin, end):
-    """The tfds split of records `[begin, end)` of the concatenated `ranges` (`[(split, start,
-    stop)]`), e.g. `train[1000:1020]+validation[0:1020]` for Flowers-102's train+validation past
-    the first 1,000."""
-    parts, offset = [], 0
-    for name, start, stop in ranges:
-        low, high = max(begin - offset, 0), min(end - offset, stop - start)
-        if low < high:
-            parts.append(f"{name}[{start + low}:{start + high}]")
-        offset += stop - start
-    return "+".join(parts)
-
-
-def _crop_to_box(example):
-    """The paper's CUBS and Cars images: cropped to the object's bounding box (tfds `bbox`,
-    normalized `[ymin, xmin, ymax, xmax]`), as the official code's data does."""
-    image = example["image"]
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    box = example["bbox"]
-    top, left = tf.cast(tf.round(box[0] * shape[0]), tf.int32), tf.cast(tf.round(box[1] * shape[1]), tf.int32)
-    bottom = tf.maximum(tf.cast(tf.round(box[2] * shape[0]), tf.int32), top + 1)
-    right = tf.maximum(tf.cast(tf.round(box[3] * shape[1]), tf.int32), left + 1)
-    return image[top:bottom, left:right], example["label"]
-
-
-def _size(ds):
-    size = int(ds.cardinality())
-    return size if size >= 0 else int(ds.reduce(0, lambda count, _: count + 1))

@@ -74,7 +74,7 @@ MAX_SHUFFLE_BUFFER = 10_000
 
 
 def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=None, augment_images=False,
-                  crop_to=None):
+                  crop_to=None, image_bytes=None):
     """`epoch -> batched dataset`: a fixed shuffle per epoch, so a resumed run sees the same batches.
 
     Args:
@@ -91,12 +91,16 @@ def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=Non
         augment_images: apply `augment`, seeded by (seed, epoch, position in the epoch).
         crop_to: an image shape: the paper protocol's `random_sized_crop` to it, seeded so,
             for examples of any size (`datasets.load_dataset(protocol="paper")`).
+        image_bytes: float32 bytes of an example's image as the window holds it, for the
+            default `buffer_size` (`datasets.Splits.image_bytes`, from the images' own sizes);
+            default from the examples' shape, or a square of `crop_to`'s scale.
     """
     if buffer_size is None:
-        shape = (examples(0) if callable(examples) else examples).element_spec[0].shape
-        if crop_to is not None:
-            shape = tf.TensorShape([paper_scale(crop_to)] * 2 + [crop_to[-1]])  # what it is cropped from
-        image_bytes = 4 * int(np.prod(shape)) if shape.is_fully_defined() else 1
+        if image_bytes is None:
+            shape = (examples(0) if callable(examples) else examples).element_spec[0].shape
+            if crop_to is not None:
+                shape = tf.TensorShape([paper_scale(crop_to)] * 2 + [crop_to[-1]])  # what it is cropped from
+            image_bytes = 4 * int(np.prod(shape)) if shape.is_fully_defined() else 1
         buffer_size = int(min(MAX_SHUFFLE_BUFFER, max(batch_size, SHUFFLE_BUFFER_BYTES // image_bytes)))
 
     def make(epoch):
