@@ -24,7 +24,7 @@ from benchmarks import pipeline as bench_pipeline
 from benchmarks import serving as bench_serving
 from benchmarks import suite as bench
 from tf_piggyback.cli import user_errors
-from tf_piggyback.datasets import DEFAULT_CACHE_MB
+from tf_piggyback.datasets import DEFAULT_CACHE_MB, PROTOCOLS
 from tf_piggyback.experiment import RunConfig
 from tf_piggyback.trainer import TrainConfig
 from tf_piggyback.files import write_atomic
@@ -57,6 +57,7 @@ def define_flags():
     flags.DEFINE_string("dataset", None, "pipeline: the dataset spec, as train.py takes it.")
     flags.DEFINE_integer("cache_mb", DEFAULT_CACHE_MB, "pipeline: train.py's --cache_mb (0: no cache).")
     flags.DEFINE_integer("channels", 3, "pipeline: image channels the backbone would take.")
+    flags.DEFINE_enum("protocol", "simple", PROTOCOLS, "pipeline: train.py's --protocol.")
     flags.DEFINE_string("output", "bench.json", "Where the rows and the config go.")
 
 
@@ -86,7 +87,7 @@ def _pipeline():
         raise ValueError("--preset=pipeline needs --dataset (e.g. folder:runs/wikiart_like)")
     size = FLAGS.image_size or 224
     config = RunConfig(dataset=FLAGS.dataset, cache=FLAGS.cache_mb > 0, cache_mb=FLAGS.cache_mb,
-                       train=TrainConfig(batch_size=FLAGS.batch_size or 32))
+                       protocol=FLAGS.protocol, train=TrainConfig(batch_size=FLAGS.batch_size or 32))
     row = bench_pipeline.run(config, (size, size, FLAGS.channels))
     print("\n" + bench_pipeline.markdown(row))
     return config, row

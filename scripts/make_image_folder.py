@@ -5,8 +5,10 @@ python scripts/make_image_folder.py --output=runs/wikiart_like   # train/: 42,00
 The default is the size of WikiArt in the paper's Table 1 (195 classes, 256 px images): OUTPUT/train
 and OUTPUT/test, one sub-folder per class in each (--test_images=0: one folder, split by
 train.py). Each image is noise around a per-class colour, so the folder is cheap to make and its
-classes are real labels; it decodes faster than photographs would. The output belongs under
-runs/ (ignored by git).
+classes are real labels; blocky noise decodes far faster than photographs. `--photo_like` makes
+images that decode as photographs do: 500x375 (CUBS' and WikiArt's usual size), fine-grained
+texture at several scales over smooth shading, 50-150 KB as JPEG at quality 90, as those
+datasets' files are. The output belongs under runs/ (ignored by git).
 """
 
 import os
@@ -27,8 +29,22 @@ def define_flags():
     flags.DEFINE_integer("images", 42_000, "Training images (all images with --test_images=0).")
     flags.DEFINE_integer("test_images", 10_628, "Test images, in OUTPUT/test (0: no train/ and test/ folders).")
     flags.DEFINE_integer("classes", 195, "Class sub-folders.")
-    flags.DEFINE_integer("size", 256, "Image height and width.")
+    flags.DEFINE_integer("size", 256, "Image height and width (blocky images).")
+    flags.DEFINE_bool("photo_like", False, "500x375 images with photo-like texture, 50-150 KB each.")
     flags.mark_flag_as_required("output")
+
+
+def photo_like(rng, colour, height=375, width=500):
+    """A 500x375 image around `colour`: smooth shading, texture at 2, 8 and 32 px scales, and
+    fine grain, so its JPEG is as large and as slow to decode as a photograph's."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    a, b, c = rng.uniform(-1, 1, 3)
+    image = np.repeat((60 * (a * x + b * y + c * x * y))[..., None], 3, axis=-1) + colour
+    for scale, amplitude in ((32, 30), (8, 20), (2, 12)):
+        coarse = rng.normal(0, amplitude, (-(-height // scale), -(-width // scale), 3))
+        image += np.kron(coarse, np.ones((scale, scale, 1)))[:height, :width]
+    image += rng.normal(0, 6, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 @user_errors
@@ -49,8 +65,11 @@ def main(argv):
             if os.path.exists(path):
                 continue
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            noise = rng.normal(0, 40, (FLAGS.size // 8, FLAGS.size // 8, 3))
-            image = np.clip(np.kron(noise, np.ones((8, 8, 1))) + colours[label], 0, 255).astype(np.uint8)
+            if FLAGS.photo_like:
+                image = photo_like(rng, colours[label])
+            else:
+                noise = rng.normal(0, 40, (FLAGS.size // 8, FLAGS.size // 8, 3))
+                image = np.clip(np.kron(noise, np.ones((8, 8, 1))) + colours[label], 0, 255).astype(np.uint8)
             tf.io.write_file(path + ".tmp", tf.io.encode_jpeg(image, quality=90))
             os.replace(path + ".tmp", path)
             written += 1
