@@ -22,7 +22,8 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from tf_piggyback.images import center_crop, fit_image, paper_scale, scale_shorter_side, to_float, to_uint8
+from tf_piggyback.images import (center_crop, decode_random_sized_crop, fit_image, paper_scale, random_sized_crop,
+                                 scale_shorter_side, to_float, to_uint8)
 from tf_piggyback.sources import SPLIT_SEED, TEST_FRACTION, Splits, folder_splits, permuted, tfds_splits
 
 DIGITS_VARIANTS = ("base", "upper", "inverted", "all")
@@ -30,7 +31,6 @@ DIGITS_VARIANTS = ("base", "upper", "inverted", "all")
 STROKE_THRESHOLD = 127.5
 DIGITS_IMAGE_SIZE = 32
 DEFAULT_CACHE_MB = 1024  # training images kept in memory (uint8) by default; the rest stream
-WINDOW_SAMPLE = 256  # training images whose sizes estimate the shuffle window's bytes (paper protocol)
 PROTOCOLS = ("simple", "paper")
 
 
@@ -120,8 +120,11 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
             handling of the paper's experiments as the official code runs it: CUBS-200 and
             Stanford Cars cropped to their bounding boxes, Flowers-102 trained on train +
             validation (Table 1's 2,040 images); training images scaled so the shorter side
-            is 256/224 of the input size (random-sized crops are taken per epoch:
-            `images.random_sized_crop`), test images scaled so and center-cropped.
+            is 256/224 of the input size, then each epoch's random-sized crop and flip (§4:
+            `images.random_sized_crop`): `Splits.epoch` gives the crops, of `image_shape`. A
+            streamed JPEG decodes only its crop's window (`images.decode_random_sized_crop`), from
+            the full-size image, as the official code crops; a cached image is cropped from its
+            scaled copy. Test images are scaled so and center-cropped.
 
     Example:
     >>> splits = load_dataset("digits:inverted")
@@ -169,14 +172,25 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
             # Each image keeps its aspect ratio (shorter side `side`), so a 2:1 image takes twice
             # a square one's bytes: count each image's own, from its size, up to the budget.
             upper = min(splits.train_size, int(cache_bytes) // (side * side * shape[-1]))
-            stored = scaled_bytes(splits.train_sizes(max(upper, WINDOW_SAMPLE)), side, shape[-1])
-            cached = int(np.searchsorted(np.cumsum(stored[:upper]), cache_bytes, side="right"))
-            splits.image_bytes = 4 * float(np.mean(stored[stored > 0])) if np.any(stored > 0) else None
+            stored = scaled_bytes(splits.train_sizes(upper), side, shape[-1])
+            cached = int(np.searchsorted(np.cumsum(stored), cache_bytes, side="right"))
         splits.cached = cached
         head, tail = splits.train_parts(cached)
         cache = head.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE).map(to_uint8).cache()
-        splits.epoch = functools.partial(_epoch, cache=cache, cached=cached, size=splits.train_size,
-                                         tail=lambda seed: tail(seed).map(fit_train, num_parallel_calls=tf.data.AUTOTUNE))
+        if protocol == "paper":  # each epoch's random-sized crops (§4), each image's of (seed, its place)
+            streamed = splits.encoded_parts(cached) if splits.encoded_parts else (
+                lambda seed: tail(seed).map(lambda x, y: (x, tf.constant([0.0, 0.0, 1.0, 1.0]), y)))
+            splits.epoch = functools.partial(
+                _epoch, cache=cache, cached=cached, size=splits.train_size,
+                crop=lambda image, key: random_sized_crop(image, key, shape),
+                tail=lambda seed: streamed(seed).enumerate().map(
+                    lambda i, example: (decode_random_sized_crop(example[0], example[1], _key(seed, 2 * i + 1), shape),
+                                        tf.cast(example[2], tf.int64)),
+                    num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True))
+        else:
+            splits.epoch = functools.partial(
+                _epoch, cache=cache, cached=cached, size=splits.train_size,
+                tail=lambda seed: tail(seed).map(fit_train, num_parallel_calls=tf.data.AUTOTUNE))
         if cached > 0:
             splits.train = cache.map(to_float) if cached == splits.train_size else cache.map(to_float).concatenate(
                 tail(None).map(fit_train, num_parallel_calls=tf.data.AUTOTUNE))
@@ -186,15 +200,25 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
     return splits
 
 
-def _epoch(seed, cache, cached, size, tail):
+def _key(seed, index):
+    """A stateless random op's seed for the image at `index` of an epoch of `seed`."""
+    return tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
+
+
+def _epoch(seed, cache, cached, size, tail, crop=None):
     """One epoch of training examples in a fresh order of `seed`: the cached part (uint8 in
     memory, filled on the first epoch) shuffled whole, which holds only references to the
     cached images, and the streamed rest in its own order of `seed` (`Splits.train_parts`),
     drawn from at random in proportion to their sizes, so every image's place in an epoch is
-    independent of its place in the last one, whatever the cache budget."""
+    independent of its place in the last one, whatever the cache budget. `crop(image, key)`
+    crops each cached image (the paper protocol; the streamed ones come cropped)."""
     parts, weights = [], []
     if cached > 0:
-        parts.append(cache.shuffle(cached, seed=seed, reshuffle_each_iteration=False).map(to_float))
+        part = cache.shuffle(cached, seed=seed, reshuffle_each_iteration=False).map(to_float)
+        if crop is not None:
+            part = part.enumerate().map(lambda i, example: (crop(example[0], _key(seed, 2 * i)), example[1]),
+                                        num_parallel_calls=tf.data.AUTOTUNE)
+        parts.append(part)
         weights.append(cached / size)
     if cached < size:
         parts.append(tail(seed))

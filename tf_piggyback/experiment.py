@@ -122,8 +122,7 @@ def input_pipeline(config, image_shape):
         raise ValueError(f"--augment crops and flips the images only; {config.dataset}'s per-pixel labels would "
                          "not follow: leave it off")
     return splits, epoch_batches(splits.epoch, config.train.batch_size, seed=config.train.seed,
-                                 augment_images=config.augment, image_bytes=splits.image_bytes,
-                                 crop_to=tuple(image_shape) if config.protocol == "paper" else None)
+                                 augment_images=config.augment)
 
 
 def run(config, model_dir, *, strategy=None, log=print, verbose=0):

@@ -69,14 +69,61 @@ def augment(image, seed):
     return tf.image.stateless_random_flip_left_right(cropped, seed=seed[::-1])
 
 
+def box_pixels(size, box):
+    """`(top, left, bottom, right)` pixels of a normalized box `[ymin, xmin, ymax, xmax]` (tfds'
+    `bbox`) in an image of `size` (height, width), at least one pixel each way."""
+    size = tf.cast(size, tf.float32)
+    top, left = tf.cast(tf.round(box[0] * size[0]), tf.int32), tf.cast(tf.round(box[1] * size[1]), tf.int32)
+    bottom = tf.maximum(tf.cast(tf.round(box[2] * size[0]), tf.int32), top + 1)
+    right = tf.maximum(tf.cast(tf.round(box[3] * size[1]), tf.int32), left + 1)
+    return top, left, bottom, right
+
+
+def _crop_window(image_size, seed):
+    """`(begin, size)` of the paper protocol's random crop in an image of `image_size` `[h, w, c]`."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_size, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    return begin, size
+
+
+def _resized_and_flipped(crop, seed, shape):
+    crop = tf.image.resize(tf.cast(crop, tf.float32), shape[:2], method="bilinear")
+    return tf.ensure_shape(tf.image.stateless_random_flip_left_right(crop, seed=seed[::-1]), shape)
+
+
 def random_sized_crop(image, seed, shape):
     """The paper protocol's training crop: a random part of 8-100% of the image's area with an
     aspect ratio in [3/4, 4/3], resized to `shape`, and a random horizontal flip (the official
     code's `RandomSizedCrop(224)` and `RandomHorizontalFlip`). Stateless: `seed` (shape [2])
     fixes both, so a resumed run repeats its epochs."""
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
-        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
-    crop = tf.image.resize(tf.slice(image, begin, size), shape[:2], method="bilinear")
-    return tf.ensure_shape(tf.image.stateless_random_flip_left_right(crop, seed=seed[::-1]), shape)
+    begin, size = _crop_window(tf.shape(image), seed)
+    return _resized_and_flipped(tf.slice(image, begin, size), seed, shape)
+
+
+def decode_random_sized_crop(image, box, seed, shape):
+    """`random_sized_crop` of the part of `image` inside `box` (normalized `[ymin, xmin, ymax,
+    xmax]`; `[0, 0, 1, 1]`: all of it), straight from the file's bytes: for a JPEG only the crop's
+    window is decoded (`tf.io.decode_and_crop_jpeg`; a crop is 8-100% of the image, so most of
+    the decoding is skipped), other formats are decoded whole. `image` may also be decoded pixels.
+    The same `seed` gives the same crop as `random_sized_crop` of the decoded, boxed image (with
+    4:2:0 chroma subsampling the window's edge pixels can differ a little in colour: libjpeg
+    upsamples it from inside the window)."""
+    channels = shape[-1]
+
+    def from_pixels(pixels):
+        pixels = convert_channels(tf.cast(pixels, tf.float32), channels)
+        top, left, bottom, right = box_pixels(tf.shape(pixels)[:2], box)
+        return random_sized_crop(pixels[top:bottom, left:right], seed, shape)
+
+    def from_jpeg():
+        top, left, bottom, right = box_pixels(tf.image.extract_jpeg_shape(image)[:2], box)
+        begin, size = _crop_window(tf.stack([bottom - top, right - left, channels]), seed)
+        window = tf.stack([top + begin[0], left + begin[1], size[0], size[1]])
+        return _resized_and_flipped(tf.io.decode_and_crop_jpeg(image, window, channels=channels), seed, shape)
+
+    if image.dtype != tf.string:
+        return from_pixels(image)
+    return tf.cond(tf.io.is_jpeg(image), from_jpeg,
+                   lambda: from_pixels(tf.io.decode_image(image, channels=channels, expand_animations=False)))

@@ -9,6 +9,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tf_piggyback.images import box_pixels
+
 TEST_FRACTION = 0.25
 SPLIT_SEED = 0  # the held-out split's default seed, and the fixed order of a folder's files
 # tfds names whose test split has private labels (-1): evaluated on validation instead.
@@ -43,10 +45,11 @@ class Splits:
     # `k -> [k, 2]` (height, width) of the first k training images as stored (after a box crop),
     # read from their headers without decoding: what the paper protocol's cache budget counts.
     train_sizes: object = dataclasses.field(default=None, repr=False)
+    # `k -> (seed -> the training examples past the first k, in an order of that seed, as
+    # (encoded image, normalized box, label))`: the image's file bytes, so a crop can decode
+    # only its window (`images.decode_random_sized_crop`); None where there are no files.
+    encoded_parts: object = dataclasses.field(default=None, repr=False)
     cached: int = 0  # training images the cache keeps (`load_dataset`'s `cache_bytes`)
-    # float32 bytes of a training image as the shuffle window holds it, on average (None: the
-    # element spec's shape says; `trainer.epoch_batches`).
-    image_bytes: float = None
 
 
 def permuted(seed, *arrays):
@@ -140,7 +143,13 @@ def folder_splits(root, seed):
     return Splits(_image_files(files, labels), _image_files(test_files, test_labels), names, len(files),
                   len(test_files), lambda k: (_image_files(files[:k], labels[:k]),
                                               lambda seed: _image_files(*permuted(seed, files[k:], labels[k:]))),
-                  train_sizes=lambda k: _image_sizes(files[:k]))
+                  train_sizes=lambda k: _image_sizes(files[:k]),
+                  encoded_parts=lambda k: lambda seed: tf.data.Dataset.from_tensor_slices(
+                      permuted(seed, files[k:], labels[k:])).map(_file_bytes))
+
+
+def _file_bytes(path, label):
+    return tf.io.read_file(path), tf.constant([0.0, 0.0, 1.0, 1.0]), label
 
 
 def _image_sizes(files):
@@ -198,31 +207,43 @@ def tfds_splits(name, protocol="simple"):
             return [("train", 0, _size(train))]
         return [(part, 0, _size(load([part])[0])) for part in train_split.split("+")]
 
+    def halves(k):
+        """The tfds splits of the first k training records and of the rest ("": none)."""
+        parts = ranges()
+        total = sum(stop - start for _, start, stop in parts)
+        return _records(parts, 0, min(k, total)), _records(parts, min(k, total), total)
+
     def train_parts(k):
         # Sliced by record, so neither part reads the other's (a `skip` would read the cached
         # part again every epoch). The rest streams in the stored order (records are read in
         # sequence, not by index): `trainer.epoch_batches`' window shuffles it.
         if k == 0:
             return train.take(0), lambda seed: train
-        parts = ranges()
-        total = sum(stop - start for _, start, stop in parts)
-        if k >= total:
+        head_split, rest_split = halves(k)
+        if not rest_split:
             return train, lambda seed: train.take(0)
-        head, rest = load([_records(parts, 0, k), _records(parts, k, total)])
+        head, rest = load([head_split, rest_split])
         return head, lambda seed: rest
 
     def train_sizes(k):
         # The first k records' image sizes from their encoded headers (nothing decoded), boxes applied.
-        parts = ranges()
-        split = _records(parts, 0, min(k, sum(stop - start for _, start, stop in parts)))
+        split = halves(k)[0]
         if not split:
             return np.zeros((0, 2), np.int64)
         records = tfds.load(name, split=split, decoders={"image": tfds.decode.SkipDecoding()})
         return np.array([size.numpy() for size in records.map(functools.partial(_stored_size, boxed=boxed))],
                         np.int64).reshape(-1, 2)
 
+    def encoded_parts(k):
+        # The records past the first k, their images not decoded; in the stored order (records
+        # are read in sequence): the shuffle window mixes them.
+        rest = train_split if k == 0 else halves(k)[1]
+        return lambda seed: tfds.load(name, split=rest, decoders={"image": tfds.decode.SkipDecoding()}).map(
+            lambda example: (example["image"], example["bbox"] if boxed else tf.constant([0.0, 0.0, 1.0, 1.0]),
+                             example["label"]))
+
     return Splits(train, test, list(builder.info.features["label"].names), _size(train), _size(test), train_parts,
-                  train_sizes=train_sizes)
+                  train_sizes=train_sizes, encoded_parts=encoded_parts)
 
 
 def _records(ranges, begin, end):
@@ -238,21 +259,11 @@ def _records(ranges, begin, end):
     return "+".join(parts)
 
 
-def _box(shape, box):
-    """`(top, left, bottom, right)` pixels of a tfds `bbox` (normalized `[ymin, xmin, ymax, xmax]`)
-    in an image of `shape` (height, width), at least one pixel each way."""
-    shape = tf.cast(shape, tf.float32)
-    top, left = tf.cast(tf.round(box[0] * shape[0]), tf.int32), tf.cast(tf.round(box[1] * shape[1]), tf.int32)
-    bottom = tf.maximum(tf.cast(tf.round(box[2] * shape[0]), tf.int32), top + 1)
-    right = tf.maximum(tf.cast(tf.round(box[3] * shape[1]), tf.int32), left + 1)
-    return top, left, bottom, right
-
-
 def _crop_to_box(example):
     """The paper's CUBS and Cars images: cropped to the object's bounding box, as the official
     code's data does."""
     image = example["image"]
-    top, left, bottom, right = _box(tf.shape(image)[:2], example["bbox"])
+    top, left, bottom, right = box_pixels(tf.shape(image)[:2], example["bbox"])
     return image[top:bottom, left:right], example["label"]
 
 
@@ -267,7 +278,7 @@ def _stored_size(example, boxed):
         shape = tf.shape(image)[:2]
     if not boxed:
         return shape
-    top, left, bottom, right = _box(shape, example["bbox"])
+    top, left, bottom, right = box_pixels(shape, example["bbox"])
     return tf.stack([bottom - top, right - left])
 
 

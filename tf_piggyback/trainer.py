@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback import methods
-from tf_piggyback.images import augment, paper_scale, random_sized_crop
+from tf_piggyback.images import augment
 from tf_piggyback.surgery import freeze_backbone, mask_sparsity, masked_layers
 
 METHODS = methods.names()
@@ -73,8 +73,7 @@ SHUFFLE_BUFFER_BYTES = 256 * 2**20
 MAX_SHUFFLE_BUFFER = 10_000
 
 
-def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=None, augment_images=False,
-                  crop_to=None, image_bytes=None):
+def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=None, augment_images=False):
     """`epoch -> batched dataset`: a fixed shuffle per epoch, so a resumed run sees the same batches.
 
     Args:
@@ -88,31 +87,21 @@ def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=Non
             10,000 of them at 224 px would take 6 GB. Folder datasets come in an order already
             mixed across classes (`datasets`), so a window of hundreds still gives batches
             with as many classes as a full shuffle.
-        augment_images: apply `augment`, seeded by (seed, epoch, position in the epoch).
-        crop_to: an image shape: the paper protocol's `random_sized_crop` to it, seeded so,
-            for examples of any size (`datasets.load_dataset(protocol="paper")`).
-        image_bytes: float32 bytes of an example's image as the window holds it, for the
-            default `buffer_size` (`datasets.Splits.image_bytes`, from the images' own sizes);
-            default from the examples' shape, or a square of `crop_to`'s scale.
+        augment_images: apply `augment`, seeded by (seed, epoch, position in the epoch). (The
+            paper protocol's crops come from `datasets.Splits.epoch`, cropped as decoded.)
     """
     if buffer_size is None:
-        if image_bytes is None:
-            shape = (examples(0) if callable(examples) else examples).element_spec[0].shape
-            if crop_to is not None:
-                shape = tf.TensorShape([paper_scale(crop_to)] * 2 + [crop_to[-1]])  # what it is cropped from
-            image_bytes = 4 * int(np.prod(shape)) if shape.is_fully_defined() else 1
+        shape = (examples(0) if callable(examples) else examples).element_spec[0].shape
+        image_bytes = 4 * int(np.prod(shape)) if shape.is_fully_defined() else 1
         buffer_size = int(min(MAX_SHUFFLE_BUFFER, max(batch_size, SHUFFLE_BUFFER_BYTES // image_bytes)))
 
     def make(epoch):
         ds = examples(seed * 100_003 + epoch) if callable(examples) else examples
         if shuffle:
             ds = ds.shuffle(buffer_size, seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
-        if augment_images or crop_to is not None:
-            def transform(image, key):
-                return random_sized_crop(image, key, tuple(crop_to)) if crop_to is not None else augment(image, key)
-
+        if augment_images:
             ds = ds.enumerate().map(
-                lambda i, example: (transform(example[0], tf.stack([tf.constant(seed * 100_003 + epoch, tf.int64), i])),
+                lambda i, example: (augment(example[0], tf.stack([tf.constant(seed * 100_003 + epoch, tf.int64), i])),
                                     example[1]), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
         options = tf.data.Options()
