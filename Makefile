@@ -16,10 +16,10 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --out=runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
