@@ -26,8 +26,8 @@ from benchmarks import suite as bench
 from tf_piggyback.cli import user_errors
 from tf_piggyback.datasets import DEFAULT_CACHE_MB, PROTOCOLS
 from tf_piggyback.experiment import RunConfig
-from tf_piggyback.trainer import TrainConfig
 from tf_piggyback.files import write_atomic
+from tf_piggyback.trainer import TrainConfig
 
 FLAGS = flags.FLAGS
 

@@ -22,14 +22,15 @@ import numpy as np
 from absl import app, flags
 
 import tf_piggyback as pb
+from tf_piggyback import methods
 from tf_piggyback.cli import user_errors
 from tf_piggyback.datasets import to_arrays
 from tf_piggyback.experiment import RunConfig, run
-from tf_piggyback.methods.packnet import retrain_epochs
 from tf_piggyback.export import export_saved_model, export_tflite, representative_images
+from tf_piggyback.files import write_atomic
+from tf_piggyback.methods.packnet import retrain_epochs
 from tf_piggyback.ondevice import LiteRTTrainer, export_ondevice
 from tf_piggyback.report import backbone_bytes, collect, comparison, markdown_table, sparsity_plot
-from tf_piggyback.files import write_atomic
 
 FLAGS = flags.FLAGS
 TASKS = ("upper", "inverted")
@@ -159,7 +160,7 @@ def main(argv):
             model_dir = os.path.join(FLAGS.out, task, method)
             print(f"== {dataset}: {method}", flush=True)
             metrics = run(config, model_dir, log=lambda line: None)
-            if method != "finetune":
+            if methods.get(method).output == methods.TASK_FILE:
                 task_path = os.path.join(model_dir, "task.npz")
                 reloaded = reload_accuracy(task_path, dataset)
                 if reloaded != metrics["accuracy"]:

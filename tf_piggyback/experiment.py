@@ -146,8 +146,9 @@ def _run(config, model_dir, strategy, log, verbose):
         backbone = load_backbone(config.backbone, config.weights, config.image_size)
         splits, batches = input_pipeline(config, backbone.inputs[0].shape[1:])
         keras.utils.set_random_seed(config.train.seed)
-        if config.mask_from and method.name != "piggyback":
-            raise ValueError(f"--mask_from applies to --method=piggyback only. Received: method={method.name!r}")
+        if config.mask_from and not method.takes_mask_from:
+            takes = "|".join(name for name in methods.names() if methods.get(name).takes_mask_from)
+            raise ValueError(f"--mask_from applies to --method={takes} only. Received: method={method.name!r}")
         if splits.dense and not method.takes_head:
             raise ValueError(f"per-pixel labels train with --method={_head_methods()}")
         started = method.start(backbone, len(splits.class_names), config,

@@ -29,11 +29,11 @@ import tensorflow as tf
 
 from tf_piggyback import coding
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD, real_from_mask, threshold_mask
-from tf_piggyback.fingerprint import check_backbone
-from tf_piggyback.signatures import image_spec
-from tf_piggyback.methods.piggyback import piggyback
-from tf_piggyback.surgery import masked_layers, task_weights
 from tf_piggyback.files import write_atomic
+from tf_piggyback.fingerprint import check_backbone
+from tf_piggyback.methods.piggyback import piggyback
+from tf_piggyback.signatures import image_spec
+from tf_piggyback.surgery import masked_layers, task_weights
 from tf_piggyback.taskfile import save_task
 
 OPTIMIZERS = ("adam", "sgd")

@@ -15,9 +15,9 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback.coding import pack_words, unpack_words
+from tf_piggyback.files import write_atomic
 from tf_piggyback.signatures import image_spec, signature, with_outputs
 from tf_piggyback.surgery import bake, bake_with_layers
-from tf_piggyback.files import write_atomic
 from tf_piggyback.taskfile import load_task, named_tasks
 
 QUANTIZATIONS = ("none", "float16", "int8")

@@ -20,14 +20,13 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import CHILD_PATH
-from tf_piggyback import coding
+from tf_piggyback import classifier_only, coding, finetune, lora, masked_layers, piggyback
 from tf_piggyback.backbones import load_backbone
+from tf_piggyback.datasets import load_dataset
 from tf_piggyback.export import export_saved_model
 from tf_piggyback.signatures import image_spec, signature, with_outputs
-from tf_piggyback import classifier_only, finetune, lora, masked_layers, piggyback
 from tf_piggyback.surgery import add_head, feature_model
 from tf_piggyback.taskfile import save_task
-from tf_piggyback.datasets import load_dataset
 from tf_piggyback.trainer import TrainConfig, epoch_batches, make_optimizers, make_train_step, precision_policy
 
 PRESETS = {

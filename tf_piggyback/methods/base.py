@@ -56,6 +56,7 @@ class Method:
         name: what `--method=` and a task file's manifest call it.
         takes_head: whether it trains with another head than the default Dense one (`--head=fcn`,
             per-pixel labels).
+        takes_mask_from: whether it learns from a layer on only (`--mask_from`).
         output: the file `experiment.run` writes into `model_dir`: `TASK_FILE` (`save_task`),
             or the method's own (`model.keras`, `packnet.npz`: `save`).
         storage: how `report` counts the storage of all tasks: "shared" (one backbone plus each
@@ -64,6 +65,7 @@ class Method:
 
     name = None
     takes_head = True
+    takes_mask_from = False
     output = TASK_FILE
     storage = "shared"
 

@@ -136,6 +136,7 @@ def piggyback(
 @register
 class Piggyback(Method):
     name = "piggyback"
+    takes_mask_from = True
 
     def build(self, backbone, num_classes, config, head=None):
         return piggyback(backbone, num_classes, threshold=config.threshold, mask_init=config.mask_init,
