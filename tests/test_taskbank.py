@@ -172,9 +172,13 @@ def test_serving_bench_runs(tmp_path):
     assert [(r["tasks"], r["per_task_signatures"]) for r in rows] == [(1, True), (3, True), (3, False)]
     # one copy of the backbone (the n/8 x 1.1 bound is for ResNet-50, whose masks dwarf a
     # signature's graph; BUILD.md's table checks it)
-    assert [(r["tasks"], r["switching"]) for r in lite] == [(1, False), (2, False), (2, True)]
+    assert [(r["tasks"], r["switching"], r["quantize"]) for r in lite] == [
+        (1, False, "none"), (2, False, "none"), (2, True, "none"), (1, False, "int8"), (1, False, "float16"),
+        (2, False, "float16")]
     assert lite[1]["bytes"] < 1.5 * lite[0]["bytes"] and lite[2]["bytes"] < 1.5 * lite[0]["bytes"]
+    assert lite[3]["bytes"] < lite[4]["bytes"] < lite[0]["bytes"] and lite[5]["bytes"] < lite[1]["bytes"]
     assert lite[2]["switch_call_b1_s"] > 0 and "| 2 (--switching) |" in table
+    assert "| 2 single-task files, int8 |" in table and "| one file, float16, unpacked per call |" in table
     assert rows[1]["cold_b8_s"] > 0 and rows[1]["graph_ratio"] > 0 and "signature_first_call_s" not in rows[2]
     assert "| 3 |" in table and "| 3 (no per-task signatures) |" in table
 

@@ -226,34 +226,62 @@ def tflite_child(path, names, image_shape, calls):
 
 
 def tflite_rows(backbone, paths, config, log=print):
-    """One task's `.tflite` against `config.tflite_tasks` tasks' in one file: bytes (against
-    one task's file + N * n/8 * 1.1), load and first-call seconds in LiteRT, medians of
+    """One task's `.tflite` against `config.tflite_tasks` tasks' in one file (per call, and
+    `--switching`), and what else a phone app with that many tasks could ship: one task's file in
+    int8 and in float16, the tasks' file in float16. Bytes (a multi-task file against one task's
+    file + N * n/8 * 1.1), load and first-call seconds in LiteRT, warm calls, RSS: medians of
     `config.repeats` fresh processes each, in turn."""
     from tf_piggyback.export import export_tflite
 
     n = config.tflite_tasks
+    image_shape = list(backbone.inputs[0].shape[1:])
+    representative = np.random.default_rng(0).uniform(0, 255, (200, *image_shape)).astype(np.float32)
     files = {}
-    for count, switching in ((1, False), (n, False), (n, True)):
-        file = os.path.join(config.workdir, "tflite", f"tasks{count}{'_switching' if switching else ''}.tflite")
+    for count, switching, quantize in ((1, False, "none"), (n, False, "none"), (n, True, "none"),
+                                       (1, False, "int8"), (1, False, "float16"), (n, False, "float16")):
+        suffix = ("_switching" if switching else "") + ("" if quantize == "none" else f"_{quantize}")
+        file = os.path.join(config.workdir, "tflite", f"tasks{count}{suffix}.tflite")
         if not os.path.exists(file):
             start = time.perf_counter()
-            export_tflite(backbone, [f"t{i:03d}={p}" for i, p in enumerate(paths[:count])], file, switching=switching)
-            log(f"exported {count} task(s) to TFLite{' (switching)' if switching else ''} in "
+            export_tflite(backbone, [f"t{i:03d}={p}" for i, p in enumerate(paths[:count])], file, switching=switching,
+                          quantize=quantize, representative=representative if quantize == "int8" else None)
+            log(f"exported {count} task(s) to TFLite{' (switching)' if switching else ''} ({quantize}) in "
                 f"{time.perf_counter() - start:.0f} s")
-        files[count, switching] = file
+        files[count, switching, quantize] = file
     names = {1: ["serving_default"], n: [f"t{i:03d}" for i in range(n)]}
     samples = {key: [] for key in files}
     for _ in range(config.repeats):
-        for (count, switching), file in files.items():
-            samples[count, switching].append(_child("tflite_child", path=file, names=names[count],
-                                                    image_shape=list(backbone.inputs[0].shape[1:]), calls=config.calls))
+        for key, file in files.items():
+            samples[key].append(_child("tflite_child", path=file, names=names[key[0]], image_shape=image_shape,
+                                       calls=config.calls))
     rows = []
-    for (count, switching), file in files.items():
-        row = {"tasks": count, "switching": switching, "bytes": os.path.getsize(file)}
-        for key in samples[count, switching][0]:
-            row[key] = float(np.median([s[key] for s in samples[count, switching]]))
+    for (count, switching, quantize), file in files.items():
+        row = {"tasks": count, "switching": switching, "quantize": quantize, "bytes": os.path.getsize(file)}
+        for key in samples[count, switching, quantize][0]:
+            row[key] = float(np.median([s[key] for s in samples[count, switching, quantize]]))
         rows.append(row)
     return rows
+
+
+def phone_table(lite, n):
+    """Markdown: what a phone app with `n` tasks ships and runs, per choice of files."""
+    def row(label, bytes_, r, switch):
+        return (f"| {label} | {bytes_ / 1e6:,.1f} MB | {r['rss'] / 1e6:,.0f} MB | {r['warm_b1_s'] * 1000:,.0f} ms | "
+                f"{switch * 1000:,.0f} ms |\n")
+
+    by = {(r["tasks"], r["switching"], r["quantize"]): r for r in lite}
+    text = (f"\nA phone app with {n} tasks (RSS: the process with one file loaded; a task switch: another "
+            "file's load and first call, or a call after another task's in the same file):\n\n"
+            "| files | bytes on disk | RSS | warm call (b1) | task switch (b1) |\n|---|---|---|---|---|\n")
+    for quantize in ("int8", "float16"):
+        single = by[1, False, quantize]
+        text += row(f"{n} single-task files, {quantize}", n * single["bytes"], single,
+                    single["load_s"] + single["first_call_s"])
+    for key, label in (((n, False, "none"), "one file, float32, unpacked per call"),
+                       ((n, True, "none"), "one file, float32, `--switching`"),
+                       ((n, False, "float16"), "one file, float16, unpacked per call")):
+        text += row(label, by[key]["bytes"], by[key], by[key]["switch_call_b1_s"])
+    return text
 
 
 def _child(function, **kwargs):
@@ -335,6 +363,8 @@ def run(config, log=print):
         bits = 8 * packed_bytes  # masked parameters (+ the id entries) of one task
         bound = lite[0]["bytes"] + config.tflite_tasks * bits / 8 * 1.1
         rows += [{"format": "tflite", **r, "bound_bytes": bound if r["tasks"] > 1 else None} for r in lite]
+        phone = phone_table(lite, config.tflite_tasks)
+        lite = [r for r in lite if r["quantize"] == "none"]
         table += ("\n| TFLite tasks | bytes (bound: one task's file + N n/8 x 1.1) | load | first call, each "
                   "signature (b1) | warm call (b1) (ratio) | call after another task's (b1) | RSS |\n"
                   "|---|---|---|---|---|---|---|\n")
@@ -345,6 +375,7 @@ def run(config, log=print):
                       + f" | {r['load_s'] * 1000:,.0f} ms | {r['first_call_s'] * 1000:,.0f} ms | "
                       f"{r['warm_b1_s'] * 1000:,.0f} ms ({r['warm_b1_s'] / lite[0]['warm_b1_s']:.2f}) | {switch} | "
                       f"{r['rss'] / 1e6:,.0f} MB |\n")
+        table += phone
     return rows, table
 
 
