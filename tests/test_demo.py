@@ -137,7 +137,7 @@ def readme_commands():
 
 def test_readme_commands_run_as_a_new_user_copies_them(demo, tmp_path):
     """Each README shell command that needs no download or server, run in a fresh working
-    folder (train.py at 1 epoch, to keep `make test` short); `runs/inverted` is the demo's."""
+    folder (training at 1 epoch, to keep `make test` short); `runs/inverted` is the demo's."""
     commands = readme_commands()
     assert any("saved_model_cli run" in c for c in commands) and any("export/tflite.py" in c for c in commands)
     for folder in ("scripts", "export"):
@@ -149,8 +149,8 @@ def test_readme_commands_run_as_a_new_user_copies_them(demo, tmp_path):
     for command in commands:
         if any(part in command for part in NOT_HERE):
             continue
-        if command.startswith("python scripts/train.py"):
-            command += " --epochs=1"
+        if command.startswith(("python scripts/train.py", "python scripts/train_on_device.py")):
+            command += " --epochs=1"  # the last --epochs given wins
         result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
         ran += 1

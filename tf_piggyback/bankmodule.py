@@ -105,9 +105,10 @@ class BankModule(tf.Module):
         self.shared = tf.Variable(np.concatenate([values[p].ravel() for p in shared] or [np.zeros(0, np.float32)]),
                                   trainable=False, name="shared")
         # Variables of other dtypes (an int seed state, say) as they are, one each.
+        self._non_float32_paths = [p for p in by_path
+                                   if p not in kernel_paths and p not in own_paths and p not in shared]
         self.non_float32 = [tf.Variable(keras.ops.convert_to_numpy(by_path[p]), trainable=False)
-                       for p in by_path if p not in kernel_paths and p not in own_paths and p not in shared]
-        self._non_float32_paths = [p for p in by_path if p not in kernel_paths and p not in own_paths and p not in shared]
+                            for p in self._non_float32_paths]
 
         # Per task: own weights (per-task BN, then the head) one segment each, packed masks.
         self._own_layout, offset = [], 0

@@ -84,7 +84,7 @@ def build_head(config, backbone, num_classes, dense=False):
 
 
 def _head_methods():
-    """"piggyback, classifier or finetune": the methods that train with another head (`Method.takes_head`)."""
+    """The methods that train with another head (`Method.takes_head`), as "piggyback, classifier or finetune"."""
     names = [name for name in methods.names() if methods.get(name).takes_head]
     return ", ".join(names[:-1]) + " or " + names[-1]
 

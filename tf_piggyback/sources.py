@@ -145,7 +145,7 @@ def folder_splits(root, seed):
                                               lambda seed: _image_files(*permuted(seed, files[k:], labels[k:]))),
                   train_sizes=lambda k: _image_sizes(files[:k]),
                   encoded_parts=lambda k: lambda seed: tf.data.Dataset.from_tensor_slices(
-                      permuted(seed, files[k:], labels[k:])).map(_file_bytes))
+                      permuted(seed, files[k:], labels[k:])).map(_file_bytes, num_parallel_calls=tf.data.AUTOTUNE))
 
 
 def _file_bytes(path, label):
@@ -155,7 +155,7 @@ def _file_bytes(path, label):
 def _image_sizes(files):
     """`[n, 2]` (height, width) of image files, from their headers (Pillow reads no pixels);
     0 for a file it cannot read, which decoding drops too."""
-    from PIL import Image  # a dependency of matplotlib; imported here, as only the paper protocol needs it
+    from PIL import Image  # imported here: only the paper protocol needs it
 
     sizes = np.zeros((len(files), 2), np.int64)
     for i, path in enumerate(files):

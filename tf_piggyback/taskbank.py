@@ -45,7 +45,8 @@ class BankTask:
         uid: an id never reused in this bank (slots are tagged with it, `ID_WEIGHTS`).
         kind: "none" (classifier-only), "binary", "ternary" or "alone" (listed only, never served:
             `_served_alone`).
-        masks: `{backbone kernel path: its mask packed (`coding.pack`), padded to a multiple of `bankmodule.ALIGN` values}`;
+        masks: `{backbone kernel path: its mask packed (`coding.pack`), padded to a multiple of
+            `bankmodule.ALIGN` values}`;
             a kernel the task does not mask (`mask_from`) is absent: all ones in the bank.
         own: `{backbone variable path: value}` for per-task BatchNormalization.
         head: `(kernel [F, C], bias [C])` (None for a task served alone).
