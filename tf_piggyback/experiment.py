@@ -39,9 +39,9 @@ class RunConfig:
     train_bn: bool = False
     feature_layer: str = None
     skip_unsupported: bool = False
-    # Learn masks only from this layer on (surgery.piggyback): a faster step, less activation memory.
+    # Learn masks only from this layer on (methods.piggyback): a faster step, less activation memory.
     mask_from: str = None
-    mask_embeddings: bool = True  # mask Embedding tables too (surgery.piggyback)
+    mask_embeddings: bool = True  # mask Embedding tables too (methods.piggyback)
     lora_rank: int = 4  # --method=lora: the adapters' rank
     head: str = "auto"  # one of HEADS: "dense", or "fcn" for per-pixel labels (§6); "auto" picks by the labels
     prune: float = DEFAULT_PRUNE
