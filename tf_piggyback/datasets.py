@@ -22,8 +22,8 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from tf_piggyback.images import (center_crop, decode_random_sized_crop, fit_image, paper_scale, random_sized_crop,
-                                 scale_shorter_side, to_float, to_uint8)
+from tf_piggyback.images import (WHOLE_IMAGE, center_crop, decode_random_sized_crop, fit_image, paper_scale,
+                                 random_sized_crop, scale_shorter_side, to_float, to_uint8)
 from tf_piggyback.sources import SPLIT_SEED, TEST_FRACTION, Splits, folder_splits, permuted, tfds_splits
 
 DIGITS_VARIANTS = ("base", "upper", "inverted", "all")
@@ -179,18 +179,21 @@ def load_dataset(spec, image_shape=None, split_seed=SPLIT_SEED, cache_bytes=0, p
         cache = head.map(fit_train, num_parallel_calls=tf.data.AUTOTUNE).map(to_uint8).cache()
         if protocol == "paper":  # each epoch's random-sized crops (§4), each image's of (seed, its place)
             streamed = splits.encoded_parts(cached) if splits.encoded_parts else (
-                lambda seed: tail(seed).map(lambda x, y: (x, tf.constant([0.0, 0.0, 1.0, 1.0]), y)))
-            splits.epoch = functools.partial(
-                _epoch, cache=cache, cached=cached, size=splits.train_size,
-                crop=lambda image, key: random_sized_crop(image, key, shape),
-                tail=lambda seed: streamed(seed).enumerate().map(
+                lambda seed: tail(seed).map(lambda x, y: (x, tf.constant(WHOLE_IMAGE), y)))
+            crop = functools.partial(random_sized_crop, shape=shape)
+
+            def epoch_tail(seed):
+                return streamed(seed).enumerate().map(
                     lambda i, example: (decode_random_sized_crop(example[0], example[1], _key(seed, 2 * i + 1), shape),
                                         tf.cast(example[2], tf.int64)),
-                    num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True))
+                    num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
         else:
-            splits.epoch = functools.partial(
-                _epoch, cache=cache, cached=cached, size=splits.train_size,
-                tail=lambda seed: tail(seed).map(fit_train, num_parallel_calls=tf.data.AUTOTUNE))
+            crop = None
+
+            def epoch_tail(seed):
+                return tail(seed).map(fit_train, num_parallel_calls=tf.data.AUTOTUNE)
+        splits.epoch = functools.partial(_epoch, cache=cache, cached=cached, size=splits.train_size, tail=epoch_tail,
+                                         crop=crop)
         if cached > 0:
             splits.train = cache.map(to_float) if cached == splits.train_size else cache.map(to_float).concatenate(
                 tail(None).map(fit_train, num_parallel_calls=tf.data.AUTOTUNE))

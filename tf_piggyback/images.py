@@ -4,6 +4,8 @@ returns raw 0-255 pixels; the random ones are stateless, seeded, so a resumed ru
 
 import tensorflow as tf
 
+WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)  # a normalized box `[ymin, xmin, ymax, xmax]` over all of an image
+
 
 def paper_scale(shape):
     """The shorter side images are scaled to before a crop of `shape` (256 for 224 px)."""
@@ -104,7 +106,7 @@ def random_sized_crop(image, seed, shape):
 
 def decode_random_sized_crop(image, box, seed, shape):
     """`random_sized_crop` of the part of `image` inside `box` (normalized `[ymin, xmin, ymax,
-    xmax]`; `[0, 0, 1, 1]`: all of it), straight from the file's bytes: for a JPEG only the crop's
+    xmax]`; `WHOLE_IMAGE`: all of it), straight from the file's bytes: for a JPEG only the crop's
     window is decoded (`tf.io.decode_and_crop_jpeg`; a crop is 8-100% of the image, so most of
     the decoding is skipped), other formats are decoded whole. `image` may also be decoded pixels.
     The same `seed` gives the same crop as `random_sized_crop` of the decoded, boxed image (with

@@ -255,7 +255,7 @@ class MaskedLayer(MaskedWrapper):
         return self._kernel_weights()
 
     def _kernel_weights(self):
-        return [w for w in self.layer.weights if _is_kernel(w)]
+        return [w for w in self.layer.weights if is_kernel(w)]
 
     def _mask_name(self, kernel_name):
         return "mask" if len(self.kernels) == 1 else kernel_name.replace("/", "_") + "_mask"
@@ -309,7 +309,7 @@ class MaskedComposite(MaskedLayer):
     wrapped_types = (keras.layers.Layer,)
 
 
-def _is_kernel(weight):
+def is_kernel(weight):
     """Whether `weight` is a layer's `kernel` (not a `recurrent_kernel` or a LoRA adapter)."""
     return weight.path.rsplit("/", 1)[-1] == "kernel"
 
@@ -319,7 +319,7 @@ def _is_composite(layer):
     a mask over `kernel` weights would miss)."""
     sublayers = layer._flatten_layers(include_self=False)
     return (not isinstance(layer, (keras.Model, keras.layers.RNN))
-            and any(_is_kernel(w) for sub in sublayers for w in sub.weights)
+            and any(is_kernel(w) for sub in sublayers for w in sub.weights)
             and not any(w.path.rsplit("/", 1)[-1] == "recurrent_kernel" for w in layer.weights))
 
 

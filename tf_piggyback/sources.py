@@ -9,7 +9,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tf_piggyback.images import box_pixels
+from tf_piggyback.images import WHOLE_IMAGE, box_pixels
 
 TEST_FRACTION = 0.25
 SPLIT_SEED = 0  # the held-out split's default seed, and the fixed order of a folder's files
@@ -149,7 +149,7 @@ def folder_splits(root, seed):
 
 
 def _file_bytes(path, label):
-    return tf.io.read_file(path), tf.constant([0.0, 0.0, 1.0, 1.0]), label
+    return tf.io.read_file(path), tf.constant(WHOLE_IMAGE), label
 
 
 def _image_sizes(files):
@@ -202,6 +202,7 @@ def tfds_splits(name, protocol="simple"):
             raise ValueError(f"tfds:{name} split {split!r} has no labels (all {labels.size} checked are negative: "
                              "private test labels); evaluate on a split with labels, such as validation")
 
+    @functools.lru_cache(maxsize=1)  # the split sizes, read once for train_parts, train_sizes and encoded_parts
     def ranges():
         if train_split == "train[:80%]":
             return [("train", 0, _size(train))]
@@ -239,7 +240,7 @@ def tfds_splits(name, protocol="simple"):
         # are read in sequence): the shuffle window mixes them.
         rest = train_split if k == 0 else halves(k)[1]
         return lambda seed: tfds.load(name, split=rest, decoders={"image": tfds.decode.SkipDecoding()}).map(
-            lambda example: (example["image"], example["bbox"] if boxed else tf.constant([0.0, 0.0, 1.0, 1.0]),
+            lambda example: (example["image"], example["bbox"] if boxed else tf.constant(WHOLE_IMAGE),
                              example["label"]))
 
     return Splits(train, test, list(builder.info.features["label"].names), _size(train), _size(test), train_parts,

@@ -9,7 +9,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from tf_piggyback.layers import MaskedWrapper
+from tf_piggyback.layers import MaskedWrapper, is_kernel
 
 HEAD_NAME = "head"
 
@@ -225,9 +225,10 @@ def _merged(layer):
     merged = {}
     for target in lora_targets(layer):
         if getattr(target, "lora_enabled", False):
-            variable = next(w for w in target.weights if w.path.rsplit("/", 1)[-1] == "kernel")
+            variable = next(w for w in target.weights if is_kernel(w))
             merged[variable.path] = target.kernel
-    return [merged.get(w.path, w) for w in layer.weights if w.path.rsplit("/", 1)[-1] not in ADAPTERS]
+    adapters = {id(w) for w in lora_adapters(layer)}
+    return [merged.get(w.path, w) for w in layer.weights if id(w) not in adapters]
 
 
 def bake(model):
