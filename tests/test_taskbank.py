@@ -161,12 +161,16 @@ def test_serving_bench_runs(tmp_path):
     from benchmarks import serving as bench_serving
 
     config = bench_serving.ServingConfig(model="digits", image_size=None, tasks=(1, 3), repeats=1, calls=1,
-                                         workdir=str(tmp_path), tflite_tasks=2, clients=(4,), concurrent_requests=4)
+                                         workdir=str(tmp_path), tflite_tasks=2, clients=(4,), concurrent_requests=4,
+                                         filter_channels=64, filter_side=2)
     rows, table = bench_serving.run(config, log=lambda line: None)
     busy = [r for r in rows if r["format"] == "concurrency"]
     assert [(r["model"], r["clients"]) for r in busy] == [("baked", 4), ("n3-shared", 4)]
     assert all(r["requests_per_s"] > 0 and r["p99_s"] >= r["p50_s"] for r in busy) and busy[0]["fill_rate"] == 0
     assert "| n3-shared | 4 |" in table
+    filters = [(r["kernel"], r["filter"]) for r in rows if r["format"] == "tflite_filter" and r["default_ms"] > 0]
+    assert filters == [(1, "constant"), (1, "variable"), (1, "variable, FULLY_CONNECTED"), (3, "constant"),
+                       (3, "variable")] and "| 3x3, 16 channels | variable |" in table
     lite = [r for r in rows if r["format"] == "tflite"]
     rows = [r for r in rows if r["format"] == "saved_model"]
     assert [(r["tasks"], r["per_task_signatures"]) for r in rows] == [(1, True), (3, True), (3, False)]

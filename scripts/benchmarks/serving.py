@@ -45,6 +45,9 @@ class ServingConfig:
     concurrent_requests: int = 16
     repeats: int = 3
     calls: int = 7
+    # `filter_child`: channels of its convolutions (ResNet-50's widest stage) and their input side.
+    filter_channels: int = 2048
+    filter_side: int = 4
     workdir: str = os.path.join("runs", "bench_serving")
 
 
@@ -263,6 +266,80 @@ def tflite_rows(backbone, paths, config, log=print):
     return rows
 
 
+def filter_child(channels, side, calls):
+    """Why a `--switching` warm call is not at single-task speed, on one convolution stack in
+    LiteRT: 4 convolutions on `side` x `side` inputs, weight-bound as ResNet-50's last stage is at
+    128 px (1x1: `channels` in and out; 3x3: a quarter of them, as in its bottlenecks), whose
+    filters are constants (a baked file) or resource variables (a working copy), as CONV_2D or,
+    1x1, as FULLY_CONNECTED; with XNNPACK as the
+    interpreter applies it by default and with `experimental_default_delegate_latest_features`.
+    Returns rows of the median warm call (ms)."""
+    import tempfile
+
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    rows = []
+    for size, channels in ((1, channels), (3, channels // 4)):
+        image = np.random.default_rng(0).uniform(size=(1, side, side, channels)).astype("float32")
+        kernel = np.random.default_rng(1).normal(0, 0.01, (size, size, channels, channels)).astype("float32")
+        for form in ("constant", "variable", "variable, FULLY_CONNECTED")[:3 if size == 1 else 2]:
+            module = tf.Module()
+            module.kernel = tf.Variable(kernel, trainable=False)
+            module.dense = tf.Variable(kernel[0, 0].T if size == 1 else np.zeros(1, "float32"), trainable=False)
+
+            @tf.function(input_signature=[tf.TensorSpec(image.shape)])
+            def call(x, form=form, module=module):
+                for _ in range(4):
+                    if form == "constant":
+                        x = tf.nn.conv2d(x, tf.constant(kernel), 1, "SAME")
+                    elif form == "variable":
+                        x = tf.nn.conv2d(x, module.kernel.read_value(), 1, "SAME")
+                    else:
+                        x = tf.reshape(tf.matmul(tf.reshape(x, [-1, channels]), module.dense.read_value(),
+                                                 transpose_b=True), image.shape)
+                return {"y": x}
+
+            @tf.function(input_signature=[tf.TensorSpec([])])
+            def scale(s, module=module):  # assigned somewhere, so the converter keeps them variables
+                module.kernel.assign(module.kernel * s)
+                module.dense.assign(module.dense * s)
+                return {"y": s}
+
+            with tempfile.TemporaryDirectory() as tmp:
+                tf.saved_model.save(module, tmp, signatures={"call": call, "scale": scale})
+                converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["call", "scale"])
+                converter.experimental_enable_resource_variables = True
+                flatbuffer = converter.convert()
+            row = {"kernel": size, "channels": channels, "filter": form}
+            for latest in (False, True):
+                runner = Interpreter(model_content=flatbuffer, experimental_default_delegate_latest_features=latest
+                                     ).get_signature_runner("call")
+                runner(x=image)
+                times = []
+                for _ in range(calls):
+                    begin = time.perf_counter()
+                    runner(x=image)
+                    times.append(time.perf_counter() - begin)
+                row["latest_ms" if latest else "default_ms"] = 1000 * float(np.median(times))
+            rows.append(row)
+    return rows
+
+
+def filter_table(rows):
+    """Markdown of `filter_child`'s rows, each against the constant filter of its kernel size."""
+    constant = {r["kernel"]: r for r in rows if r["filter"] == "constant"}
+    text = ("\nOne stack of 4 weight-bound convolutions in LiteRT, warm call: filters as constants (a baked "
+            "file) or as variables (`--switching`'s working copy):\n\n"
+            "| kernel | filter | XNNPACK default (ratio) | latest delegate features (ratio) |\n|---|---|---|---|\n")
+    for r in rows:
+        c = constant[r["kernel"]]
+        text += (f"| {r['kernel']}x{r['kernel']}, {r['channels']} channels | {r['filter']} | "
+                 f"{r['default_ms']:,.1f} ms ({r['default_ms'] / c['default_ms']:.2f}) | {r['latest_ms']:,.1f} ms "
+                 f"({r['latest_ms'] / c['latest_ms']:.2f}) |\n")
+    return text
+
+
 def phone_table(lite, n):
     """Markdown: what a phone app with `n` tasks ships and runs, per choice of files."""
     def row(label, bytes_, r, switch):
@@ -376,6 +453,10 @@ def run(config, log=print):
                       f"{r['warm_b1_s'] * 1000:,.0f} ms ({r['warm_b1_s'] / lite[0]['warm_b1_s']:.2f}) | {switch} | "
                       f"{r['rss'] / 1e6:,.0f} MB |\n")
         table += phone
+        filters = _child("filter_child", channels=config.filter_channels, side=config.filter_side,
+                         calls=config.calls)
+        rows += [{"format": "tflite_filter", **r} for r in filters]
+        table += filter_table(filters)
     return rows, table
 
 
