@@ -14,7 +14,8 @@ import tensorflow as tf
 import tf_piggyback as pb
 from tf_piggyback.datasets import to_arrays
 from conftest import REPO, tflite_ops
-from tf_piggyback.export import export_saved_model, export_tflite, next_version, representative_images
+from tf_piggyback.export import (build_serving_module, export_saved_model, export_tflite, next_version,
+                                 representative_images)
 
 SUBPROCESS_LOAD = """
 import sys, numpy as np, tensorflow as tf
@@ -97,6 +98,15 @@ def test_multi_task_saved_model_matches_each_task(tasks, tmp_path):
     single = export_saved_model(pb.digits_backbone(), paths[:1], str(tmp_path / "single"))
     single_size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(single) for f in fs)
     assert size < 1.5 * single_size, (size, single_size)
+
+
+def test_multi_task_export_traces_the_backbone_once(tasks, tmp_path):
+    """`tf.saved_model.save` traces in its own context: a module traced for calls before it
+    would trace the backbone (`compute`) twice, which is most of an export's time."""
+    module, signatures, _ = build_serving_module(pb.digits_backbone(), tasks[0])
+    assert module.compute.experimental_get_tracing_count() == 0
+    tf.saved_model.save(module, str(tmp_path / "saved"), signatures=signatures)
+    assert module.compute.experimental_get_tracing_count() == 1
 
 
 def test_multi_task_saved_model_under_concurrent_requests(tasks, tmp_path):

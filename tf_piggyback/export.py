@@ -35,7 +35,7 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     Several: a `TaskBank` module (one traced backbone, packed masks, `slots` unpacked working
     copies) with one signature per task, `serving_default` (the first), `tasks` and
     `tasks_by_name` (a task per example); with `per_task_signatures=False` only the last
-    three (see `TaskBank.serving_signatures` for what each signature costs). The third value is the tasks' listing
+    three (see `TaskBank.serving_module` for what each signature costs). The third value is the tasks' listing
     (`TaskBank.listing`), which exports store as `assets/{LISTING}`.
 
     The module tracks the raw `tf.Variable`s behind the Keras variables, never a Keras model or
@@ -48,7 +48,7 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     for name, path in zip(names, paths):
         bank.add(path, name)
     if len(paths) > 1:
-        return bank.module, bank.serving_signatures(per_task_signatures), bank.listing()
+        return (*bank.serving_module(per_task_signatures), bank.listing())
     spec = image_spec(backbone)
     model = bake(load_task(paths[0], backbone))
     module = tf.Module()
@@ -78,7 +78,7 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
             (each a float copy of the masked kernels); others are unpacked when called.
         per_task_signatures: with several tasks, one signature per task besides
             `serving_default`, `tasks` and `tasks_by_name`; off, the model loads as fast as a
-            single task's whatever the number of tasks (`TaskBank.serving_signatures`).
+            single task's whatever the number of tasks (`TaskBank.serving_module`).
     """
     if version is None:
         version = next_version(output_dir)
