@@ -5,6 +5,7 @@ for deployment.
 """
 
 import dataclasses
+import inspect
 
 import keras
 import numpy as np
@@ -249,6 +250,22 @@ def bake(model):
     return bake_with_layers(model)[0]
 
 
+def rebuilt(layer, drop=lambda key: False, **changes):
+    """A new layer of `layer`'s class from its config, keys for which `drop` is true left out and
+    `changes` applied. A layer whose config holds keys its `__init__` does not take (keras-hub
+    0.32's `ViTPatchingAndEmbedding` writes `num_patches` and `num_positions`) is rebuilt from
+    the keys it takes."""
+    config = {key: value for key, value in layer.get_config().items() if not drop(key)} | changes
+    try:
+        return type(layer).from_config(config)
+    except TypeError:
+        taken = {*inspect.signature(type(layer).__init__).parameters, *inspect.signature(
+            keras.layers.Layer.__init__).parameters}
+        if set(config) <= taken:
+            raise
+        return type(layer).from_config({key: value for key, value in config.items() if key in taken})
+
+
 def bake_with_layers(model):
     """`bake(model)` and `[(wrapper, plain layer)]`: which new layer replaced each `MaskedWrapper`
     (LoRA copies are replaced too, by plain layers with merged kernels).
@@ -259,14 +276,13 @@ def bake_with_layers(model):
 
     def clone(layer):
         if lora_adapters(layer):
-            config = {k: v for k, v in layer.get_config().items() if not k.startswith("lora_")}
-            plain = type(layer).from_config(config)
+            plain = rebuilt(layer, drop=lambda key: key.startswith("lora_"))
             baked.append((None, plain, [keras.ops.convert_to_numpy(w) for w in _merged(layer)]))
             return plain
         if not isinstance(layer, MaskedWrapper):
             return layer
         inner = layer.layer
-        plain = type(inner).from_config(inner.get_config())
+        plain = rebuilt(inner)
         products = {k.path: k_m for k, k_m in zip(layer.kernels, layer.masked_kernels())}
         values = [keras.ops.convert_to_numpy(products.get(w.path, w)) for w in inner.weights]
         baked.append((layer, plain, values))

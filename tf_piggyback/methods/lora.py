@@ -7,7 +7,7 @@ import numpy as np
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.methods.base import Method, register, schedule
 from tf_piggyback.surgery import TaskSpec, add_head, feature_model, freeze_backbone, lora_adapters, lora_targets, \
-    iter_layers, task_weights
+    iter_layers, rebuilt, task_weights
 
 
 def lora(backbone, num_classes, *, rank, feature_layer=None):
@@ -32,7 +32,7 @@ def lora(backbone, num_classes, *, rank, feature_layer=None):
 
     def clone(layer):
         if lora_targets(layer):
-            copy = type(layer).from_config(layer.get_config())
+            copy = rebuilt(layer)
             copies.append((copy, layer))
             return copy
         layer.trainable = False

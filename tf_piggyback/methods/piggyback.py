@@ -9,7 +9,7 @@ from tf_piggyback.binarizers import DEFAULT_THRESHOLD
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.layers import DEFAULT_MASK_SCALE, MaskedEmbedding, wrapper_for
 from tf_piggyback.methods.base import Method, register
-from tf_piggyback.surgery import (TaskSpec, add_head, feature_model, iter_layers, kernel_weights, owned_layers,
+from tf_piggyback.surgery import (TaskSpec, add_head, feature_model, iter_layers, kernel_weights, owned_layers, rebuilt,
                                   task_head)
 
 
@@ -114,7 +114,7 @@ def piggyback(
         if cls is not None:
             return cls(layer, **options)
         if train_bn and isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
-            copy = type(layer).from_config({**layer.get_config(), "trainable": True})
+            copy = rebuilt(layer, trainable=True)
             bn_copies.append((copy, layer))
             return copy
         layer.trainable = False
