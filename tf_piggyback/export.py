@@ -15,7 +15,7 @@ import tempfile
 
 import tensorflow as tf
 
-from tf_piggyback.signatures import image_spec, signature, with_outputs
+from tf_piggyback.signatures import input_spec, signature, with_outputs
 from tf_piggyback.surgery import bake
 from tf_piggyback.taskbank import DEFAULT_SLOTS, TaskBank
 from tf_piggyback.taskfile import load_task, named_tasks, parse_task, task_name
@@ -49,7 +49,7 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
         bank.add(path, name)
     if len(paths) > 1:
         return (*bank.serving_module(per_task_signatures), bank.listing())
-    spec = image_spec(backbone)
+    spec = input_spec(backbone)
     model = bake(load_task(paths[0], backbone))
     module = tf.Module()
     module.variables_ = [v.value for v in model.variables]

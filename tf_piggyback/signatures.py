@@ -1,5 +1,6 @@
 """What every exported signature is (DESIGN 3.5): `image` in (float32 `[None, H, W, C]`, raw
-0-255 pixels; the backbone's preprocessing is inside), `logits` and `probabilities` out."""
+0-255 pixels; the backbone's preprocessing is inside), `logits` and `probabilities` out. A
+backbone that takes a dict (keras-hub's text backbones) takes its entries by name instead."""
 
 import tensorflow as tf
 
@@ -8,6 +9,14 @@ def image_spec(model):
     """The `image` input of a signature over `model` (a Keras model or an image shape `(H, W, C)`)."""
     shape = tuple(model) if isinstance(model, (tuple, list)) else tuple(model.inputs[0].shape[1:])
     return tf.TensorSpec([None, *shape], tf.float32, name="image")
+
+
+def input_spec(model):
+    """A signature's input over `model`: `image_spec(model)`, or for a model that takes a dict one
+    named tensor per entry (keras-hub BERT: int32 `token_ids`, `segment_ids`, `padding_mask`)."""
+    if isinstance(model.input, dict):
+        return {name: tf.TensorSpec(tensor.shape, tensor.dtype, name=name) for name, tensor in model.input.items()}
+    return image_spec(model)
 
 
 def outputs(logits):

@@ -128,8 +128,11 @@ def kernel_weights(layer):
 
 
 def _inputs(model):
-    """`model`'s inputs in the structure it is called with: one tensor, not a list of one (Keras
-    warns on every call of a model built from `[image]` with an image)."""
+    """`model`'s inputs in the structure it is called with: a dict as a dict (keras-hub's text
+    backbones: `token_ids`, `padding_mask`, ...), one tensor, not a list of one (Keras warns on
+    every call of a model built from `[image]` with an image)."""
+    if isinstance(model.input, dict):
+        return model.input
     return model.inputs[0] if len(model.inputs) == 1 else model.inputs
 
 
@@ -138,13 +141,22 @@ def feature_model(backbone, feature_layer=None):
 
     Args:
         backbone: a functional or Sequential Keras model.
-        feature_layer: name of the layer whose output are the features; default the
-            backbone's output, which must not be an ImageNet-style softmax classifier.
+        feature_layer: name of the layer whose output are the features, or of one of the
+            backbone's named outputs (keras-hub BERT: `"pooled_output"` or `"sequence_output"`);
+            default the backbone's one output, which must not be an ImageNet-style softmax
+            classifier.
     """
     if not isinstance(backbone, keras.Model) or isinstance(backbone, keras.Sequential) and not backbone.built:
         raise ValueError(
             f"backbone must be a built functional or Sequential keras.Model. Received: {type(backbone).__name__}"
         )
+    outputs = backbone.output if isinstance(backbone.output, dict) else {}
+    if feature_layer in outputs:
+        return keras.Model(_inputs(backbone), outputs[feature_layer], name=backbone.name)
+    if feature_layer is None and len(backbone.outputs) > 1:
+        raise ValueError(f"backbone {backbone.name!r} has {len(backbone.outputs)} outputs"
+                         + (f" ({', '.join(outputs)})" if outputs else "")
+                         + "; pass feature_layer= the output or layer the head reads")
     if feature_layer is not None:
         try:
             layer = backbone.get_layer(feature_layer)
@@ -166,10 +178,12 @@ _POOLING = {3: keras.layers.GlobalAveragePooling1D, 4: keras.layers.GlobalAverag
             5: keras.layers.GlobalAveragePooling3D}
 
 
-def pool_features(features):
-    """What the head sees: spatial features global-average-pooled (channels last), else as they are."""
+def pool_features(features, padding_mask=None):
+    """What the head sees: spatial features or a token sequence global-average-pooled (channels
+    last; a sequence over the tokens `padding_mask` marks, when given), else as they are."""
     if len(features.shape) in _POOLING:
-        return _POOLING[len(features.shape)](name="head_pool")(features)
+        pooling = _POOLING[len(features.shape)](name="head_pool")
+        return pooling(features) if padding_mask is None else pooling(features, mask=padding_mask)
     return features
 
 
@@ -188,7 +202,8 @@ def add_head(body, num_classes, name, head=None):
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2. Received: num_classes={num_classes!r}")
     if head is None:
-        logits = keras.layers.Dense(int(num_classes), name=HEAD_NAME)(pool_features(body.output))
+        padding_mask = body.input.get("padding_mask") if isinstance(body.input, dict) else None
+        logits = keras.layers.Dense(int(num_classes), name=HEAD_NAME)(pool_features(body.output, padding_mask))
     else:
         clash = sorted({layer.name for layer in _head_layers(head)} & {layer.name for layer in iter_layers(body)})
         if clash:

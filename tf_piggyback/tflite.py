@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tf_piggyback.coding import pack_words, unpack_words
 from tf_piggyback.files import write_atomic
-from tf_piggyback.signatures import image_spec, signature, with_outputs
+from tf_piggyback.signatures import input_spec, signature, with_outputs
 from tf_piggyback.surgery import bake, bake_with_layers
 from tf_piggyback.taskfile import load_task, named_tasks
 
@@ -126,7 +126,7 @@ def _tflite_module(backbone, task_paths, switching=False):
     """The module and per-task signatures a TFLite file is converted from: one task baked,
     several as `_PackedTask`s over one copy of the backbone (`switching`: `_SwitchingTasks`)."""
     names, paths = named_tasks(task_paths)
-    spec = image_spec(backbone)
+    spec = input_spec(backbone)
     module = tf.Module()
     if len(paths) == 1:
         model = bake(load_task(paths[0], backbone))
@@ -146,7 +146,7 @@ def _tflite_module(backbone, task_paths, switching=False):
 
 
 def _restored(loaded, name):
-    return lambda image: loaded.signatures[name](image=image)
+    return lambda inputs: loaded.signatures[name](**inputs if isinstance(inputs, dict) else {"image": inputs})
 
 
 def representative_images(spec, image_shape):
@@ -204,7 +204,7 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
             converter.experimental_enable_resource_variables = True
         else:
             loaded = tf.saved_model.load(tmp)
-            spec = image_spec(shape)
+            spec = input_spec(backbone)
             functions = [signature(_restored(loaded, name), spec, name).get_concrete_function() for name in names]
             converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, loaded)
         if quantize == "float16":
