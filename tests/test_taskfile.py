@@ -228,3 +228,39 @@ def test_one_threshold_rule_and_one_bit_order_everywhere(mask_type):
     np.testing.assert_array_equal(unpack(tf.constant(packed)).numpy()[:mask.size], mask)
     bits = coding.unpack_words(tf.constant(coding.pack_words(mask, mask_type)), coding.mask_bits(mask, mask_type).size).numpy()
     np.testing.assert_array_equal(bits, coding.mask_bits(mask, mask_type))
+
+
+def test_masks_are_read_by_the_path_of_their_kernel(tmp_path):
+    """The order of a manifest's entries does not matter: each mask goes to the kernel it names
+    (the kernels `c1` and `fc` of the tiny backbone differ in shape, `dw` and `sep` do not)."""
+    model = trained_like(piggyback(tiny_backbone(), 3, train_bn=True))
+    path = os.path.join(tmp_path, "task.npz")
+    save_task(model, path)
+    with np.load(path) as data:
+        arrays = dict(data)
+    manifest = json.loads(arrays["manifest"].tobytes())
+    manifest["layers"].reverse()
+    arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
+    np.savez(path, **arrays)
+    loaded = load_task(path, tiny_backbone())
+    np.testing.assert_array_equal(loaded(X).numpy(), model(X).numpy())
+
+
+def test_a_backbone_whose_layers_are_named_otherwise_loads_in_order(tmp_path):
+    """Auto-generated layer names (`dense_3`) differ from process to process; the fingerprint
+    shows the weights are the same, in the same order, and the masks are read in that order."""
+    import keras
+
+    def backbone():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        return keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Dense(8, activation="relu")(inputs)))
+
+    first = backbone()
+    model = trained_like(piggyback(first, 3))
+    path = os.path.join(tmp_path, "task.npz")
+    save_task(model, path)
+    second = backbone()
+    assert [w.path for w in second.weights] != [w.path for w in first.weights]
+    x = np.random.default_rng(2).normal(size=(4, 6)).astype("float32")
+    np.testing.assert_array_equal(load_task(path, second)(x).numpy(), model(x).numpy())

@@ -27,10 +27,10 @@ import tensorflow as tf
 
 from tf_piggyback import coding, methods
 from tf_piggyback.bankmodule import MAX_UID, BankModule, aligned
-from tf_piggyback.fingerprint import check_backbone, fingerprint
+from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.signatures import image_spec
 from tf_piggyback.surgery import HEAD_NAME, feature_model
-from tf_piggyback.taskfile import TaskFileError, read_task, task_name
+from tf_piggyback.taskfile import TaskFileError, TaskRecord, task_name
 
 DEFAULT_SLOTS = 2
 MIXED_SIGNATURES = ("tasks", "tasks_by_name")
@@ -125,8 +125,8 @@ class TaskBank:
             raise ValueError(f"a task named {name!r} is already in the bank; name it with NAME=PATH")
         if name in MIXED_SIGNATURES or name == "serving_default":
             raise ValueError(f"{name!r} is a reserved signature name; name the task with NAME=PATH")
-        manifest, arrays = read_task(path)
-        check_backbone(self.backbone, manifest, path, TaskFileError, actual=self.fingerprint)
+        record = TaskRecord(path, self.backbone, fingerprint=self.fingerprint)
+        manifest = record.manifest
         options = manifest.get("options", {})
         feature_layer = options.get("feature_layer")
         if self._next_uid > MAX_UID:
@@ -144,8 +144,8 @@ class TaskBank:
                 self._feature_variables[feature_layer] = {
                     v.path: v for v in feature_model(self.backbone, feature_layer).variables}
             variables = self._feature_variables[feature_layer]
-            kind, masks = self._pack_masks(path, manifest, arrays, variables)
-            own, head = self._own_and_head(path, manifest, arrays, variables)
+            kind, masks = self._pack_masks(record, variables)
+            own, head = self._own_and_head(record, variables)
             self._feature_layer = feature_layer
             self._variables = {p: tuple(v.shape) for p, v in variables.items()}
         with open(path, "rb") as f:
@@ -176,38 +176,34 @@ class TaskBank:
             raise ValueError(f"no task named {name!r}; the bank has {', '.join(self.names) or 'no tasks'}") from None
 
     @staticmethod
-    def _own_and_head(path, manifest, arrays, variables):
+    def _own_and_head(record, variables):
         """`(BankTask.own, BankTask.head)` of a task file: its per-task backbone weights by path,
         and its Dense head's kernel and bias."""
         own, heads = {}, []
-        for i, entry in enumerate(manifest["weights"]):
-            value = np.asarray(arrays[f"w{i}"], np.float32)
-            if entry["name"].startswith(f"{HEAD_NAME}/"):
-                heads.append(value)
-            elif entry["name"] not in variables or tuple(variables[entry["name"]].shape) != value.shape:
-                raise TaskFileError(f"{path!r}: task weight {entry['name']} does not fit this backbone")
+        for name in record.weight_names:
+            if name.startswith(f"{HEAD_NAME}/"):
+                heads.append(np.asarray(record.weight(name), np.float32))
+            elif name not in variables:
+                raise TaskFileError(f"{record.path!r}: task weight {name} does not fit this backbone")
             else:
-                own[entry["name"]] = value
-        if len(heads) != 2 or heads[0].ndim != 2 or heads[0].shape[1] != manifest["num_classes"]:
-            raise TaskFileError(f"{path!r} has no Dense head of {manifest['num_classes']} classes")
+                own[name] = np.asarray(record.weight(name, variables[name].shape), np.float32)
+        num_classes = record.manifest["num_classes"]
+        if len(heads) != 2 or heads[0].ndim != 2 or heads[0].shape[1] != num_classes:
+            raise TaskFileError(f"{record.path!r} has no Dense head of {num_classes} classes")
         return own, (heads[0], heads[1])
 
-    def _pack_masks(self, path, manifest, arrays, variables):
-        """`(kind, BankTask.masks)` of a task file's masks."""
-        layers = manifest["layers"]
-        if not layers:
+    def _pack_masks(self, record, variables):
+        """`(kind, BankTask.masks)` of a task file's masks, by the path of the kernel each masks."""
+        if not record.mask_names:
             return "none", {}
-        kind = manifest["options"].get("mask_type", "binary")
+        kind = record.manifest["options"].get("mask_type", "binary")
         masks = {}
-        for entry in layers:
-            if entry["name"] not in variables:
-                raise TaskFileError(f"{path!r} masks {entry['name']}, which the backbone does not have")
-            shape = tuple(variables[entry["name"]].shape)
-            if tuple(entry["shape"]) != shape:
-                raise TaskFileError(f"{path!r}: {entry['name']} has shape {tuple(entry['shape'])}, the backbone's {shape}")
-            payload = arrays["masks"][entry["offset"]:entry["offset"] + entry["nbytes"]].tobytes()
-            mask = coding.decode(payload, entry, shape).ravel()
-            masks[entry["name"]] = coding.pack(np.pad(mask, (0, aligned(mask.size) - mask.size)), kind)
+        for name in record.mask_names:
+            if name not in variables:
+                raise TaskFileError(f"{record.path!r} masks {name}, which the backbone does not have (a bank "
+                                    "finds kernels by name: give the backbone's layers fixed names)")
+            mask = record.mask(name, variables[name].shape).ravel()
+            masks[name] = coding.pack(np.pad(mask, (0, aligned(mask.size) - mask.size)), kind)
         return kind, masks
 
     @property

@@ -107,6 +107,50 @@ def read_manifest(path):
     return read_task(path)[0]
 
 
+class TaskRecord:
+    """A task file read once and checked against its backbone: the manifest, and each mask and
+    task weight by the path of the variable it belongs to (`load_task` and `TaskBank.add` both
+    read files through it).
+
+    Attributes:
+        path: the file.
+        manifest: its manifest (see the module docstring).
+        mask_names: the paths of the kernels it masks, in the order the task model had them.
+        weight_names: the paths of its own weights (head, per-task normalization), likewise.
+    """
+
+    def __init__(self, path, backbone, fingerprint=None):
+        self.path = path
+        self.manifest, self._arrays = read_task(path)
+        check_backbone(backbone, self.manifest, path, TaskFileError, actual=fingerprint)
+        self._masks = {entry["name"]: entry for entry in self.manifest["layers"]}
+        self._weights = {entry["name"]: (i, entry) for i, entry in enumerate(self.manifest["weights"])}
+        self.mask_names, self.weight_names = list(self._masks), list(self._weights)
+
+    def mask(self, name, shape):
+        """The int8 mask of kernel `name`, checked to have `shape`."""
+        entry = self._masks[name]
+        _check_shape(self.path, entry, shape)
+        payload = self._arrays["masks"][entry["offset"]:entry["offset"] + entry["nbytes"]].tobytes()
+        return coding.decode(payload, entry, tuple(shape))
+
+    def weight(self, name, shape=None):
+        """The value of task weight `name`, checked to have `shape` (when given)."""
+        index, entry = self._weights[name]
+        if shape is not None:
+            _check_shape(self.path, entry, shape)
+        return self._arrays[f"w{index}"]
+
+    def matched(self, names, paths, what):
+        """This file's names for the model's variables `paths` (`names`: `mask_names` or
+        `weight_names`): by path; where the paths differ but the counts agree, in order (the
+        fingerprint has shown the backbone's weights are these, in this order; only a layer's
+        auto-generated name, `dense_3`, differs from process to process)."""
+        if len(names) != len(paths):
+            raise TaskFileError(f"{self.path!r} holds {len(names)} {what}; the model has {len(paths)}")
+        return list(paths) if set(paths) == set(names) else list(names)
+
+
 def load_task(path, backbone):
     """Rebuilds a task model from a task file and the backbone it was trained on.
 
@@ -128,27 +172,19 @@ def load_task(path, backbone):
     >>> model.output_shape
     (None, 3)
     """
-    manifest, arrays = read_task(path)
-    check_backbone(backbone, manifest, path, TaskFileError)
+    record = TaskRecord(path, backbone)
+    manifest = record.manifest
     try:
         model = methods.get(manifest["method"]).load(backbone, manifest)
-        entries = iter(manifest["layers"])
-        for layer in masked_layers(model):
-            for mask_var in layer.masks:
-                entry = next(entries)
-                _check_shape(path, entry, mask_var.shape)
-                payload = arrays["masks"][entry["offset"]:entry["offset"] + entry["nbytes"]].tobytes()
-                mask_var.assign(real_from_mask(coding.decode(payload, entry, tuple(entry["shape"])), layer.threshold))
-        if next(entries, None) is not None:
-            raise TaskFileError(f"{path!r} has more masks than the backbone has maskable layers")
+        masked = [(layer, mask, kernel) for layer in masked_layers(model)
+                  for mask, kernel in zip(layer.masks, layer.kernels)]
+        names = record.matched(record.mask_names, [kernel.path for _, _, kernel in masked], "masks")
+        for (layer, mask, _), name in zip(masked, names):
+            mask.assign(real_from_mask(record.mask(name, mask.shape), layer.threshold))
         weights = task_weights(model)
-        if len(weights) != len(manifest["weights"]):
-            raise TaskFileError(f"{path!r} holds {len(manifest['weights'])} task weights; the model has {len(weights)}")
-        for i, (w, entry) in enumerate(zip(weights, manifest["weights"])):
-            _check_shape(path, entry, w.shape)
-            w.assign(arrays[f"w{i}"])
-    except StopIteration:
-        raise TaskFileError(f"{path!r} has fewer masks than the backbone has maskable layers") from None
+        names = record.matched(record.weight_names, [w.path for w in weights], "task weights")
+        for weight, name in zip(weights, names):
+            weight.assign(record.weight(name, weight.shape))
     except (KeyError, ValueError, TypeError) as e:
         if isinstance(e, TaskFileError):
             raise
