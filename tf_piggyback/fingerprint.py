@@ -1,6 +1,7 @@
 """A SHA-256 fingerprint of a backbone, so a task is never applied to the wrong one."""
 
 import hashlib
+import inspect
 import json
 
 import keras
@@ -23,13 +24,26 @@ def architecture(model):
             for inner in layer.layers:
                 visit(inner)
             return
-        config = {k: v for k, v in layer.get_config().items() if k not in _IGNORED}
+        config = {k: v for k, v in _config(layer).items() if k not in _IGNORED}
         layers.append([type(layer).__name__, config])
 
     for layer in model.layers:
         visit(layer)
     inputs = [list(tensor.shape[1:]) for tensor in model.inputs]
     return json.dumps({"inputs": inputs, "layers": layers}, sort_keys=True, default=str)
+
+
+def _config(layer):
+    """`layer.get_config()`; for a layer whose class leaves `get_config` to Keras, which records
+    the `__init__` arguments only when they were all serializable (keras-hub 0.32's
+    `RMSNormalization` loaded from a `.keras` file is given a `DTypePolicy` object), those
+    arguments read back from the layer's attributes of the same names: what the recorded config
+    held, so a backbone built in code and the same one loaded from a file agree."""
+    try:
+        return layer.get_config()
+    except NotImplementedError:
+        parameters = inspect.signature(type(layer).__init__).parameters
+        return {name: getattr(layer, name) for name in parameters if name != "self" and hasattr(layer, name)}
 
 
 def fingerprint(model):
