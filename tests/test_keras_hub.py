@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import tf_piggyback as pb
-from conftest import REPO
+from conftest import REPO, tflite_ops
 from tf_piggyback.export import export_saved_model, export_tflite
 from tf_piggyback.layers import is_kernel
 from tf_piggyback.surgery import masked_layers
@@ -155,6 +155,7 @@ def test_vit_backbone_every_path(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
     export_tflite(backbone, [a], str(tmp_path / "a.tflite"))
+    assert not [op for op in tflite_ops(str(tmp_path / "a.tflite")) if op.startswith("Flex") or op == "CUSTOM"]
     out = Interpreter(model_path=str(tmp_path / "a.tflite")).get_signature_runner("serving_default")(image=x)
     np.testing.assert_allclose(out["logits"], expected, atol=1e-4)
     assert all(np.array_equal(v, w.numpy()) for v, w in zip(before, backbone.weights))
@@ -197,6 +198,7 @@ def test_bert_takes_its_dict_inputs_on_every_path(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
     export_tflite(backbone, [f"a={a}", f"b={b}"], str(tmp_path / "tasks.tflite"))
+    assert not [op for op in tflite_ops(str(tmp_path / "tasks.tflite")) if op.startswith("Flex") or op == "CUSTOM"]
     interpreter = Interpreter(model_path=str(tmp_path / "tasks.tflite"))
     for name, path in (("a", a), ("b", b)):
         np.testing.assert_allclose(interpreter.get_signature_runner(name)(**x)["logits"],
