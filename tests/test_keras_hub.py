@@ -161,6 +161,14 @@ def test_vit_backbone_every_path(tmp_path):
     assert all(np.array_equal(v, w.numpy()) for v, w in zip(before, backbone.weights))
 
 
+def test_lora_refuses_what_it_cannot_reach():
+    """LoRA adapts layers Keras can `enable_lora` on; keras-hub's encoders hold theirs inside.
+    Without the refusal a LoRA task on them trained its head alone."""
+    with pytest.raises(ValueError, match=r"sublayers it does not reach: vit_patching_and_embedding "
+                                         r"\(ViTPatchingAndEmbedding\), .*Use piggyback"):
+        pb.lora(vit_backbone(), 3, rank=4)
+
+
 def test_vit_backbone_trains_from_the_cli(tmp_path):
     vit_backbone().save(tmp_path / "vit.keras")
     run = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "train.py"),

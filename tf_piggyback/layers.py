@@ -314,7 +314,7 @@ def is_kernel(weight):
     return weight.path.rsplit("/", 1)[-1] == "kernel"
 
 
-def _is_composite(layer):
+def is_composite(layer):
     """Whether `layer` holds kernels in sublayers and no recurrent ones (whose recurrent kernels
     a mask over `kernel` weights would miss)."""
     sublayers = layer._flatten_layers(include_self=False)
@@ -333,6 +333,6 @@ def wrapper_for(layer):
     for cls in WRAPPERS:
         if isinstance(layer, cls.wrapped_types) and getattr(layer, "padding", None) != "causal":
             return cls
-    if isinstance(layer, keras.layers.Layer) and _is_composite(layer):
+    if isinstance(layer, keras.layers.Layer) and is_composite(layer):
         return MaskedComposite
     return None

@@ -5,6 +5,7 @@ import keras
 import numpy as np
 
 from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.layers import is_composite
 from tf_piggyback.methods.base import Method, register, schedule
 from tf_piggyback.surgery import TaskSpec, add_head, feature_model, freeze_backbone, lora_adapters, lora_targets, \
     iter_layers, rebuilt, task_weights
@@ -28,6 +29,12 @@ def lora(backbone, num_classes, *, rank, feature_layer=None):
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1. Received: rank={rank!r}")
     features = feature_model(backbone, feature_layer)
+    unreached = [f"{layer.name} ({type(layer).__name__})" for layer in iter_layers(features)
+                 if not lora_targets(layer) and is_composite(layer)]
+    if unreached:
+        raise ValueError("LoRA adapts Dense, EinsumDense, convolution and MultiHeadAttention layers; these hold "
+                         f"kernels in sublayers it does not reach: {', '.join(unreached[:4])}"
+                         f"{', ...' if len(unreached) > 4 else ''}. Use piggyback, which masks them")
     copies = []
 
     def clone(layer):
