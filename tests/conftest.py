@@ -40,6 +40,19 @@ def tiny_backbone(name="tiny"):
     return model
 
 
+def random_masks(model, seed, sparsity=0.3):
+    """Sets `model`'s masks at random, as if trained: a fraction `sparsity` of each off."""
+    import numpy as np
+
+    from tf_piggyback.surgery import masked_layers
+
+    rng = np.random.default_rng(seed)
+    for layer in masked_layers(model):
+        for mask in layer.masks:
+            mask.assign(np.where(rng.random(mask.shape) < sparsity, 0.0, 0.01).astype("float32"))
+    return model
+
+
 def tflite_ops(path):
     """Names of the operators in a `.tflite` file, read with TensorFlow's public model analyzer."""
     import contextlib

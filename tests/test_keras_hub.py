@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import tf_piggyback as pb
-from conftest import REPO, tflite_ops
+from conftest import REPO, random_masks, tflite_ops
 from tf_piggyback.export import export_saved_model, export_tflite
 from tf_piggyback.layers import is_kernel
 from tf_piggyback.surgery import masked_layers
@@ -122,11 +122,8 @@ def test_keras_hub_backbone(name, tmp_path):
 
 
 def random_task(backbone, num_classes, seed, path, **options):
-    model = pb.piggyback(backbone, num_classes, **options)
+    model = random_masks(pb.piggyback(backbone, num_classes, **options), seed)
     rng = np.random.default_rng(seed)
-    for layer in masked_layers(model):
-        for mask in layer.masks:
-            mask.assign(np.where(rng.random(mask.shape) < 0.3, 0.0, 0.01).astype("float32"))
     model.get_layer("head").set_weights([rng.normal(0, 0.3, w.shape).astype("float32")
                                          for w in model.get_layer("head").get_weights()])
     pb.save_task(model, path)

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tf_piggyback as pb
-from conftest import REPO, tflite_ops
+from conftest import REPO, random_masks, tflite_ops
 from tf_piggyback.backbones import digits_vit_backbone
 from tf_piggyback.datasets import to_arrays
 from tf_piggyback.export import export_saved_model, export_tflite
@@ -24,14 +24,6 @@ ATTENTION_KERNELS = ["query/kernel", "key/kernel", "value/kernel", "attention_ou
 def script(*args):
     return subprocess.run([sys.executable, os.path.join(REPO, *args[0].split("/")), *args[1:]],
                           capture_output=True, text=True, cwd=REPO)
-
-
-def random_masks(model, seed, sparsity=0.3):
-    rng = np.random.default_rng(seed)
-    for layer in masked_layers(model):
-        for mask in layer.masks:
-            mask.assign(np.where(rng.random(mask.shape) < sparsity, 0.0, 0.01).astype("float32"))
-    return model
 
 
 def test_surgery_masks_attention_and_mlp_and_owns_layer_norms():
