@@ -84,7 +84,7 @@ def box_pixels(size, box):
 def _crop_window(image_size, seed):
     """`(begin, size)` of the paper protocol's random crop in an image of `image_size` `[h, w, c]`."""
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        image_size, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+        image_size, bounding_boxes=tf.constant([[WHOLE_IMAGE]]), seed=seed,
         min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
         use_image_if_no_bounding_boxes=True)
     return begin, size

@@ -240,11 +240,11 @@ class TaskBank:
         """The module, its functions traced for calls or not (`serving_module`)."""
         if not self._tasks:
             raise ValueError("the bank has no tasks; add a task file first")
-        if isinstance(self.backbone.input, dict):
-            raise ValueError(f"a TaskBank serves backbones of one image input; {self.backbone.name!r} takes "
-                             f"{', '.join(self.backbone.input)}: export each of its tasks on its own")
         with self._building:  # concurrent first calls build and trace one module, once
             if self._module is None:
+                if isinstance(self.backbone.input, dict):
+                    raise ValueError(f"a TaskBank serves backbones of one image input; {self.backbone.name!r} takes "
+                                     f"{', '.join(self.backbone.input)}: export each of its tasks on its own")
                 self._module, self._traced = BankModule(self), False
             if traced and not self._traced:
                 self._module.forward.get_concrete_function()
