@@ -158,12 +158,32 @@ def test_vit_backbone_every_path(tmp_path):
     assert all(np.array_equal(v, w.numpy()) for v, w in zip(before, backbone.weights))
 
 
-def test_lora_refuses_what_it_cannot_reach():
-    """LoRA adapts layers Keras can `enable_lora` on; keras-hub's encoders hold theirs inside.
-    Without the refusal a LoRA task on them trained its head alone."""
-    with pytest.raises(ValueError, match=r"sublayers it does not reach: vit_patching_and_embedding "
-                                         r"\(ViTPatchingAndEmbedding\), .*Use piggyback"):
-        pb.lora(vit_backbone(), 3, rank=4)
+@pytest.mark.parametrize("name", ["ViTBackbone", "BertBackbone", "GemmaBackbone"])
+def test_lora_adapts_the_kernels_inside_keras_hub_layers(name, tmp_path):
+    """keras-hub keeps every kernel inside composite layers (encoders, attention, MLP, patch
+    embedding). LoRA adapts each of them; before, it trained the head alone."""
+    build, options, inputs = KERAS_HUB[name]
+    backbone = build()
+    before = [w.numpy().copy() for w in backbone.weights]
+    model = pb.lora(backbone, 3, rank=2, **options)
+    features = pb.surgery.feature_model(backbone, options.get("feature_layer"))
+    adapted = {p.rsplit("/", 1)[0] for p in (w.path for w in model.trainable_variables) if "lora_kernel" in p}
+    assert adapted == {w.path.rsplit("/", 1)[0] for w in features.weights if is_kernel(w)}
+    assert {w.path for w in model.trainable_variables} == {
+        *(f"{p}/lora_kernel_{ab}" for p in adapted for ab in "ab"), "head/kernel", "head/bias"}
+    frozen = {w.path: w.numpy().copy() for w in model.weights if "lora" not in w.path and "head" not in w.path}
+    x = inputs(32)
+    batches = tf.data.Dataset.from_tensor_slices((x, np.arange(32) % 3)).batch(8)
+    pb.train(model, batches, pb.TrainConfig(method="lora", epochs=2, head_lr=1e-2), log=lambda line: None)
+    assert all(np.array_equal(v, w.numpy()) for v, w in zip(before, backbone.weights))
+    assert all(np.array_equal(frozen[w.path], w.numpy()) for w in model.weights if w.path in frozen)
+    assert all(np.any(w.numpy()) for w in model.trainable_variables if w.path.endswith("lora_kernel_b"))
+
+    path = str(tmp_path / "task.npz")
+    pb.save_task(model, path)
+    expected = model(x).numpy()
+    np.testing.assert_array_equal(in_fresh_process(backbone, path, x, tmp_path), expected)
+    np.testing.assert_allclose(pb.bake(model)(x).numpy(), expected, atol=1e-4)
 
 
 def test_vit_backbone_trains_from_the_cli(tmp_path):

@@ -5,12 +5,13 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import tf_piggyback as pb
-from conftest import REPO
+from conftest import REPO, composite_backbone
 from tf_piggyback.backbones import digits_vit_backbone
 from tf_piggyback.datasets import to_arrays
 from tf_piggyback.export import export_saved_model, export_tflite
@@ -85,3 +86,38 @@ def test_adapters_train_and_nothing_else_changes():
     assert all(np.array_equal(copy[w.path], w.numpy()) for w in model.weights if w.path in copy)
     with pytest.raises(ValueError, match=r"rank must be an integer >= 1"):
         lora(backbone, 5, rank=0)
+
+
+def test_adapters_reach_kernels_inside_a_users_own_layers():
+    """A `Layer` subclass holding `Dense` layers (one level down and two, in a `Sequential`) gets an
+    adapter on each; its LayerNormalization and kernels stay frozen; bake merges them."""
+    backbone = composite_backbone()
+    model = lora(backbone, 3, rank=2)
+    adapted = sorted({w.path.rsplit("/", 1)[0] for w in model.trainable_variables if "lora_kernel" in w.path})
+    assert adapted == ["block1/gate", "block1/mlp/fc1", "block1/mlp/fc2", "block2/gate", "block2/mlp/fc1",
+                       "block2/mlp/fc2", "stem"]
+    x = np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 3)).astype("float32")
+    frozen = {w.path: w.numpy().copy() for w in model.weights if "lora" not in w.path and "head" not in w.path}
+    batches = tf.data.Dataset.from_tensor_slices((x, np.arange(16) % 3)).batch(8)
+    pb.train(model, batches, pb.TrainConfig(method="lora", epochs=2, head_lr=1e-2), log=lambda line: None)
+    assert all(np.array_equal(frozen[w.path], w.numpy()) for w in model.weights if w.path in frozen)
+    np.testing.assert_allclose(pb.bake(model)(x).numpy(), model(x).numpy(), atol=1e-5)
+
+
+def test_a_layer_holding_kernels_lora_cannot_adapt_is_refused():
+    """A composite whose only kernel is a transposed convolution's (no `enable_lora`): refused in one
+    line; before, such a task silently trained its head alone."""
+    inner = keras.layers.Conv2DTranspose(4, 3, name="up")
+
+    class Up(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.up = inner
+
+        def call(self, x):
+            return self.up(x)
+
+    inputs = keras.Input((4, 4, 3))
+    backbone = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(Up(name="up_block")(inputs)))
+    with pytest.raises(ValueError, match=r"these hold kernels in no such layer: up_block \(Up\)\. Use piggyback"):
+        lora(backbone, 3, rank=2)

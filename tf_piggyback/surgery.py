@@ -56,15 +56,19 @@ def lora_adapters(layer):
     return [w for w in getattr(layer, "weights", ()) if w.path.rsplit("/", 1)[-1] in ADAPTERS]
 
 
+ADAPTABLE = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D, keras.layers.Conv2D,
+             keras.layers.Conv3D)
+
+
 def lora_targets(layer):
     """The layers inside `layer` that `lora` adapts: itself if Keras can (`enable_lora`: Dense,
-    EinsumDense, convolutions), or a MultiHeadAttention's four projections."""
-    if isinstance(layer, keras.layers.MultiHeadAttention):
-        return [layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense]
-    if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D, keras.layers.Conv2D,
-                          keras.layers.Conv3D)):
+    EinsumDense, convolutions), else every such layer it holds at any depth (a MultiHeadAttention's
+    four projections, a keras-hub encoder's attention and MLP, a user's `Layer` with `Dense` inside)."""
+    if isinstance(layer, ADAPTABLE):
         return [layer]
-    return []
+    if not isinstance(layer, keras.layers.Layer) or isinstance(layer, keras.Model):
+        return []
+    return [sub for sub in layer._flatten_layers(include_self=False) if isinstance(sub, ADAPTABLE)]
 
 
 def task_layers(model):
@@ -106,6 +110,8 @@ def freeze_backbone(model):
         elif adapters:  # a LoRA copy: only its adapters train, its kernels and biases stay the backbone's
             unfrozen += int(any(w.trainable for w in layer.weights if id(w) not in adapters))
             layer.trainable = True
+            for sub in layer._flatten_layers(include_self=False):  # parents first; a composite's norms stay frozen
+                sub.trainable = bool(lora_adapters(sub))
             for w in layer.weights:
                 w.trainable = id(w) in adapters
         elif layer.trainable and layer.weights:
@@ -241,10 +247,9 @@ def _merged(layer):
     merged = {}
     for target in lora_targets(layer):
         if getattr(target, "lora_enabled", False):
-            variable = next(w for w in target.weights if is_kernel(w))
-            merged[variable.path] = target.kernel
+            merged[id(next(w for w in target.weights if is_kernel(w)))] = target.kernel
     adapters = {id(w) for w in lora_adapters(layer)}
-    return [merged.get(w.path, w) for w in layer.weights if id(w) not in adapters]
+    return [merged.get(id(w), w) for w in layer.weights if id(w) not in adapters]
 
 
 def bake(model):

@@ -13,10 +13,12 @@ from tf_piggyback.surgery import TaskSpec, add_head, feature_model, freeze_backb
 
 def lora(backbone, num_classes, *, rank, feature_layer=None):
     """The LoRA baseline (Hu et al., ICLR 2022): low-rank adapters `W + (alpha / r) A B` learned
-    on copies of the backbone's Dense, EinsumDense, convolution and attention-projection layers
+    on copies of the backbone's Dense, EinsumDense and convolution layers, wherever they sit: at
+    the top of the graph or inside a composite layer (attention projections, a keras-hub
+    encoder's attention and MLP, a user's `Layer` subclass), found as `surgery.lora_targets`
     (Keras' `enable_lora(rank)`; alpha = r). Kernels and biases stay the backbone's values,
-    BatchNormalization stays frozen, and the task owns only the adapters and a new head; a
-    layer Keras cannot adapt (depthwise and separable convolutions) stays frozen and shared.
+    normalization stays frozen, and the task owns only the adapters and a new head; a layer
+    Keras cannot adapt (depthwise and separable convolutions) stays frozen and shared.
 
     Unlike a piggyback task, a LoRA task model copies the layers it adapts (Keras adds the
     adapters to the layer itself), and `bake` merges each adapter into a full float kernel: a
@@ -32,8 +34,8 @@ def lora(backbone, num_classes, *, rank, feature_layer=None):
     unreached = [f"{layer.name} ({type(layer).__name__})" for layer in iter_layers(features)
                  if not lora_targets(layer) and is_composite(layer)]
     if unreached:
-        raise ValueError("LoRA adapts Dense, EinsumDense, convolution and MultiHeadAttention layers; these hold "
-                         f"kernels in sublayers it does not reach: {', '.join(unreached[:4])}"
+        raise ValueError("LoRA adapts Dense, EinsumDense and convolution layers; these hold kernels in no such "
+                         f"layer: {', '.join(unreached[:4])}"
                          f"{', ...' if len(unreached) > 4 else ''}. Use piggyback, which masks them")
     copies = []
 
