@@ -158,6 +158,30 @@ def test_vit_backbone_every_path(tmp_path):
     assert all(np.array_equal(v, w.numpy()) for v, w in zip(before, backbone.weights))
 
 
+def test_tflite_converts_resnet_and_refuses_gemma_in_one_line(tmp_path):
+    """ResNet converts with builtin ops, one task and two; Gemma's attention slices a boolean
+    mask with a new axis, which TFLite's builtin STRIDED_SLICE does not take: one line, no file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    backbone = resnet_backbone()
+    a, b = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
+    expected = random_task(backbone, 3, 1, a)(images(4)).numpy()
+    random_task(backbone, 4, 2, b)
+    export_tflite(backbone, [a], str(tmp_path / "a.tflite"))
+    export_tflite(backbone, [f"a={a}", f"b={b}"], str(tmp_path / "ab.tflite"))
+    for path, runner in (("a.tflite", "serving_default"), ("ab.tflite", "a")):
+        assert not [op for op in tflite_ops(str(tmp_path / path)) if op.startswith("Flex") or op == "CUSTOM"]
+        out = Interpreter(model_path=str(tmp_path / path)).get_signature_runner(runner)(image=images(4))
+        np.testing.assert_allclose(out["logits"], expected, atol=1e-4)
+
+    gemma = gemma_backbone()
+    random_task(gemma, 3, 1, str(tmp_path / "g.npz"))
+    with pytest.raises(ValueError, match=r"^the TFLite converter cannot convert 'gemma_backbone': it has no builtin "
+                                         r"TFLite kernel for the TensorFlow ops StridedSlice; export a SavedModel"):
+        export_tflite(gemma, [str(tmp_path / "g.npz")], str(tmp_path / "g.tflite"))
+    assert not os.path.exists(tmp_path / "g.tflite")
+
+
 @pytest.mark.parametrize("name", ["ViTBackbone", "BertBackbone", "GemmaBackbone"])
 def test_lora_adapts_the_kernels_inside_keras_hub_layers(name, tmp_path):
     """keras-hub keeps every kernel inside composite layers (encoders, attention, MLP, patch

@@ -7,12 +7,14 @@
   another task (`_SwitchingTasks`: the active task's kernels kept in resource variables).
 """
 
+import re
 import tempfile
 import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.lite.python.convert_phase import ConverterError
 
 from tf_piggyback.coding import pack_words, unpack_words
 from tf_piggyback.files import write_atomic
@@ -223,6 +225,20 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
         with warnings.catch_warnings():
             # int8 calibration runs TensorFlow's own deprecated tf.lite.Interpreter: nothing to act on
             warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated")
-            flatbuffer = converter.convert()
+            try:
+                flatbuffer = converter.convert()
+            except ConverterError as error:
+                raise ValueError(_converter_refusal(backbone, error)) from None
     write_atomic(output_path, lambda f: f.write(flatbuffer))
     return len(flatbuffer)
+
+
+def _converter_refusal(backbone, error):
+    """The one line a user gets where the TFLite converter refuses a model: the TensorFlow ops it
+    has no builtin kernel for (keras-hub's Gemma slices a boolean attention mask with a new axis,
+    which TFLite's STRIDED_SLICE does not take)."""
+    ops = sorted(set(re.findall(r"TF Select ops: ([^\n]+)", str(error))))
+    why = f"it has no builtin TFLite kernel for the TensorFlow ops {', '.join(ops)}" if ops else \
+        str(error).strip().splitlines()[-1]
+    return (f"the TFLite converter cannot convert {backbone.name!r}: {why}; export a SavedModel "
+            "(export/saved_model.py) for this backbone")
