@@ -203,7 +203,9 @@ class TaskBank:
                 raise TaskFileError(f"{record.path!r} masks {name}, which the backbone does not have (a bank "
                                     "finds kernels by name: give the backbone's layers fixed names)")
             mask = record.mask(name, variables[name].shape).ravel()
-            masks[name] = coding.pack(np.pad(mask, (0, aligned(mask.size) - mask.size)), kind)
+            if mask.size != aligned(mask.size):
+                mask = np.pad(mask, (0, aligned(mask.size) - mask.size))
+            masks[name] = coding.pack(mask, kind)
         return kind, masks
 
     @property
