@@ -210,6 +210,24 @@ def test_lora_adapts_the_kernels_inside_keras_hub_layers(name, tmp_path):
     np.testing.assert_allclose(pb.bake(model)(x).numpy(), expected, atol=1e-4)
 
 
+def test_finetune_copies_a_keras_hub_backbone_whole(tmp_path):
+    """Cloned layer by layer, keras-hub 0.32's ViT patch embedding could not be rebuilt from its
+    config: `--method=finetune` crashed. The copy is the backbone's own class, nested."""
+    backbone = vit_backbone()
+    before = [w.numpy().copy() for w in backbone.weights]
+    model = pb.finetune(backbone, 3)
+    assert len(model.trainable_weights) == len(backbone.weights) + 2
+    x = images(16)
+    batches = tf.data.Dataset.from_tensor_slices((x, np.arange(16) % 3)).batch(8)
+    pb.train(model, batches, pb.TrainConfig(method="finetune", epochs=1), log=lambda line: None)
+    assert all(np.array_equal(v, w.numpy()) for v, w in zip(before, backbone.weights))
+    copy = [w.numpy() for w in model.weights if not w.path.startswith("head/")]
+    assert [v.shape for v in copy] == [v.shape for v in before]
+    assert not all(np.array_equal(v, w) for v, w in zip(before, copy))
+    model.save(tmp_path / "model.keras")
+    np.testing.assert_array_equal(keras.models.load_model(tmp_path / "model.keras")(x).numpy(), model(x).numpy())
+
+
 def test_vit_backbone_trains_from_the_cli(tmp_path):
     vit_backbone().save(tmp_path / "vit.keras")
     run = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "train.py"),
