@@ -106,7 +106,7 @@ def test_adapters_reach_kernels_inside_a_users_own_layers():
 
 def test_a_layer_holding_kernels_lora_cannot_adapt_is_refused():
     """A composite whose only kernel is a transposed convolution's (no `enable_lora`): refused in one
-    line; before, such a task silently trained its head alone."""
+    line (without the refusal such a task would train its head alone)."""
     inner = keras.layers.Conv2DTranspose(4, 3, name="up")
 
     class Up(keras.layers.Layer):

@@ -238,7 +238,7 @@ def _converter_refusal(backbone, error):
     has no builtin kernel for (keras-hub's Gemma slices a boolean attention mask with a new axis,
     which TFLite's STRIDED_SLICE does not take)."""
     ops = sorted(set(re.findall(r"TF Select ops: ([^\n]+)", str(error))))
-    why = f"it has no builtin TFLite kernel for the TensorFlow ops {', '.join(ops)}" if ops else \
-        str(error).strip().splitlines()[-1]
-    return (f"the TFLite converter cannot convert {backbone.name!r}: {why}; export a SavedModel "
-            "(export/saved_model.py) for this backbone")
+    if not ops:
+        return f"the TFLite converter failed on {backbone.name!r}: {str(error).strip().splitlines()[-1]}"
+    return (f"the TFLite converter cannot convert {backbone.name!r}: it has no builtin TFLite kernel for the "
+            f"TensorFlow ops {', '.join(ops)}; export a SavedModel (export/saved_model.py) for this backbone")
