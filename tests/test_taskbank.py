@@ -265,6 +265,29 @@ def test_concurrent_cold_calls_of_one_task_fill_it_once(resnet_tasks, tmp_path):
     assert loaded.refills.numpy() == 1
 
 
+def test_add_all_reads_on_threads_what_add_reads_one_by_one(task_files, tmp_path):
+    """Several files at once (what an export does): the same tasks, ids and packed masks as one
+    `add` after another; a batch with a file that cannot be added adds none."""
+    paths, images, expected = task_files
+    one_by_one, at_once = TaskBank(pb.digits_backbone()), TaskBank(pb.digits_backbone())
+    for path in paths.values():
+        one_by_one.add(path)
+    assert at_once.add_all(list(paths.values()), workers=4) == list(paths)
+    for a, b in zip(one_by_one.records, at_once.records):
+        assert (a.name, a.uid, a.kind, a.info) == (b.name, b.uid, b.kind, b.info)
+        np.testing.assert_array_equal(one_by_one.packed(a), at_once.packed(b))
+    np.testing.assert_allclose(at_once.predict(images, task="ter"), expected["ter"], atol=1e-5)
+
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(open(paths["bin"], "rb").read()[:1000])
+    bank = TaskBank(pb.digits_backbone())
+    with pytest.raises(pb.TaskFileError, match="broken.npz"):
+        bank.add_all([paths["bin"], str(broken), paths["ter"]])
+    with pytest.raises(ValueError, match="a task named 'bin' is already in the bank"):
+        bank.add_all([paths["bin"], paths["bin"]])
+    assert bank.names == []
+
+
 def test_adding_a_task_does_not_fingerprint_the_backbone_again(task_files, monkeypatch):
     """`add` costs reading and packing one task file: the backbone's fingerprint (a hash over
     every weight) is computed once per bank, the feature model once per feature layer."""

@@ -45,8 +45,7 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     """
     names, paths = named_tasks(task_paths)
     bank = TaskBank(backbone, slots=slots)
-    for name, path in zip(names, paths):
-        bank.add(path, name)
+    bank.add_all(paths, names)
     if len(paths) > 1:
         return (*bank.serving_module(per_task_signatures), bank.listing())
     spec = input_spec(backbone)
