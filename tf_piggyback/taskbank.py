@@ -130,7 +130,7 @@ class TaskBank:
         added, none is.
 
         The files are read and their masks decoded and packed on `workers` threads (default one
-        per CPU): NumPy releases the GIL there, and it is most of an export's time for many tasks
+        per CPU, at most one per file): NumPy releases the GIL there, and it is most of an export's time for many tasks
         (measured, 20 ResNet-50 task files on 2 cores: 1.7-2.2x faster than one after another).
         """
         names = [name or task_name(path) for path, name in zip(paths, names or [None] * len(paths))]
@@ -144,7 +144,7 @@ class TaskBank:
         if self._next_uid + len(paths) - 1 > MAX_UID:
             raise ValueError(f"this bank would be given {self._next_uid + len(paths):,} tasks, more than its slot ids "
                              f"tell apart ({MAX_UID + 1:,}); make a new TaskBank")
-        with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(workers or max(1, min(len(paths), os.cpu_count() or 1))) as pool:
             read = list(pool.map(self._read, paths))
         served = any(t.kind != "alone" for t in self._tasks)
         layer = self._feature_layer

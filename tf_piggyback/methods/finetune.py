@@ -15,17 +15,17 @@ def finetune(backbone, num_classes, *, feature_layer=None, head=None):
 
     The backbone itself is not touched. Reference: §4, Table 2 (SGD momentum, lr 1e-3).
     """
-    if type(backbone).__module__.split(".")[0] == "keras":  # functional or Sequential: layer by layer
-        copy = keras.models.clone_model(backbone, recursive=True)
-        copy.set_weights(backbone.get_weights())
+    if type(backbone).__module__.split(".")[0] == "keras":  # functional or Sequential: its features, layer by layer
+        features = feature_model(backbone, feature_layer)
+        body = keras.models.clone_model(features, recursive=True)
+        body.set_weights(features.get_weights())
     else:  # a model class of its own (keras-hub's backbones) rebuilds from its arguments; nested whole,
         # the task's model.keras stores it so (its layers' own configs may not load: keras-hub 0.32's ViT)
         own = type(backbone).from_config(backbone.get_config())
         own.set_weights(backbone.get_weights())
         inputs = keras.tree.map_structure(
             lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name), own.input)
-        copy = keras.Model(inputs, own(inputs), name=backbone.name)
-    body = feature_model(copy, feature_layer)
+        body = feature_model(keras.Model(inputs, own(inputs), name=backbone.name), feature_layer)
     for layer in iter_layers(body):
         layer.trainable = True
     return add_head(body, num_classes, name=f"finetune_{backbone.name}", head=task_head(head)[0])
