@@ -14,6 +14,7 @@ import tf_piggyback as pb
 from conftest import REPO
 from tf_piggyback.export import export_saved_model, export_tflite, list_tasks
 from tf_piggyback.taskbank import TaskBank
+from tf_piggyback.taskfile import TaskRecord
 
 KINDS = {"bin": dict(), "ter": dict(mask_type="ternary"), "bn": dict(train_bn=True)}
 
@@ -286,6 +287,59 @@ def test_add_all_reads_on_threads_what_add_reads_one_by_one(task_files, tmp_path
     with pytest.raises(ValueError, match="a task named 'bin' is already in the bank"):
         bank.add_all([paths["bin"], paths["bin"]])
     assert bank.names == []
+
+
+def test_a_new_version_decodes_only_the_task_files_the_last_one_lacks(task_files, tmp_path, monkeypatch):
+    """Exporting again with one more task (what a server's next version is) decodes that task's
+    masks alone: the others' are read back, already packed, from the latest version. The bank is
+    laid out exactly as from decoded files (every kind: binary, ternary, per-task
+    BatchNormalization, classifier-only), and the new version answers each task as its baked
+    model does."""
+    paths, images, expected = task_files
+    backbone = pb.digits_backbone()
+    base = str(tmp_path / "model")
+    decoded = set()  # the tasks whose masks were decoded
+    original = TaskRecord.mask
+    monkeypatch.setattr(TaskRecord, "mask", lambda record, *a: decoded.add(
+        os.path.basename(os.path.dirname(record.path))) or original(record, *a))
+    export_saved_model(backbone, [paths["ter"]], base)  # one task, baked: it has nothing to offer
+    export_saved_model(backbone, [paths[n] for n in ("bin", "bn", "cls")], base)
+    assert decoded == {"ter", "bin", "bn"}
+    decoded.clear()
+    order = ["cls", "bn", "renamed=" + paths["bin"], "ter"]  # reordered, renamed, one new
+    latest = export_saved_model(backbone, [paths.get(n, n) for n in order], base)
+    assert decoded == {"ter"} and latest.endswith("3")
+
+    fresh, reused = TaskBank(backbone), TaskBank(backbone)
+    names = ["cls", "bn", "renamed", "ter"]
+    files = [paths[n] for n in ("cls", "bn", "bin", "ter")]
+    fresh.add_all(files, names)
+    decoded.clear()
+    reused.add_all(files, names, previous=os.path.join(base, "2"))
+    assert decoded == {"ter"}
+    assert fresh.kernel_paths == reused.kernel_paths
+    for a, b in zip(fresh.records, reused.records):
+        assert (a.name, a.uid, a.kind, a.info, list(a.masks)) == (b.name, b.uid, b.kind, b.info, list(b.masks))
+        np.testing.assert_array_equal(fresh.packed(a), reused.packed(b))
+
+    loaded = tf.saved_model.load(latest)
+    for name, task in zip(names, ("cls", "bn", "bin", "ter")):
+        np.testing.assert_allclose(loaded.signatures[name](image=tf.constant(images))["logits"], expected[task],
+                                   atol=1e-5)
+    # a version without some tasks takes the rest from the last one too
+    decoded.clear()
+    export_saved_model(backbone, [paths["ter"], paths["bn"]], base)
+    assert decoded == set()
+    assert [t["name"] for t in list_tasks(os.path.join(base, "4"))["tasks"]] == ["ter", "bn"]
+    # a latest version whose variables cannot be read offers nothing: the files are decoded
+    data = [f for f in os.listdir(os.path.join(base, "4", "variables")) if f.startswith("variables.data")]
+    with open(os.path.join(base, "4", "variables", data[0]), "r+b") as f:
+        f.truncate(100)
+    decoded.clear()
+    loaded = tf.saved_model.load(export_saved_model(backbone, [paths["bn"], paths["ter"]], base))
+    assert decoded == {"bn", "ter"}
+    np.testing.assert_allclose(loaded.signatures["ter"](image=tf.constant(images))["logits"], expected["ter"],
+                               atol=1e-5)
 
 
 def test_adding_a_task_does_not_fingerprint_the_backbone_again(task_files, monkeypatch):

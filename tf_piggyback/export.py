@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tf_piggyback.signatures import input_spec, signature, with_outputs
 from tf_piggyback.surgery import bake
-from tf_piggyback.taskbank import DEFAULT_SLOTS, TaskBank
+from tf_piggyback.taskbank import DEFAULT_SLOTS, LISTING, TaskBank
 from tf_piggyback.taskfile import load_task, named_tasks, parse_task, task_name
 from tf_piggyback.tflite import QUANTIZATIONS, REPRESENTATIVE_SAMPLES, export_tflite, representative_images
 
@@ -25,10 +25,8 @@ from tf_piggyback.tflite import QUANTIZATIONS, REPRESENTATIVE_SAMPLES, export_tf
 __all__ = ["LISTING", "QUANTIZATIONS", "REPRESENTATIVE_SAMPLES", "build_serving_module", "export_saved_model",
            "export_tflite", "list_tasks", "next_version", "parse_task", "representative_images", "task_name"]
 
-LISTING = "tf_piggyback_tasks.json"  # in a SavedModel's assets/: what `export/list_tasks.py` prints
 
-
-def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_signatures=True):
+def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_signatures=True, previous=None):
     """A `tf.Module` and `{name: tf.function}`: the signatures of a SavedModel (DESIGN 3.5).
 
     One task: its baked model (`bake`), signature `serving_default` and the task's name.
@@ -36,7 +34,8 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     copies) with one signature per task, `serving_default` (the first), `tasks` and
     `tasks_by_name` (a task per example); with `per_task_signatures=False` only the last
     three (see `TaskBank.serving_module` for what each signature costs). The third value is the tasks' listing
-    (`TaskBank.listing`), which exports store as `assets/{LISTING}`.
+    (`TaskBank.listing`), which exports store as `assets/{LISTING}`. Tasks that the multi-task
+    SavedModel `previous` holds are taken from it, not decoded again (`TaskBank.add_all`).
 
     The module tracks the raw `tf.Variable`s behind the Keras variables, never a Keras model or
     Keras variable: those save a SavedModel that TF2 loads but TF1-style loaders (TensorFlow
@@ -45,7 +44,7 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     """
     names, paths = named_tasks(task_paths)
     bank = TaskBank(backbone, slots=slots)
-    bank.add_all(paths, names)
+    bank.add_all(paths, names, previous=previous)
     if len(paths) > 1:
         return (*bank.serving_module(per_task_signatures), bank.listing())
     spec = input_spec(backbone)
@@ -56,10 +55,14 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     return module, {names[0]: serve, "serving_default": serve}, bank.listing()
 
 
+def _versions(output_dir):
+    """The integer versions under a TF Serving model directory, in order."""
+    return sorted(int(d) for d in os.listdir(output_dir) if d.isdigit()) if os.path.isdir(output_dir) else []
+
+
 def next_version(output_dir):
     """The next free integer version under a TF Serving model directory."""
-    versions = [int(d) for d in os.listdir(output_dir) if d.isdigit()] if os.path.isdir(output_dir) else []
-    return max(versions, default=0) + 1
+    return max(_versions(output_dir), default=0) + 1
 
 
 def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite=False, slots=DEFAULT_SLOTS,
@@ -78,6 +81,10 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
         per_task_signatures: with several tasks, one signature per task besides
             `serving_default`, `tasks` and `tasks_by_name`; off, the model loads as fast as a
             single task's whatever the number of tasks (`TaskBank.serving_module`).
+
+    A task that the latest version under `output_dir` already holds (the same task file's bytes,
+    the same backbone) is read from that version's variables instead of being decoded again, so
+    a new version with one more task decodes one task file.
     """
     if version is None:
         version = next_version(output_dir)
@@ -86,7 +93,10 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
     final = os.path.join(output_dir, str(version))
     if os.path.exists(final) and not overwrite:
         raise ValueError(f"{final} exists; pick another --version, omit it for the next free one, or pass --overwrite")
-    module, signatures, listing = build_serving_module(backbone, task_paths, slots, per_task_signatures)
+    previous = [os.path.join(output_dir, str(v)) for v in _versions(output_dir)
+                if os.path.isfile(os.path.join(output_dir, str(v), "assets", LISTING))]
+    module, signatures, listing = build_serving_module(backbone, task_paths, slots, per_task_signatures,
+                                                       previous[-1] if previous else None)
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=output_dir)
     try:

@@ -21,6 +21,7 @@ backbone, many tasks at about 1 bit per parameter each).
 import concurrent.futures
 import dataclasses
 import hashlib
+import json
 import os
 import threading
 
@@ -28,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback import coding, methods
-from tf_piggyback.bankmodule import MAX_UID, BankModule, aligned
+from tf_piggyback.bankmodule import KINDS, MAX_UID, BankModule, aligned
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.signatures import image_spec
 from tf_piggyback.surgery import HEAD_NAME, feature_model
@@ -36,6 +37,8 @@ from tf_piggyback.taskfile import TaskFileError, TaskRecord, task_name
 
 DEFAULT_SLOTS = 2
 MIXED_SIGNATURES = ("tasks", "tasks_by_name")
+LISTING = "tf_piggyback_tasks.json"  # in a SavedModel's assets/: `TaskBank.listing`, what `export/list_tasks.py` prints
+_VARIABLE = "{}/.ATTRIBUTES/VARIABLE_VALUE"  # a `BankModule` variable's key in a SavedModel's checkpoint
 
 
 @dataclasses.dataclass
@@ -125,13 +128,17 @@ class TaskBank:
         """Adds a task file; returns its name (default from the path, `taskfile.task_name`)."""
         return self.add_all([path], [name])[0]
 
-    def add_all(self, paths, names=None, workers=None):
+    def add_all(self, paths, names=None, workers=None, previous=None):
         """Adds task files in order; returns their names (`add`'s defaults). If one cannot be
         added, none is.
 
         The files are read and their masks decoded and packed on `workers` threads (default one
         per CPU, at most one per file): NumPy releases the GIL there, and it is most of an export's time for many tasks
         (measured, 20 ResNet-50 task files on 2 cores: 1.7-2.2x faster than one after another).
+
+        `previous`: a multi-task SavedModel folder that `export_saved_model` wrote. A file whose
+        bytes (SHA-256) it lists for this backbone is taken from it, already packed, instead of
+        being decoded again: a new version with one more task decodes one file.
         """
         names = [name or task_name(path) for path, name in zip(paths, names or [None] * len(paths))]
         taken = set(self.names)
@@ -144,8 +151,9 @@ class TaskBank:
         if self._next_uid + len(paths) - 1 > MAX_UID:
             raise ValueError(f"this bank would be given {self._next_uid + len(paths):,} tasks, more than its slot ids "
                              f"tell apart ({MAX_UID + 1:,}); make a new TaskBank")
+        previous = _Exported(previous, self.fingerprint) if previous else None
         with concurrent.futures.ThreadPoolExecutor(workers or max(1, min(len(paths), os.cpu_count() or 1))) as pool:
-            read = list(pool.map(self._read, paths))
+            read = list(pool.map(lambda path: self._read(path, previous), paths))
         served = any(t.kind != "alone" for t in self._tasks)
         layer = self._feature_layer
         for path, (feature_layer, *_, task) in zip(paths, read):
@@ -165,9 +173,14 @@ class TaskBank:
         self._module = None
         return names
 
-    def _read(self, path):
+    def _read(self, path, previous=None):
         """`(feature_layer, {path: variable} of its feature model, BankTask)` of a task file, not
-        yet named or numbered (`add_all` runs this on several threads at once)."""
+        yet named or numbered (`add_all` runs this on several threads at once); from `previous`
+        (an `_Exported`) when it holds the file's task."""
+        digest = None
+        if os.path.isfile(path):  # else TaskRecord says so
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
         record = TaskRecord(path, self.backbone, fingerprint=self.fingerprint)
         manifest = record.manifest
         feature_layer = manifest.get("options", {}).get("feature_layer")
@@ -175,20 +188,23 @@ class TaskBank:
         if alone:  # listed (a single-task export's listing), never served (see BankModule): nothing to lay out
             variables, kind, masks, own, head = None, "alone", {}, {}, None
         else:
-            with self._reading:
-                if feature_layer not in self._feature_variables:
-                    self._feature_variables[feature_layer] = {
-                        v.path: v for v in feature_model(self.backbone, feature_layer).variables}
-            variables = self._feature_variables[feature_layer]
-            kind, masks = self._pack_masks(record, variables)
+            variables = self._feature_model_variables(feature_layer)
+            packed = previous.masks(digest) if previous is not None and record.mask_names else None
+            kind, masks = self._pack_masks(record, variables, packed)
             own, head = self._own_and_head(record, variables)
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
         info = {"num_classes": int(manifest["num_classes"]), "class_names": manifest.get("class_names"),
                 "method": manifest["method"], "mask_type": kind, "sparsity": float(manifest.get("sparsity", 0.0)),
                 "image_size": manifest.get("image_size"), "packed_bytes": sum(m.size for m in masks.values()),
                 "source_sha256": digest, **({"alone": alone} if alone else {})}
         return feature_layer, variables, BankTask(None, None, kind, masks, own, head, info)
+
+    def _feature_model_variables(self, feature_layer):
+        """`{path: variable}` of the feature model ending at `feature_layer`, built once."""
+        with self._reading:
+            if feature_layer not in self._feature_variables:
+                self._feature_variables[feature_layer] = {
+                    v.path: v for v in feature_model(self.backbone, feature_layer).variables}
+            return self._feature_variables[feature_layer]
 
     def remove(self, name):
         """Removes a task by name."""
@@ -223,8 +239,10 @@ class TaskBank:
             raise TaskFileError(f"{record.path!r} has no Dense head of {num_classes} classes")
         return own, (heads[0], heads[1])
 
-    def _pack_masks(self, record, variables):
-        """`(kind, BankTask.masks)` of a task file's masks, by the path of the kernel each masks."""
+    def _pack_masks(self, record, variables, packed=None):
+        """`(kind, BankTask.masks)` of a task file's masks, by the path of the kernel each masks;
+        taken from `packed` (`{path: packed mask}` of the same file, `_Exported.masks`) when given,
+        else decoded (most of what adding a task costs)."""
         if not record.mask_names:
             return "none", {}
         kind = record.manifest["options"].get("mask_type", "binary")
@@ -233,6 +251,9 @@ class TaskBank:
             if name not in variables:
                 raise TaskFileError(f"{record.path!r} masks {name}, which the backbone does not have (a bank "
                                     "finds kernels by name: give the backbone's layers fixed names)")
+            if packed is not None and name in packed:
+                masks[name] = packed[name]
+                continue
             mask = record.mask(name, variables[name].shape).ravel()
             if mask.size != aligned(mask.size):
                 mask = np.pad(mask, (0, aligned(mask.size) - mask.size))
@@ -328,8 +349,55 @@ class TaskBank:
 
     def listing(self):
         """The JSON-ready description of the bank that exports store and `export/list_tasks.py` prints."""
-        return {"format": "tf_piggyback.bank", "version": 1, "backbone": {"name": self.backbone.name,
-                "fingerprint": self.fingerprint}, "slots": self.slots, "tasks": self.tasks()}
+        listing = {"format": "tf_piggyback.bank", "version": 1, "backbone": {"name": self.backbone.name,
+                   "fingerprint": self.fingerprint}, "slots": self.slots, "tasks": self.tasks()}
+        if any(t.kind != "alone" for t in self._tasks):  # how `BankModule.packed` lays masks out (`_Exported`)
+            listing["kernels"] = [[p, int(np.prod(self._variables[p]))] for p in self.kernel_paths]
+        return listing
+
+
+class _Exported:
+    """The packed masks of the tasks a multi-task SavedModel holds, by their task file's SHA-256
+    (`add_all`'s `previous`), read back from its variables as `BankModule` laid them out (each
+    kernel of the listing's `kernels` in turn, then the task's id).
+
+    Only a SavedModel of a bank (a `packed` variable) over the same backbone (fingerprint) offers
+    tasks; any other offers none, and its files are decoded as usual."""
+
+    def __init__(self, path, fingerprint):
+        listing_path = os.path.join(path, "assets", LISTING)
+        if not os.path.isfile(listing_path):
+            raise ValueError(f"{path} holds no assets/{LISTING}: not a SavedModel written by export_saved_model")
+        with open(listing_path) as f:
+            listing = json.load(f)
+        self._kernels = listing.get("kernels")
+        self._indices, self._arrays = {}, None
+        if self._kernels is None or listing["backbone"]["fingerprint"] != fingerprint:
+            return
+        try:
+            reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+            if not reader.has_tensor(_VARIABLE.format("packed")):
+                return
+            # ~3 MB per ResNet-50 task; read now, while an error can still just mean "decode every file"
+            self._arrays = {n: reader.get_tensor(_VARIABLE.format(n)) for n in ("packed", "packed_offsets", "kinds")}
+        except (tf.errors.OpError, IndexError):  # unreadable (IndexError: truncated): the files are decoded as usual
+            return
+        self._indices = {t["source_sha256"]: i for i, t in enumerate(listing["tasks"])}
+
+    def masks(self, digest):
+        """`{kernel path: packed mask}` of the task whose file has SHA-256 `digest` (all kernels
+        of the layout, those it does not mask all ones), or None if there is no such task."""
+        if digest not in self._indices:
+            return None
+        index = self._indices[digest]
+        start, end = self._arrays["packed_offsets"][index:index + 2]
+        packed = self._arrays["packed"][start:end]
+        per_byte = 8 if int(self._arrays["kinds"][index]) == KINDS["binary"] else 4
+        masks, offset = {}, 0
+        for path, size in self._kernels:
+            masks[path] = packed[offset:offset + aligned(size) // per_byte].copy()
+            offset += aligned(size) // per_byte
+        return masks
 
 
 def _served_alone(manifest):
