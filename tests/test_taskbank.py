@@ -173,7 +173,7 @@ def test_serving_bench_runs(tmp_path):
     assert filters == [(1, "constant"), (1, "variable"), (1, "variable, FULLY_CONNECTED"), (3, "constant"),
                        (3, "variable")] and "| 3x3, 16 channels | variable |" in table
     lite = [r for r in rows if r["format"] == "tflite"]
-    rows = [r for r in rows if r["format"] == "saved_model"]
+    rows_all, rows = rows, [r for r in rows if r["format"] == "saved_model"]
     assert [(r["tasks"], r["per_task_signatures"]) for r in rows] == [(1, True), (3, True), (3, False)]
     # one copy of the backbone (the n/8 x 1.1 bound is for ResNet-50, whose masks dwarf a
     # signature's graph; BUILD.md's table checks it)
@@ -186,6 +186,9 @@ def test_serving_bench_runs(tmp_path):
     assert "| 2 single-task files, int8 |" in table and "| one file, float16, unpacked per call |" in table
     assert rows[1]["cold_b8_s"] > 0 and rows[1]["graph_ratio"] > 0 and "signature_first_call_s" not in rows[2]
     assert "| 3 |" in table and "| 3 (no per-task signatures) |" in table
+    exports = [r for r in rows_all if r["format"] == "export"]
+    assert [(r["tasks"], r["per_task_signatures"]) for r in exports] == [(3, True), (3, False)]
+    assert all(r["from_files_s"] > 0 and r["next_version_s"] > 0 for r in exports) and "| 3, `--noper_task" in table
 
 
 @pytest.fixture(scope="module")

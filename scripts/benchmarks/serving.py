@@ -7,11 +7,13 @@ the sides of every ratio share the machine's state): load time, resident memory 
 and after calling every task once, the first (cold) call of a task not in a working slot, and
 warm calls, at batch 1 and 8, through the `tasks` signature; then the first call of every
 per-task signature and the memory after it. Ratios are against the baked single-task model.
+Export times: N tasks from their files, and as the next version beside N-1 of them.
 """
 
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -361,6 +363,41 @@ def phone_table(lite, n):
     return text
 
 
+def export_child(model, image_size, paths, per_task, folder):
+    """Seconds to export `paths` from the files into a new folder, and as the next version of a
+    model folder that holds all but the last (whose tasks it reads back packed), one after the other."""
+    import keras
+
+    from tf_piggyback.backbones import load_backbone
+    from tf_piggyback.export import export_saved_model
+
+    keras.utils.set_random_seed(0)  # the backbone `run` built the tasks on (as bench.py seeds it)
+    backbone = load_backbone(model, "none", image_size)
+    tasks = [f"t{i:03d}={p}" for i, p in enumerate(paths)]
+    export_saved_model(backbone, tasks[:-1], os.path.join(folder, "next"), per_task_signatures=per_task)
+    seconds = {}
+    for key, where in (("from_files_s", "files"), ("next_version_s", "next")):
+        start = time.perf_counter()
+        export_saved_model(backbone, tasks, os.path.join(folder, where), per_task_signatures=per_task)
+        seconds[key] = time.perf_counter() - start
+    shutil.rmtree(folder)
+    return seconds
+
+
+def export_rows(paths, config):
+    """`export_child`'s seconds for every N > 1, with and without per-task signatures, in turn for
+    `config.repeats` rounds (a fresh process each); the medians, and every round's."""
+    runs = {(n, per_task): [] for n in config.tasks if n > 1 for per_task in (True, False)}
+    for _ in range(config.repeats):
+        for (n, per_task), samples in runs.items():
+            samples.append(_child("export_child", model=config.model, image_size=config.image_size,
+                                  paths=paths[:n], per_task=per_task,
+                                  folder=os.path.join(config.workdir, "export_timing")))
+    return [{"format": "export", "tasks": n, "per_task_signatures": per_task,
+             **{key: float(np.median([s[key] for s in samples])) for key in samples[0]},
+             "rounds": samples} for (n, per_task), samples in runs.items()]
+
+
 def _child(function, **kwargs):
     out = subprocess.run([sys.executable, "-c", SERVING_CHILD, function, json.dumps(kwargs), CHILD_PATH], check=True,
                          capture_output=True, text=True)
@@ -423,6 +460,16 @@ def run(config, log=print):
             row["cold_b8_over_warm"] = row["cold_b8_s"] / row["warm_b8_s"]
             row["cold_b1_extra_s"] = row["cold_b1_s"] - row["warm_b1_s"]
     table = markdown(rows, config, packed_bytes, kernel_bytes)
+    exports = export_rows(paths, config)
+    rows += exports
+    table += ("\nExport, seconds (median; every round): N tasks from their files into a new folder, and the "
+              "next version beside a version of N-1 of them (only the new file is decoded).\n\n"
+              "| tasks | N tasks from the files | the next version (+1 task) |\n|---|---|---|\n")
+    for r in exports:
+        label = f"{r['tasks']}" + ("" if r["per_task_signatures"] else ", `--noper_task_signatures`")
+        table += "| " + label + "".join(
+            f" | {r[key]:.1f} ({' / '.join(f'{s[key]:.1f}' for s in r['rounds'])})"
+            for key in ("from_files_s", "next_version_s")) + " |\n"
     if config.clients:
         busy = concurrency_rows({name: m for name, m in models.items() if name == "baked" or not m[2]
                                  or f"{name}-shared" not in models}, config, image_shape)
