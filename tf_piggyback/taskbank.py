@@ -368,21 +368,20 @@ class _Exported:
         listing_path = os.path.join(path, "assets", LISTING)
         if not os.path.isfile(listing_path):
             raise ValueError(f"{path} holds no assets/{LISTING}: not a SavedModel written by export_saved_model")
-        with open(listing_path) as f:
-            listing = json.load(f)
-        self._kernels = listing.get("kernels")
         self._indices, self._arrays = {}, None
-        if self._kernels is None or listing["backbone"]["fingerprint"] != fingerprint:
-            return
-        try:
+        try:  # anything unreadable offers nothing (IndexError: truncated variables): the files are decoded
+            with open(listing_path) as f:
+                listing = json.load(f)
+            self._kernels = listing.get("kernels")
             reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
-            if not reader.has_tensor(_VARIABLE.format("packed")):
+            if (self._kernels is None or listing["backbone"]["fingerprint"] != fingerprint
+                    or not reader.has_tensor(_VARIABLE.format("packed"))):
                 return
             # ~3 MB per ResNet-50 task; read now, while an error can still just mean "decode every file"
             self._arrays = {n: reader.get_tensor(_VARIABLE.format(n)) for n in ("packed", "packed_offsets", "kinds")}
-        except (tf.errors.OpError, IndexError):  # unreadable (IndexError: truncated): the files are decoded as usual
-            return
-        self._indices = {t["source_sha256"]: i for i, t in enumerate(listing["tasks"])}
+            self._indices = {t["source_sha256"]: i for i, t in enumerate(listing["tasks"])}
+        except (ValueError, KeyError, TypeError, IndexError, tf.errors.OpError):
+            self._indices = {}
 
     def masks(self, digest):
         """`{kernel path: packed mask}` of the task whose file has SHA-256 `digest` (all kernels
