@@ -252,6 +252,39 @@ def test_pipeline_bench_reports_the_published_keys(tmp_path):
     assert row["train_size"] == 96 and row["pipeline_classes_per_batch"] >= 5  # 8 draws of 12 classes: ~6.1
 
 
+def test_a_folder_written_as_an_array_record_tfds_set_feeds_training(tmp_path):
+    """`scripts/make_tfds_dataset.py` writes an image folder as a tfds set stored as ArrayRecord
+    (random access); another process, where its builder is unknown (a set prepared elsewhere),
+    reads it as `tfds:NAME` through `scripts/bench.py --preset=pipeline`, the input train.py builds."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    folder, data_dir = tmp_path / "folder", tmp_path / "tfds"
+    made = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_image_folder.py"),
+                           f"--output={folder}", "--images=120", "--classes=12", "--size=32", "--test_images=0"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert made.returncode == 0, made.stderr[-2000:]
+    script = os.path.join(REPO, "scripts", "make_tfds_dataset.py")
+    written = subprocess.run([sys.executable, script, f"--folder={folder}", "--name=pb_folder_ar",
+                              f"--data_dir={data_dir}", "--file_format=array_record"],
+                             capture_output=True, text=True, cwd=REPO)
+    assert written.returncode == 0 and "90 train, 30 test" in written.stdout, written.stderr[-2000:]
+    out = tmp_path / "bench.json"
+    bench = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--preset=pipeline",
+                            "--dataset=tfds:pb_folder_ar", "--image_size=24", "--batch_size=8", "--cache_mb=0",
+                            f"--output={out}"], capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "TFDS_DATA_DIR": str(data_dir)})
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["train_size"] == 90 and row["pipeline_images_per_s"] > 0 and row["pipeline_classes_per_batch"] >= 5
+    bad = subprocess.run([sys.executable, script, f"--folder={folder}", "--name=Not-A-Name", f"--data_dir={data_dir}"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode != 0 and "--name must be a snake_case identifier" in bad.stderr
+
+
 def test_paper_protocol_boxes_flowers_splits_and_crops():
     """--protocol=paper: Cars (and CUBS) cropped to their bounding boxes, Flowers-102 trained on
     train + validation (Table 1's 2,040), training images scaled so the shorter side is 256 (a
@@ -320,26 +353,67 @@ def _numbered_folder(root, count, classes=10):
     for i in range(count):
         folder = os.path.join(root, f"c{i % classes}")
         os.makedirs(folder, exist_ok=True)
-        image = np.zeros((8, 8, 3), np.uint8)
-        image[..., 0], image[..., 1] = i // 256, i % 256
-        tf.io.write_file(os.path.join(folder, f"{i:05d}.png"), tf.io.encode_png(image))
+        tf.io.write_file(os.path.join(folder, f"{i:05d}.png"), tf.io.encode_png(_numbered_image(i)))
 
 
-@pytest.mark.parametrize("spec", ["folder", "digits"])
-def test_every_epoch_visits_the_images_in_a_fresh_order(tmp_path, spec):
+def _numbered_image(i):
+    """An 8x8 image whose pixels spell its number `i` (lossless as PNG)."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[..., 0], image[..., 1] = i // 256, i % 256
+    return image
+
+
+def _numbered_ids(images):
+    """The numbers that `_numbered_image`s spell."""
+    return (images[:, 0, 0, 0] * 256 + images[:, 0, 0, 1]).astype(int)
+
+
+def _numbered_tfds(data_dir, count):
+    """A real TensorFlow Datasets set stored as ArrayRecord (random access; what `tfds build
+    --file_format=array_record` writes): `count` numbered training images in 10 classes."""
+    import tensorflow_datasets as tfds
+
+    class PbNumberedImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(8, 8, 3)), "label": tfds.features.ClassLabel(num_classes=10)}),
+                supervised_keys=("image", "label"))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(0, count), "test": self._generate_examples(count, 20)}
+
+        def _generate_examples(self, start, size):
+            for i in range(start, start + size):
+                yield i, {"image": _numbered_image(i), "label": i % 10}
+
+    PbNumberedImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return "pb_numbered_images"
+
+
+@pytest.mark.parametrize("spec", ["folder", "digits", "tfds"])
+def test_every_epoch_visits_the_images_in_a_fresh_order(tmp_path, spec, monkeypatch):
     """With a cache smaller than the set and a shuffle window smaller than the set, an image's
     place in one epoch says nothing of its place in the next (|rank correlation| < 0.1); each
     epoch visits every image once; a resumed run repeats an epoch's batches; batches span as
-    many classes as a full shuffle gives."""
+    many classes as a full shuffle gives. A tfds set stored as TFRecord can only stream in its
+    stored order (window-shuffled); stored as ArrayRecord, it is read in a fresh order."""
     from tf_piggyback.trainer import epoch_batches
 
     if spec == "folder":
         root = str(tmp_path / "numbered")
         _numbered_folder(root, 900)
         splits = load_dataset(f"folder:{root}", image_shape=(8, 8, 3), cache_bytes=300 * 8 * 8 * 3)
+        ids = _numbered_ids
+    elif spec == "tfds":
+        import tensorflow_datasets as tfds
 
-        def ids(images):
-            return (images[:, 0, 0, 0] * 256 + images[:, 0, 0, 1]).astype(int)
+        # where `tfds.builder` looks (TFDS_DATA_DIR is read once, when tfds is imported)
+        monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path / "tfds"))
+        name = _numbered_tfds(str(tmp_path / "tfds"), 900)
+        splits = load_dataset(f"tfds:{name}", image_shape=(8, 8, 3), cache_bytes=300 * 8 * 8 * 3)
+        ids = _numbered_ids
     else:  # every digits image is told apart by its pixels
         splits = load_dataset("digits:all", image_shape=(32, 32, 1), cache_bytes=300 * 32 * 32)
         first = np.stack([x.numpy() for x, _ in splits.train])
@@ -355,7 +429,8 @@ def test_every_epoch_visits_the_images_in_a_fresh_order(tmp_path, spec):
         order = []
         for images, labels in make(epoch):
             order.extend(ids(images.numpy()))
-            classes.append(len(set(labels.numpy().tolist())))
+            if len(labels) == 32:  # a full batch (the epoch's last is not)
+                classes.append(len(set(labels.numpy().tolist())))
         orders.append(np.array(order))
     assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == len(orders[0]) == splits.train_size
     np.testing.assert_array_equal(orders[1], orders[2])  # seeded by (seed, epoch)

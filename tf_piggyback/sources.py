@@ -186,14 +186,30 @@ def tfds_splits(name, protocol="simple"):
     if paper and name.split("/")[0] in TRAIN_PLUS_VALIDATION:
         train_split = "train+validation"  # Flowers-102: 2,040 training images (Table 1)
     boxed = paper and name.split("/")[0] in BOXED
+    # ArrayRecord (`tfds build --file_format=array_record`) reads any record at any time; TFRecord
+    # reads records in sequence only (and `tfds.load` does not read ArrayRecord at all).
+    random_access = builder.info.file_format in tfds.core.file_adapters.FileFormat.with_random_access()
 
-    def load(split):
-        try:
-            datasets = tfds.load(name, split=split, as_supervised=not boxed)
-        except Exception as e:
-            raise ValueError(f"could not load tfds:{name} ({type(e).__name__}: {e}); download it with "
-                             f"`tfds build {name}` or set TFDS_DATA_DIR") from None
-        return [ds.map(_crop_to_box, num_parallel_calls=tf.data.AUTOTUNE) for ds in datasets] if boxed else datasets
+    def records(split, encoded=False, seed=None):
+        """The example dicts of `split` (images decoded unless `encoded`): in the stored order,
+        or, with random access and a `seed`, in a fresh order of that seed."""
+        decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
+        if not random_access:
+            return tfds.load(name, split=split, decoders=decoders)
+        source = tfds.data_source(name, split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        return _random_access(source, builder.info.features, decoders, seed)
+
+    def load(splits, seed=None):
+        datasets = []
+        for split in splits:
+            try:
+                ds = records(split, seed=seed)
+            except Exception as e:
+                raise ValueError(f"could not load tfds:{name} ({type(e).__name__}: {e}); download it with "
+                                 f"`tfds build {name}` or set TFDS_DATA_DIR") from None
+            datasets.append(ds.map(_crop_to_box if boxed else lambda e: (e["image"], e["label"]),
+                                   num_parallel_calls=tf.data.AUTOTUNE))
+        return datasets
 
     train, test = load([train_split, test_split])
     for split, ds in ((train_split, train), (test_split, test)):
@@ -216,35 +232,49 @@ def tfds_splits(name, protocol="simple"):
 
     def train_parts(k):
         # Sliced by record, so neither part reads the other's (a `skip` would read the cached
-        # part again every epoch). The rest streams in the stored order (records are read in
-        # sequence, not by index): `trainer.epoch_batches`' window shuffles it.
+        # part again every epoch). The rest streams in a fresh order of each epoch's seed with
+        # random access (ArrayRecord), else in the stored order (TFRecord reads records in
+        # sequence, not by index), which only `trainer.epoch_batches`' window shuffles.
+        def ordered(split, stored):
+            return (lambda seed: load([split], seed)[0]) if random_access else lambda seed: stored
+
         if k == 0:
-            return train.take(0), lambda seed: train
+            return train.take(0), ordered(train_split, train)
         head_split, rest_split = halves(k)
         if not rest_split:
             return train, lambda seed: train.take(0)
         head, rest = load([head_split, rest_split])
-        return head, lambda seed: rest
+        return head, ordered(rest_split, rest)
 
     def train_sizes(k):
         # The first k records' image sizes from their encoded headers (nothing decoded), boxes applied.
         split = halves(k)[0]
         if not split:
             return np.zeros((0, 2), np.int64)
-        records = tfds.load(name, split=split, decoders={"image": tfds.decode.SkipDecoding()})
-        return np.array([size.numpy() for size in records.map(functools.partial(_stored_size, boxed=boxed))],
-                        np.int64).reshape(-1, 2)
+        sizes = records(split, encoded=True).map(functools.partial(_stored_size, boxed=boxed))
+        return np.array([size.numpy() for size in sizes], np.int64).reshape(-1, 2)
 
     def encoded_parts(k):
-        # The records past the first k, their images not decoded; in the stored order (records
-        # are read in sequence): the shuffle window mixes them.
+        # The records past the first k, their images not decoded; ordered as `train_parts`' rest.
         rest = train_split if k == 0 else halves(k)[1]
-        return lambda seed: tfds.load(name, split=rest, decoders={"image": tfds.decode.SkipDecoding()}).map(
+        return lambda seed: records(rest, encoded=True, seed=seed).map(
             lambda example: (example["image"], example["bbox"] if boxed else tf.constant(WHOLE_IMAGE),
                              example["label"]))
 
     return Splits(train, test, list(builder.info.features["label"].names), _size(train), _size(test), train_parts,
                   train_sizes=train_sizes, encoded_parts=encoded_parts)
+
+
+def _random_access(source, features, decoders, seed):
+    """A tfds random-access source (`tfds.data_source`, raw bytes) as a `tf.data.Dataset` of
+    example dicts, its records in order or in a permutation of `seed`: only the record bytes
+    are fetched in Python; parsing and decoding run in the graph, in parallel."""
+    order = np.arange(len(source)) if seed is None else np.random.default_rng(seed).permutation(len(source))
+    fetch = functools.partial(tf.numpy_function, lambda i: source[int(i)], Tout=tf.string, stateful=False)
+    return (tf.data.Dataset.from_tensor_slices(order)
+            .map(lambda i: tf.ensure_shape(fetch([i]), []), num_parallel_calls=tf.data.AUTOTUNE)
+            .map(lambda record: features.deserialize_example(record, decoders=decoders),
+                 num_parallel_calls=tf.data.AUTOTUNE))
 
 
 def _records(ranges, begin, end):
