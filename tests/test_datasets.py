@@ -414,6 +414,9 @@ def test_every_epoch_visits_the_images_in_a_fresh_order(tmp_path, spec, monkeypa
         name = _numbered_tfds(str(tmp_path / "tfds"), 900)
         splits = load_dataset(f"tfds:{name}", image_shape=(8, 8, 3), cache_bytes=300 * 8 * 8 * 3)
         ids = _numbered_ids
+        # the paper protocol reads the streamed part's JPEG/PNG bytes (decode_and_crop) by index too
+        paper = load_dataset(f"tfds:{name}", image_shape=(8, 8, 3), cache_bytes=300 * 9 * 9 * 3, protocol="paper")
+        assert 0 < paper.cached < 900 and sum(1 for _ in paper.epoch(1)) == 900 and paper.test_size == 20
     else:  # every digits image is told apart by its pixels
         splits = load_dataset("digits:all", image_shape=(32, 32, 1), cache_bytes=300 * 32 * 32)
         first = np.stack([x.numpy() for x, _ in splits.train])
