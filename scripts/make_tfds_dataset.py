@@ -6,9 +6,10 @@ TFDS_DATA_DIR=runs/tfds python scripts/bench.py --preset=pipeline --dataset=tfds
 
 A tfds set is stored as TFRecord (read in sequence: training can only window-shuffle the part it
 streams) or ArrayRecord (random access: every epoch reads it in a fresh order; `sources.tfds_splits`).
-This writes both from the same files: FOLDER's class sub-folders (or FOLDER/train and FOLDER/test)
-become the `train` and `test` splits, every image's JPEG bytes stored as they are. Without
-FOLDER/test, every 4th image of each class is the test split. The output belongs under runs/.
+This writes either from the same files: FOLDER/train and FOLDER/test, or FOLDER's class
+sub-folders with a quarter of each class held out (as `--dataset=folder:FOLDER` splits it), become
+the `train` and `test` splits, every image's JPEG bytes stored as they are. The output belongs
+under runs/.
 """
 
 import os
@@ -18,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: n
 from absl import app, flags
 
 from tf_piggyback.cli import user_errors
+from tf_piggyback.sources import SPLIT_SEED, folder_files
 
 FLAGS = flags.FLAGS
 FORMATS = ("tfrecord", "array_record")
@@ -31,26 +33,14 @@ def define_flags():
     flags.mark_flags_as_required(["folder", "name", "data_dir"])
 
 
-def split_files(folder):
-    """`(class names, {split: [(path, label)]})` of an image folder (read as `folder:` specs are)."""
-    from tf_piggyback.sources import _list_class_folders
-
-    parts = [os.path.join(folder, split) for split in ("train", "test")]
-    if all(os.path.isdir(part) for part in parts):
-        (names, *train), (_, *test) = (_list_class_folders(part) for part in parts)
-        return names, {"train": list(zip(*train)), "test": list(zip(*test))}
-    names, files, labels = _list_class_folders(folder)
-    entries = list(zip(files, labels))
-    return names, {"train": [e for i, e in enumerate(entries) if i % 4], "test": entries[::4]}
-
-
 def build(folder, name, data_dir, file_format):
     """Writes the set; returns its builder."""
     import tensorflow_datasets as tfds
 
     if not name.isidentifier() or name != name.lower():
         raise ValueError(f"--name must be a snake_case identifier such as photo4k_ar. Received: {name!r}")
-    names, files = split_files(folder)
+    names, train, test = folder_files(folder, SPLIT_SEED)  # the split train.py makes of the folder
+    files = {"train": list(zip(*train)), "test": list(zip(*test))}
 
     def info(self):
         return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"), features=tfds.features.FeaturesDict(

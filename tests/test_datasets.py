@@ -271,7 +271,7 @@ def test_a_folder_written_as_an_array_record_tfds_set_feeds_training(tmp_path):
     written = subprocess.run([sys.executable, script, f"--folder={folder}", "--name=pb_folder_ar",
                               f"--data_dir={data_dir}", "--file_format=array_record"],
                              capture_output=True, text=True, cwd=REPO)
-    assert written.returncode == 0 and "90 train, 30 test" in written.stdout, written.stderr[-2000:]
+    assert written.returncode == 0 and "96 train, 24 test" in written.stdout, written.stderr[-2000:]
     out = tmp_path / "bench.json"
     bench = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--preset=pipeline",
                             "--dataset=tfds:pb_folder_ar", "--image_size=24", "--batch_size=8", "--cache_mb=0",
@@ -279,7 +279,7 @@ def test_a_folder_written_as_an_array_record_tfds_set_feeds_training(tmp_path):
                            env={**os.environ, "TFDS_DATA_DIR": str(data_dir)})
     assert bench.returncode == 0, bench.stderr[-2000:]
     row = json.loads(out.read_text())
-    assert row["train_size"] == 90 and row["pipeline_images_per_s"] > 0 and row["pipeline_classes_per_batch"] >= 5
+    assert row["train_size"] == 96 and row["pipeline_images_per_s"] > 0 and row["pipeline_classes_per_batch"] >= 5
     bad = subprocess.run([sys.executable, script, f"--folder={folder}", "--name=Not-A-Name", f"--data_dir={data_dir}"],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode != 0 and "--name must be a snake_case identifier" in bad.stderr

@@ -123,8 +123,9 @@ def _image_files(files, labels):
     return ds.ignore_errors(log_warning=True)
 
 
-def folder_splits(root, seed):
-    """`Splits` of an image folder: one sub-folder per class, `train/` and `test/` or a seeded split."""
+def folder_files(root, seed):
+    """`(class names, (train files, labels), (test files, labels))` of an image folder: one
+    sub-folder per class, in `train/` and `test/`, or a quarter of each class held out by `seed`."""
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
         names, files, labels = _list_class_folders(os.path.join(root, "train"))
         test_names, test_files, test_labels = _list_class_folders(os.path.join(root, "test"))
@@ -138,6 +139,12 @@ def folder_splits(root, seed):
             idx = rng.permutation(np.flatnonzero(all_labels == label))
             test[idx[: int(round(len(idx) * TEST_FRACTION))]] = True
         files, labels, test_files, test_labels = all_files[~test], all_labels[~test], all_files[test], all_labels[test]
+    return names, (files, labels), (test_files, test_labels)
+
+
+def folder_splits(root, seed):
+    """`Splits` of an image folder (`folder_files`)."""
+    names, (files, labels), (test_files, test_labels) = folder_files(root, seed)
     files, labels = _interleaved(files, labels)
     test_files, test_labels = _interleaved(test_files, test_labels)
     return Splits(_image_files(files, labels), _image_files(test_files, test_labels), names, len(files),
