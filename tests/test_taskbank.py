@@ -345,6 +345,44 @@ def test_a_new_version_decodes_only_the_task_files_the_last_one_lacks(task_files
                                atol=1e-5)
 
 
+def test_a_new_version_without_per_task_signatures_keeps_the_last_graph(task_files, tmp_path, monkeypatch):
+    """Without per-task signatures, a new version with one more task keeps the latest version's
+    graph and writes only its variables: the backbone is not traced. It answers every task as
+    its baked model does, through the TF2 loader and TF1-style (`saved_model_cli`, as TensorFlow
+    Serving loads). A version whose graph would differ (per-task signatures, another layout of
+    the tasks' own weights) is traced as before."""
+    from tf_piggyback.bankmodule import BankModule
+
+    paths, images, expected = task_files
+    backbone = pb.digits_backbone()
+    base = str(tmp_path / "model")
+    traced = []
+    original = BankModule._compute
+    monkeypatch.setattr(BankModule, "_compute", lambda self, *a: traced.append(1) or original(self, *a))
+    export_saved_model(backbone, [paths[n] for n in ("bin", "bn")], base, per_task_signatures=False)
+    assert traced
+    traced.clear()
+    names = ["bin", "bn", "cls", "ter"]
+    latest = export_saved_model(backbone, [paths[n] for n in names], base, per_task_signatures=False)
+    assert traced == [] and list_tasks(latest)["graph"] == list_tasks(os.path.join(base, "1"))["graph"]
+    with open(os.path.join(base, "1", "saved_model.pb"), "rb") as a, open(os.path.join(latest, "saved_model.pb"), "rb") as b:
+        assert a.read() == b.read()
+    loaded = tf.saved_model.load(latest)
+    out = loaded.signatures["tasks_by_name"](image=tf.constant(images), task=tf.constant([names[i % 4] for i in range(12)]))
+    for row in range(len(images)):
+        name = names[row % 4]
+        np.testing.assert_allclose(out["logits"][row, :expected[name].shape[1]], expected[name][row], atol=1e-5)
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    run = subprocess.run([cli, "run", "--dir", latest, "--tag_set", "serve", "--signature_def", "tasks", "--input_exprs",
+                          f"image={json.dumps(images[:2].tolist())};task=[3,1]"], capture_output=True, text=True)
+    assert run.returncode == 0 and "[4 5]" in run.stdout, run.stderr[-2000:]  # ter: 4 classes, bn: 5
+    export_saved_model(backbone, [paths["bin"], paths["cls"]], base, per_task_signatures=False)  # no per-task BN
+    assert traced and list_tasks(os.path.join(base, "3"))["graph"] != list_tasks(latest)["graph"]
+    traced.clear()
+    export_saved_model(backbone, [paths["bin"], paths["cls"]], base)  # per-task signatures: a graph of their own
+    assert traced and "graph" not in list_tasks(os.path.join(base, "4"))
+
+
 def test_adding_a_task_does_not_fingerprint_the_backbone_again(task_files, monkeypatch):
     """`add` costs reading and packing one task file: the backbone's fingerprint (a hash over
     every weight) is computed once per bank, the feature model once per feature layer."""

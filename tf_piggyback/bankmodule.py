@@ -14,6 +14,10 @@ such request.
 Reference: §3, last paragraph (only the thresholded masks are kept).
 """
 
+import functools
+import hashlib
+import json
+import os
 import uuid
 
 import keras
@@ -47,6 +51,18 @@ def aligned(size):
 _BYTES = np.arange(256, dtype=np.uint8)[:, None]
 _BITS = np.stack([coding.unpack(byte, 8, "binary") for byte in _BYTES]).astype(np.float32)
 _TERNARY = np.stack([coding.unpack(byte, 4, "ternary") for byte in _BYTES]).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest():
+    """SHA-256 of this package's source (`BankModule.graph_key`: other code may trace another graph)."""
+    digest = hashlib.sha256()
+    root = os.path.dirname(os.path.abspath(__file__))
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()
 
 
 def unpack_binary(packed):
@@ -119,16 +135,20 @@ class BankModule(tf.Module):
         self.features = int(tasks[0].head[0].shape[0])
         segments = [np.concatenate([t.own.get(p, values[p]).ravel() for p in own_paths]
                                    + [t.head[0].ravel(), t.head[1].ravel()]) for t in tasks]
-        self.own = tf.Variable(np.concatenate(segments), trainable=False, name="own")
-        self.own_offsets = tf.Variable(np.cumsum([0] + [s.size for s in segments]), trainable=False, dtype=tf.int64)
+        # Shaped [None]: the traced functions do not depend on how many tasks there are or which
+        # (a new version of the bank can keep the last one's graph: `export.export_saved_model`).
+        def per_task(value, dtype, name=None):
+            return tf.Variable(tf.constant(value, dtype), shape=tf.TensorShape([None]), trainable=False, name=name)
+
+        self.own = per_task(np.concatenate(segments), tf.float32, "own")
+        self.own_offsets = per_task(np.cumsum([0] + [s.size for s in segments]), tf.int64)
         packed = [bank.packed(t) for t in tasks]
-        self.packed = tf.Variable(np.concatenate(packed), trainable=False, name="packed")
-        self.packed_offsets = tf.Variable(np.cumsum([0] + [p.size for p in packed]), trainable=False,
-                                          dtype=tf.int64)
-        self.kinds = tf.Variable([KINDS[t.kind] for t in tasks], trainable=False, dtype=tf.int32)
-        self.uids = tf.Variable([float(t.uid) for t in tasks], trainable=False, dtype=tf.float32)
-        self.num_classes = tf.Variable([t.info["num_classes"] for t in tasks], trainable=False, dtype=tf.int32)
-        self.names = tf.Variable([t.name for t in tasks], trainable=False, dtype=tf.string)
+        self.packed = per_task(np.concatenate(packed), tf.uint8, "packed")
+        self.packed_offsets = per_task(np.cumsum([0] + [p.size for p in packed]), tf.int64)
+        self.kinds = per_task([KINDS[t.kind] for t in tasks], tf.int32)
+        self.uids = per_task([float(t.uid) for t in tasks], tf.float32)
+        self.num_classes = per_task([t.info["num_classes"] for t in tasks], tf.int32)
+        self.names = per_task([t.name for t in tasks], tf.string)
 
         # The working slots: saved holding one element (-1: no task's kernels), so the file keeps
         # 1 bit per parameter; filled on first use.
@@ -142,7 +162,7 @@ class BankModule(tf.Module):
         # functions finds by this name, in the Python API and in a loaded SavedModel alike.
         self._lock_name = f"tf_piggyback_bank_fill_{uuid.uuid4().hex}"
 
-        spec = image_spec(bank.backbone)
+        spec = self._spec = image_spec(bank.backbone)
         # autograph=False: control flow is written out (tf.cond, tf.switch_case, tf.while_loop).
         # `compute` is not inlined into its callers and is stateless (see `_compute`): every
         # signature runs one instance of the backbone's graph, optimized once.
@@ -154,6 +174,22 @@ class BankModule(tf.Module):
         self.forward = tf.function(self._forward, input_signature=[spec, tf.TensorSpec([], tf.int32)], autograph=False)
         self.mixed = tf.function(self._mixed, input_signature=[spec, tf.TensorSpec([None], tf.int32)], autograph=False)
         self.lookup = tf.function(self._lookup, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+
+    def graph_key(self):
+        """A SHA-256 of all that this module's traced functions depend on besides its variables'
+        values: the backbone's architecture, the layouts of kernels and own weights, the number of
+        slots, the input, this library's code and TensorFlow's and Keras' versions; None when the
+        architecture has no config. Two modules with one key trace the same graph (unless per-task
+        signatures are added), so a new version of a bank may keep the last one's."""
+        try:
+            architecture = self._template.to_json()
+        except (NotImplementedError, TypeError, ValueError):
+            return None
+        parts = [architecture, self._kernel_layout, self._shared_layout, self._own_layout, self.features,
+                 self._non_float32_paths, [(v.dtype.name, v.shape.as_list()) for v in self.non_float32],
+                 len(self.slots), self._spec.shape.as_list(), self._spec.dtype.name, tf.__version__, keras.__version__,
+                 _code_digest()]
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
     # ---- masked kernels ------------------------------------------------------------------
     def _kernels(self, task):

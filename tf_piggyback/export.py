@@ -15,6 +15,7 @@ import tempfile
 
 import tensorflow as tf
 
+from tf_piggyback.bankmodule import BankModule
 from tf_piggyback.signatures import input_spec, signature, with_outputs
 from tf_piggyback.surgery import bake
 from tf_piggyback.taskbank import DEFAULT_SLOTS, LISTING, TaskBank
@@ -84,7 +85,9 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
 
     A task that the latest version under `output_dir` already holds (the same task file's bytes,
     the same backbone) is read from that version's variables instead of being decoded again, so
-    a new version with one more task decodes one task file.
+    a new version with one more task decodes one task file. Without per-task signatures, a new
+    version whose graph would be the latest one's (`BankModule.graph_key`) keeps that graph and
+    writes only its variables: nothing is traced.
     """
     if version is None:
         version = next_version(output_dir)
@@ -97,6 +100,10 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
                 if os.path.isfile(os.path.join(output_dir, str(v), "assets", LISTING))]
     module, signatures, listing = build_serving_module(backbone, task_paths, slots, per_task_signatures,
                                                        previous[-1] if previous else None)
+    key = module.graph_key() if isinstance(module, BankModule) and not per_task_signatures else None
+    if key:
+        listing["graph"] = key
+    same_graph = previous and key and _graph_key(previous[-1]) == key
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=output_dir)
     try:
@@ -105,7 +112,13 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
             with open(listing_path, "w") as f:
                 json.dump(listing, f, indent=1)
             module.listing = tf.saved_model.Asset(listing_path)  # copied to assets/
-            tf.saved_model.save(module, tmp, signatures=signatures)
+            if same_graph:  # what tf.saved_model.save would write, without tracing the backbone
+                shutil.copy(os.path.join(previous[-1], "saved_model.pb"), tmp)
+                os.makedirs(os.path.join(tmp, "assets"))
+                shutil.copy(listing_path, os.path.join(tmp, "assets", LISTING))
+                tf.train.Checkpoint(root=module).write(os.path.join(tmp, "variables", "variables"))
+            else:
+                tf.saved_model.save(module, tmp, signatures=signatures)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -113,6 +126,14 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _graph_key(path):
+    """The `graph` key of an export's listing (None if it has none or cannot be read)."""
+    try:
+        return list_tasks(path).get("graph")
+    except ValueError:  # includes unreadable JSON
+        return None
 
 
 def list_tasks(path):
