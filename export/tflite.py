@@ -7,6 +7,10 @@ Several --task give one signature per task (the backbone stored once, masks pack
 task gives `serving_default`. `--switching` keeps the active task's masked kernels unpacked
 between calls (see `tf_piggyback.export.export_tflite`). Run it with
 `ai_edge_litert.interpreter.Interpreter(model_path=F).get_signature_runner(NAME)(image=x)`.
+
+`--phone` writes the phone form instead: one constant-filter model of the backbone and a table of
+where each task's masked filters sit in the bytes; `tf_piggyback.phone.PhoneTasks(F).task(NAME)(image=x)`
+rebuilds the interpreter from patched bytes on a switch, then runs at the single-task file's speed.
 """
 
 import os
@@ -17,6 +21,7 @@ from absl import app, flags
 
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
 from tf_piggyback.export import QUANTIZATIONS, export_tflite, representative_images
+from tf_piggyback.phone import export_phone
 
 FLAGS = flags.FLAGS
 
@@ -29,6 +34,8 @@ def define_flags():
     flags.DEFINE_string("representative", None, "For int8: a dataset spec whose training images calibrate.")
     flags.DEFINE_bool("switching", False, "With several --task: keep the active task's masked kernels in variables, "
                       "so a call unpacks masks only when it switches tasks (faster warm calls, one more copy in memory).")
+    flags.DEFINE_bool("phone", False, "Write the phone form (tf_piggyback.phone): the tasks run at the single-task "
+                      "file's speed; switching rebuilds the interpreter from patched bytes. float32 or float16.")
     for name in ("task", "output"):
         flags.mark_flag_as_required(name)
 
@@ -36,11 +43,16 @@ def define_flags():
 @user_errors
 def main(argv):
     del argv
+    if FLAGS.phone and FLAGS.switching:
+        raise ValueError("--phone and --switching are two forms of a multi-task file; pass one")
     backbone = backbone_from_flags()
     representative = None
     if FLAGS.representative:
         representative = representative_images(FLAGS.representative, backbone.inputs[0].shape[1:])
-    size = export_tflite(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative, FLAGS.switching)
+    if FLAGS.phone:
+        size = export_phone(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize)
+    else:
+        size = export_tflite(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative, FLAGS.switching)
     print(f"{FLAGS.output}: {size:,} bytes")
 
 

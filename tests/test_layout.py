@@ -20,7 +20,7 @@ LEVELS = [
     {"taskfile"},
     {"trainer"},
     {"bankmodule", "tflite", "ondevice"},
-    {"taskbank"},
+    {"taskbank", "phone"},
     {"export"},
     {"experiment", "report", "cli"},
 ]

@@ -196,6 +196,22 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
     if switching and quantize != "none":
         raise ValueError("switching keeps float32 working copies of the kernels; export it with quantize=none")
     module, signatures = _tflite_module(backbone, task_paths, switching)
+    flatbuffer = _convert(backbone, module, signatures, quantize, representative, switching)
+    write_atomic(output_path, lambda f: f.write(flatbuffer))
+    return len(flatbuffer)
+
+
+def model_flatbuffer(model, quantize="none", representative=None):
+    """The TFLite flatbuffer (bytes) of a plain Keras model (`bake`d), its `serving_default`
+    signature over `image`, converted as `export_tflite` converts one task."""
+    module = tf.Module()
+    module.variables_ = [v.value for v in model.variables]
+    forward = signature(with_outputs(lambda image: model(image, training=False)), input_spec(model), "serving_default")
+    return _convert(model, module, {"serving_default": forward}, quantize,
+                    None if representative is None else np.asarray(representative, np.float32))
+
+
+def _convert(backbone, module, signatures, quantize, representative, switching=False):
     names = list(signatures)
     # Through a SavedModel: functions restored from one read plain tf.Variables, which the
     # converter freezes into the flatbuffer (Keras variables in memory stay READ_VARIABLE ops).
@@ -229,8 +245,7 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
                 flatbuffer = converter.convert()
             except ConverterError as error:
                 raise ValueError(_converter_refusal(backbone, error)) from None
-    write_atomic(output_path, lambda f: f.write(flatbuffer))
-    return len(flatbuffer)
+    return flatbuffer
 
 
 def _converter_refusal(backbone, error):

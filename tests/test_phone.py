@@ -1,0 +1,137 @@
+"""tf_piggyback.phone: many tasks in one phone file, each run at the single-task file's speed,
+checked against each task's own single-task `.tflite` as an app would run them."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+import tf_piggyback as pb
+from conftest import REPO, random_masks
+from tf_piggyback.phone import PhoneTasks, export_phone, read_table
+from tf_piggyback.surgery import task_weights
+from tf_piggyback.tflite import export_tflite
+
+# name, classes, options: per-task BatchNormalization (folded into the filters by the converter),
+# ternary masks, a different class count each
+TASKS = [("plain", 5, {}), ("bn", 3, {"train_bn": True}), ("ternary", 7, {"mask_type": "ternary", "train_bn": True})]
+
+
+@pytest.fixture(scope="module")
+def phone(tmp_path_factory):
+    """Three random tasks (no training), each one's own float32 `.tflite`, and the phone file."""
+    root = tmp_path_factory.mktemp("phone")
+    specs = []
+    for seed, (name, classes, options) in enumerate(TASKS):
+        model = random_masks(pb.piggyback(pb.digits_backbone(), classes, **options), seed)
+        rng = np.random.default_rng(seed)
+        for weight in task_weights(model):  # BN statistics and head far from the backbone's
+            value = weight.numpy() + rng.normal(0, 0.3, weight.shape)
+            weight.assign(np.abs(value) + 0.1 if weight.path.endswith(("gamma", "moving_variance")) else value)
+        path = str(root / f"{name}.npz")
+        pb.save_task(model, path)
+        specs.append(f"{name}={path}")
+    singles = {}
+    for spec in specs:
+        name, path = spec.split("=")
+        singles[name] = str(root / f"{name}.tflite")
+        export_tflite(pb.digits_backbone(), [path], singles[name])
+    file = str(root / "tasks.tflite")
+    assert export_phone(pb.digits_backbone(), specs, file) == os.path.getsize(file)
+    return specs, singles, file
+
+
+def _reference(singles):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return {name: Interpreter(model_path=f).get_signature_runner("serving_default") for name, f in singles.items()}
+
+
+def test_switching_back_and_forth_matches_each_tasks_own_file(phone):
+    specs, singles, file = phone
+    table = read_table(open(file, "rb").read())
+    by_name = {t["name"]: t for t in table["tasks"]}
+    # the cases are there: every task masks filters; per-task BN is a per-channel filter scale
+    assert all(t["masks"] for t in table["tasks"]) and by_name["ternary"]["mask_type"] == "ternary"
+    assert by_name["bn"]["scales"] and not by_name["plain"]["scales"]
+    assert all(f["layout"] in ("OHWI", "OI") for f in table["filters"]) and len(table["filters"]) == 5
+    reference, tasks = _reference(singles), PhoneTasks(file)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1)).astype("float32")
+    outputs = {}
+    for name in ["plain", "bn", "ternary", "plain", "ternary", "bn", "bn", "plain"]:
+        out, own = tasks.task(name)(image=x), reference[name](image=x)
+        assert tasks.active == name
+        for key in ("logits", "probabilities"):
+            assert out[key].shape == own[key].shape == (4, dict((n, c) for n, c, _ in TASKS)[name])
+            assert np.abs(out[key] - own[key]).max() <= 1e-4, (name, key)
+        outputs.setdefault(name, out["logits"])
+        assert np.array_equal(out["logits"], outputs[name])  # the same answer after every switch
+    with pytest.raises(ValueError, match="no task 'other' in this file; it holds plain, bn, ternary"):
+        tasks.task("other")
+
+
+def test_the_file_runs_in_a_plain_interpreter_and_holds_the_backbone_once(phone):
+    from ai_edge_litert.interpreter import Interpreter
+
+    specs, singles, file = phone
+    interpreter = Interpreter(model_path=file)
+    assert list(interpreter.get_signature_list()) == ["unmasked"]
+    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    out = interpreter.get_signature_runner("unmasked")(image=x)
+    assert out["logits"].shape == (2, 7) and np.allclose(out["probabilities"].sum(-1), 1, atol=1e-5)
+    # one backbone, each task's masks at 1 bit a parameter (2 for ternary) +10%, its head,
+    # BN and scales (~20 KB here), and the table
+    bits = sum(pb.read_manifest(s.split("=")[1])["params"] * (2 if "ternary" in s else 1) for s in specs)
+    single = os.path.getsize(singles["plain"])
+    assert os.path.getsize(file) <= single + 1.1 * bits / 8 + 20_000 * len(specs), (os.path.getsize(file), single)
+
+
+class PhoneCalls(RuleBasedStateMachine):
+    """Any order of calls and switches: every answer is the task's own file's."""
+
+    file, singles = None, None
+
+    def __init__(self):
+        super().__init__()
+        self.tasks, self.reference = PhoneTasks(self.file), _reference(self.singles)
+        self.wrong = []
+
+    @rule(name=st.sampled_from([n for n, _, _ in TASKS]), batch=st.integers(1, 3), seed=st.integers(0, 5))
+    def call(self, name, batch, seed):
+        x = np.random.default_rng(seed).uniform(0, 255, (batch, 32, 32, 1)).astype("float32")
+        if np.abs(self.tasks.task(name)(image=x)["logits"] - self.reference[name](image=x)["logits"]).max() > 1e-4:
+            self.wrong.append(name)
+
+    @rule(name=st.sampled_from([n for n, _, _ in TASKS]))
+    def switch(self, name):
+        self.tasks.switch(name)
+
+    @invariant()
+    def every_answer_is_the_tasks_own(self):
+        assert not self.wrong
+
+
+def test_any_order_of_calls_and_switches(phone):
+    _, PhoneCalls.singles, PhoneCalls.file = phone
+    state = PhoneCalls.TestCase
+    state.settings = settings(max_examples=8, stateful_step_count=10, deadline=None,
+                              suppress_health_check=list(HealthCheck))
+    state().runTest()
+
+
+def test_phone_refuses_int8_and_switching_in_one_line(phone, tmp_path):
+    specs, _, _ = phone
+    with pytest.raises(ValueError, match="a phone file is float32 or float16. Received: quantize='int8'"):
+        export_phone(pb.digits_backbone(), specs, str(tmp_path / "x.tflite"), "int8")
+    assert not os.path.exists(tmp_path / "x.tflite")
+    with pytest.raises(ValueError, match="not a tf_piggyback.phone file"):
+        PhoneTasks(phone[1]["plain"])
+    result = subprocess.run([sys.executable, os.path.join(REPO, "export", "tflite.py"), "--backbone=digits",
+                             *[f"--task={s}" for s in specs], f"--output={tmp_path}/y.tflite", "--phone", "--switching"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "error: --phone and --switching are two forms" in result.stderr, result.stderr

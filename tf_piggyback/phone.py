@@ -1,0 +1,388 @@
+"""Many tasks in one phone file at single-task speed (BUILD.md, "Many tasks in one phone file").
+
+LiteRT gives a convolution to XNNPACK only when its filter is a constant, so a task's masked
+filters must be constants when it runs. The file is an ordinary TFLite model of the backbone,
+every mask 1 (its filters `W`, as the converter stores them: OHWI, BatchNormalization folded in),
+with the first task's own weights; a table in its metadata says where each masked filter and
+each task-owned tensor sits in the bytes, and each task's packed masks, per-channel filter scales
+(a per-task BatchNormalization folded into the filter) and own tensors follow in the file.
+Switching to a task writes `W ⊙ m` (and its own tensors) into a copy of the bytes and builds a
+new interpreter from it (`PhoneTasks`); calls then run at the single-task file's speed.
+
+Reference: Mallya et al., ECCV 2018, §3 (`W ⊙ m`, 1 bit per parameter per task), §5.3 (per-task
+BatchNormalization).
+"""
+
+import json
+import mmap
+import threading
+
+import flatbuffers
+import keras
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+from tf_piggyback import coding
+from tf_piggyback.files import write_atomic
+from tf_piggyback.surgery import bake_with_layers
+from tf_piggyback.taskfile import load_task, named_tasks
+from tf_piggyback.tflite import model_flatbuffer
+
+FORMAT, VERSION = "tf_piggyback.phone", 1
+METADATA = "tf_piggyback"  # the model metadata entry that holds the table (UTF-8 JSON)
+SIGNATURE = "unmasked"  # the stored bytes are the backbone with every mask 1: run a task through the table
+PAD_LOGIT = -1e9  # a task with fewer classes than the file's widest: its extra logits (exp() is 0)
+ALIGN = 16  # every buffer's data, as the TFLite converter aligns them
+DTYPES = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16}
+# Keras kernel -> TFLite filter: (axes of the transpose, channel axis in the TFLite layout, name),
+# the layouts LiteRT's ops take: CONV_2D OHWI, DEPTHWISE_CONV_2D 1HW(I*M), TRANSPOSE_CONV
+# (Keras H,W,O,I) OHWI, FULLY_CONNECTED (O, I); else the Keras layout.
+LAYOUTS = {4: [((3, 0, 1, 2), 0, "OHWI"), (None, 3, "1HW(IM)"), ((2, 0, 1, 3), 0, "OHWI")],
+           2: [((1, 0), 0, "OI"), ((0, 1), 1, "IO")]}
+
+
+def _layout(kernel, layout):
+    axes, _, name = layout
+    if axes is None:  # depthwise (H, W, I, M) -> (1, H, W, I*M)
+        return kernel.reshape(1, *kernel.shape[:2], -1)
+    return np.ascontiguousarray(np.transpose(kernel, axes))
+
+
+def _tensors(model):
+    """`[(name, shape, dtype, buffer index)]` of a flatbuffer's first subgraph."""
+    graph = model.Subgraphs(0)
+    return [(t.Name().decode(), tuple(t.ShapeAsNumpy()) if t.ShapeLength() else (), t.Type(), t.Buffer())
+            for t in (graph.Tensors(i) for i in range(graph.TensorsLength()))]
+
+
+def _data(model, buffer):
+    data = model.Buffers(buffer).DataAsNumpy()
+    return None if isinstance(data, int) else data
+
+
+def _channel_scale(base, other, axis, tolerance):
+    """`q` (float32, one per index of `axis`) with `base * q == other` within `tolerance`
+    (relative to each channel's largest value), or None."""
+    moved_b, moved_o = (np.moveaxis(a.astype(np.float32), axis, 0).reshape(a.shape[axis], -1) for a in (base, other))
+    biggest = np.abs(moved_b).argmax(axis=1)
+    rows = np.arange(len(moved_b))
+    pivot = moved_b[rows, biggest]
+    q = np.divide(moved_o[rows, biggest], pivot, out=np.zeros_like(pivot), where=pivot != 0)
+    error = np.abs(moved_b * q[:, None] - moved_o).max(axis=1)
+    scale = np.maximum(np.abs(moved_b).max(axis=1), np.abs(moved_o).max(axis=1))
+    return q if np.all(error <= tolerance * np.maximum(scale, 1e-30)) else None
+
+
+def _padded(model, classes):
+    """`model` with its last layer (a Dense or convolution head) widened to `classes` outputs:
+    zero kernel columns, bias `PAD_LOGIT`, so its real classes' logits and probabilities are
+    unchanged. Tasks of different class counts share one graph this way."""
+    have = model.output_shape[-1]
+    if have == classes:
+        return model
+    head = model.layers[-1]
+    key = next((k for k in ("units", "filters") if k in head.get_config()), None)
+    if key is None or len(head.weights) != 2:
+        raise ValueError(f"tasks with different class counts in one phone file need a Dense or convolution head "
+                         f"with a bias; {head.name!r} is a {type(head).__name__}: export them to separate files")
+    wide = type(head).from_config({**head.get_config(), key: classes})
+    result = keras.models.clone_model(model, clone_function=lambda layer: wide if layer is head else layer)
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in head.weights)
+    pad = [(0, 0)] * (kernel.ndim - 1) + [(0, classes - have)]
+    wide.set_weights([np.pad(kernel, pad), np.pad(bias, (0, classes - have), constant_values=PAD_LOGIT)])
+    return result
+
+
+def _unmasked(model):
+    """The task's baked model with every masked kernel back to the backbone's `W`, and
+    `{kernel path: (W, int8 mask, mask type)}`."""
+    baked, pairs = bake_with_layers(model)
+    masks = {}
+    for wrapper, plain in pairs:
+        sources = list(wrapper.layer.weights)
+        for kernel, mask in zip(wrapper.kernels, wrapper.thresholded_masks()):
+            value = keras.ops.convert_to_numpy(kernel)
+            plain.weights[next(i for i, w in enumerate(sources) if w is kernel)].assign(value)
+            masks[kernel.path] = (value, np.asarray(keras.ops.convert_to_numpy(mask), np.int8), wrapper.mask_type)
+    return baked, masks
+
+
+def _locate(model, tensors, kernel, tolerance):
+    """The tensor whose constant data is `kernel` in one of `LAYOUTS` (times a per-channel scale,
+    where the converter folded a BatchNormalization): `(tensor index, layout)`, or None."""
+    for layout in LAYOUTS.get(kernel.ndim, []) + [((tuple(range(kernel.ndim))), kernel.ndim - 1, "keras")]:
+        candidate = _layout(kernel, layout)
+        for index, (_, shape, dtype, buffer) in enumerate(tensors):
+            if shape != candidate.shape or dtype not in DTYPES:
+                continue
+            data = _data(model, buffer)
+            if data is not None and data.size == candidate.nbytes // 4 * np.dtype(DTYPES[dtype]).itemsize and \
+                    _channel_scale(candidate, data.view(DTYPES[dtype]).reshape(shape), layout[1], tolerance) is not None:
+                return index, layout
+    return None
+
+
+class _Payload:
+    """The bytes a file carries after its model: each task's masks, scales and own tensors."""
+
+    def __init__(self):
+        self.parts, self.size = [], 0
+
+    def add(self, data):
+        data = np.ascontiguousarray(data).view(np.uint8).ravel()
+        start = self.size
+        self.parts.append(data)
+        self.size += len(data)
+        if self.size % ALIGN:
+            self.parts.append(np.zeros(ALIGN - self.size % ALIGN, np.uint8))
+            self.size += ALIGN - self.size % ALIGN
+        return [start, len(data)]  # offset within the payload (the file offset once written)
+
+    def array(self):
+        return np.concatenate(self.parts) if self.parts else np.zeros(0, np.uint8)
+
+
+def export_phone(backbone, task_paths, output_path, quantize="none"):
+    """Writes a multi-task phone file (module docstring), atomically; returns its size.
+
+    Args:
+        backbone: the backbone the tasks were trained on.
+        task_paths: task files, each `PATH` or `NAME=PATH`; tasks may differ in class count
+            (a Dense or convolution head), mask type and per-task BatchNormalization.
+        output_path: the `.tflite` file.
+        quantize: `"none"` (float32) or `"float16"` (float16 weights).
+
+    Returns:
+        The file's size in bytes. Run it with `PhoneTasks(output_path).task(name)(image=x)`.
+    """
+    if quantize not in ("none", "float16"):
+        raise ValueError(f"a phone file is float32 or float16. Received: quantize={quantize!r}")
+    tolerance = 1e-5 if quantize == "none" else 2e-3
+    names, paths = named_tasks(task_paths)
+    models = [load_task(path, backbone) for path in paths]
+    classes = [int(m.output_shape[-1]) for m in models]
+    unmasked = [_unmasked(m) for m in models]
+    files = [model_flatbuffer(_padded(plain, max(classes)), quantize) for plain, _ in unmasked]
+    converted = [schema.Model.GetRootAs(file) for file in files]
+    base = converted[0]
+    tensors = _tensors(base)
+    for name, other in zip(names[1:], converted[1:]):
+        if [t[1:3] for t in _tensors(other)] != [t[1:3] for t in tensors]:
+            raise ValueError(f"the TFLite converter made another graph for task {name!r} than for {names[0]!r}; "
+                             "export the tasks to separate files")
+    kernels = {path: value for _, masks in unmasked for path, (value, _, _) in masks.items()}
+    filters, where = [], {}
+    for path, kernel in kernels.items():
+        found = _locate(base, tensors, kernel, tolerance)
+        if found is None or found[0] in where:
+            raise ValueError(f"kernel {path!r} is not one constant filter of the TFLite model; export the tasks "
+                             "with export_tflite instead")
+        where[found[0]] = len(filters)
+        filters.append({"path": path, "tensor_index": found[0], "layout": found[1]})
+    own = {}  # tensor index -> own entry, for non-filter tensors some task changes
+    payload, tasks = _Payload(), []
+    for name, count, (_, masks), model in zip(names, classes, unmasked, converted):
+        task = {"name": name, "classes": count, "mask_type": None, "masks": [], "scales": [], "own": []}
+        for i, ((tensor_name, shape, dtype, buffer), (_, _, _, theirs)) in enumerate(zip(tensors, _tensors(model))):
+            mine, data = _data(base, buffer), _data(model, theirs)
+            if mine is None or data is None:
+                continue
+            if i in where:
+                entry = filters[where[i]]
+                if entry["path"] in masks:
+                    _, mask, mask_type = masks[entry["path"]]
+                    task["mask_type"] = mask_type
+                    if np.any(mask != 1):
+                        task["masks"].append({"filter": where[i], "at": payload.add(
+                            coding.pack(_layout(mask, entry["layout"]), mask_type))})
+                if not np.array_equal(mine, data):
+                    q = _channel_scale(mine.view(DTYPES[dtype]).reshape(shape), data.view(DTYPES[dtype]).reshape(shape),
+                                       entry["layout"][1], tolerance)
+                    if q is None:
+                        raise ValueError(f"task {name!r} changes filter {tensor_name!r} beyond a per-channel scale")
+                    task["scales"].append({"filter": where[i], "at": payload.add(q)})
+            elif not np.array_equal(mine, data):
+                own.setdefault(i, len(own))
+                task["own"].append({"own": own[i], "at": payload.add(data)})
+        tasks.append(task)
+    flatbuffer = _with_table(base, len(files[0]), tensors, filters, own, tasks, payload, quantize)
+    write_atomic(output_path, lambda f: f.write(flatbuffer))
+    return len(flatbuffer)
+
+
+class _AlignedBuffer(schema.BufferT):
+    """A buffer whose data the builder aligns to `ALIGN` bytes (the object API aligns to 1)."""
+
+    def Pack(self, builder):
+        data = None
+        if self.data is not None and len(self.data):
+            payload = np.asarray(self.data, np.uint8).tobytes()
+            builder.StartVector(1, len(payload), ALIGN)
+            builder.head -= len(payload)
+            builder.Bytes[builder.head:builder.head + len(payload)] = payload
+            data = builder.EndVector(len(payload))
+        schema.BufferStart(builder)
+        if data is not None:
+            schema.BufferAddData(builder, data)
+        return schema.BufferEnd(builder)
+
+
+def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
+    """The base model's flatbuffer with each patched tensor on a buffer of its own, the payload
+    and the table (`METADATA`) as two more buffers, every offset in the table a file offset."""
+    model = schema.ModelT.InitFromObj(base)
+    model.signatureDefs[0].signatureKey = SIGNATURE  # the converter names one function serving_default
+    buffers = [_AlignedBuffer() for _ in model.buffers]
+    for mine, theirs in zip(buffers, model.buffers):
+        mine.data = theirs.data
+    model.buffers = buffers
+    graph = model.subgraphs[0]
+    users = np.bincount([t.buffer for g in model.subgraphs for t in g.tensors], minlength=len(buffers))
+    patched = [f["tensor_index"] for f in filters] + list(own)
+    for index in patched:  # a buffer the converter shares between equal constants is split
+        if users[graph.tensors[index].buffer] > 1:
+            copy = _AlignedBuffer()
+            copy.data = np.array(buffers[graph.tensors[index].buffer].data)
+            graph.tensors[index].buffer = len(buffers)
+            buffers.append(copy)
+    data_buffer, table_buffer = _AlignedBuffer(), _AlignedBuffer()
+    data_buffer.data = payload.array()
+    buffers += [data_buffer, table_buffer]
+    model.metadata = (model.metadata or []) + [schema.MetadataT() for _ in range(2)]
+    model.metadata[-2].name, model.metadata[-2].buffer = METADATA + ".payload", len(buffers) - 2
+    model.metadata[-1].name, model.metadata[-1].buffer = METADATA, len(buffers) - 1
+
+    def table(offsets):
+        def at(span):
+            return {"offset": offsets["payload"] + span[0], "bytes": span[1]}
+        return {
+            "format": FORMAT, "version": VERSION, "signature": SIGNATURE, "quantize": quantize,
+            "filters": [{"tensor": tensors[f["tensor_index"]][0], **offsets[f["tensor_index"]],
+                         "dtype": np.dtype(DTYPES[tensors[f["tensor_index"]][2]]).name,
+                         "shape": [int(s) for s in tensors[f["tensor_index"]][1]], "layout": f["layout"][2],
+                         "channel_axis": f["layout"][1], "keras_kernel": f["path"]} for f in filters],
+            "own": [{"tensor": tensors[i][0], **offsets[i]} for i in own],
+            "tasks": [{"name": t["name"], "classes": t["classes"], "mask_type": t["mask_type"] or "binary",
+                       "masks": [{"filter": m["filter"], **at(m["at"])} for m in t["masks"]],
+                       "scales": [{"filter": s["filter"], **at(s["at"])} for s in t["scales"]],
+                       "own": [{"own": o["own"], **at(o["at"])} for o in t["own"]]} for t in tasks]}
+
+    def pack(text):
+        table_buffer.data = np.frombuffer(text, np.uint8)
+        builder = flatbuffers.Builder(size + len(data_buffer.data) + len(text) + 2 ** 20)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return builder.Output()
+
+    # Offsets are known once packed: pack with a table as long as the final one can be, read the
+    # offsets, then write the final table over it (space-padded JSON: the layout is unchanged).
+    width = len(json.dumps(table({"payload": 10 ** 15, **{i: {"offset": 10 ** 15, "bytes": 10 ** 15}
+                                                          for i in patched}})).encode())
+    packed = bytearray(pack(b" " * width))
+    offsets = _offsets(packed)
+    buffer_of = {i: graph.tensors[i].buffer for i in patched}
+    spans = {i: {"offset": offsets[buffer_of[i]][0], "bytes": offsets[buffer_of[i]][1]} for i in patched}
+    text = json.dumps(table({"payload": offsets[len(buffers) - 2][0], **spans})).encode()
+    start = offsets[len(buffers) - 1][0]
+    packed[start:start + width] = text.ljust(width)
+    return bytes(packed)
+
+
+def _offsets(flatbuffer):
+    """`[(file offset, length)]` of every buffer's data."""
+    model = schema.Model.GetRootAs(flatbuffer)
+    origin = np.frombuffer(flatbuffer, np.uint8).ctypes.data
+    spans = []
+    for i in range(model.BuffersLength()):
+        data = model.Buffers(i).DataAsNumpy()
+        spans.append((0, 0) if isinstance(data, int) else (data.ctypes.data - origin, data.size))
+    return spans
+
+
+def read_table(content):
+    """The table (a dict) of a phone file's bytes; raises ValueError for another file."""
+    model = schema.Model.GetRootAs(content)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name().decode() == METADATA:
+            table = json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+            if table.get("format") == FORMAT and table.get("version") == VERSION:
+                return table
+    raise ValueError(f"not a {FORMAT} file (version {VERSION}): export it with export/tflite.py --phone")
+
+
+class PhoneTasks:
+    """A multi-task phone file: `task(name)` returns a runner; a call on a task other than the
+    active one first builds its interpreter from a patched copy of the file's bytes.
+
+    Example:
+    >>> tasks = PhoneTasks("tasks.tflite")
+    >>> upper = tasks.task("upper")
+    >>> upper(image=x)["logits"].shape
+    (1, 10)
+    """
+
+    def __init__(self, path, num_threads=None):
+        with open(path, "rb") as f:
+            self._bytes = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.table = read_table(self._bytes)
+        self.names = [t["name"] for t in self.table["tasks"]]
+        self._num_threads = num_threads
+        self._lock = threading.RLock()
+        self.active, self._runner = None, None
+
+    def task(self, name):
+        """A function `(**inputs) -> {"logits", "probabilities"}` for task `name`."""
+        if name not in self.names:
+            raise ValueError(f"no task {name!r} in this file; it holds {', '.join(self.names)}")
+        classes = self.table["tasks"][self.names.index(name)]["classes"]
+
+        def run(**inputs):
+            with self._lock:
+                if self.active != name:
+                    self.switch(name)
+                out = self._runner(**inputs)
+            return {key: value[..., :classes] for key, value in out.items()}
+
+        return run
+
+    def switch(self, name):
+        """Builds task `name`'s interpreter (the previous one is released first)."""
+        from ai_edge_litert.interpreter import Interpreter
+
+        with self._lock:
+            self.active, self._runner = None, None
+            content = patched(self._bytes, self.table, name)
+            interpreter = Interpreter(model_content=content, num_threads=self._num_threads)
+            self._runner = interpreter.get_signature_runner(self.table["signature"])
+            self.active = name
+
+
+def patched(content, table, name):
+    """The file's bytes with task `name` written in: for each filter, its stored values (times
+    the task's per-channel scale, if any) times its mask, and the task's own tensors."""
+    task = next(t for t in table["tasks"] if t["name"] == name)
+    filters = table["filters"]
+
+    def span(entry, dtype=np.uint8):
+        return np.frombuffer(content, dtype, entry["bytes"] // np.dtype(dtype).itemsize, entry["offset"])
+
+    writes = {table["own"][o["own"]]["offset"]: span(o) for o in task["own"]}
+    scales = {s["filter"]: span(s, np.float32) for s in task["scales"]}
+    masks = {m["filter"]: m for m in task["masks"]}
+    for index in sorted(set(scales) | set(masks)):
+        entry = filters[index]
+        values = span(entry, np.dtype(entry["dtype"])).reshape(entry["shape"])
+        if index in scales:
+            shape = [1] * len(entry["shape"])
+            shape[entry["channel_axis"]] = -1
+            values = (values * scales[index].reshape(shape)).astype(values.dtype)
+        if index in masks:
+            values = values * coding.unpack(span(masks[index]), values.size, task["mask_type"]).reshape(values.shape)
+        writes[entry["offset"]] = values
+    pieces, at = [], 0
+    view = memoryview(content)
+    for offset in sorted(writes):
+        pieces += [view[at:offset], writes[offset]]
+        at = offset + writes[offset].nbytes
+    pieces.append(view[at:])
+    return b"".join(pieces)
