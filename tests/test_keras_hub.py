@@ -281,3 +281,84 @@ def test_bert_takes_its_dict_inputs_on_every_path(tmp_path):
         np.testing.assert_allclose(interpreter.get_signature_runner(name)(**x)["logits"],
                                    pb.load_task(path, backbone)(x).numpy(), atol=1e-4)
 
+
+
+@pytest.mark.parametrize("name", ["DeiTBackbone", "SwinTransformerBackbone", "Llama3Backbone"])
+def test_fingerprint_is_built_from_what_every_layer_has(name, tmp_path):
+    """keras-hub 0.32's DeiT and Llama 3 layers have no config of their own and Swin's
+    `get_config` fails; the fingerprint guessed their `__init__` arguments from attributes and
+    crashed `piggyback`. Now: the same for the backbone loaded from its `.keras` file, a task
+    file reloads on that one, and one changed weight refuses it."""
+    import keras_hub_zoo as zoo
+
+    backbone = zoo.build(name)
+    model = random_masks(pb.piggyback(backbone, 3), 1)
+    path = str(tmp_path / "task.npz")
+    pb.save_task(model, path)
+    backbone.save(tmp_path / "backbone.keras")
+    loaded = keras.models.load_model(tmp_path / "backbone.keras", compile=False)
+    assert pb.fingerprint(loaded) == pb.fingerprint(backbone)
+    x = zoo.inputs_for(backbone, 4)
+    np.testing.assert_array_equal(pb.load_task(path, loaded)(x).numpy(), model(x).numpy())
+    loaded.weights[-1].assign(loaded.weights[-1] + 1)
+    with pytest.raises(pb.TaskFileError, match=r"was trained on backbone .* \(fingerprint"):
+        pb.load_task(path, loaded)
+
+
+@pytest.mark.parametrize("name", ["Qwen3Backbone", "MiTBackbone", "SegFormerBackbone"])
+def test_bake_copies_the_backbone_through_keras_saving(name):
+    """keras-hub 0.32's Qwen 3 decoder does not rebuild from its own config, and its MiT encoder
+    rebuilds with 18 weights of 22: `bake` (and LoRA, which copies the layers it adapts) crashed
+    rebuilding them one by one. A copy of the whole backbone through `keras.saving` bakes exactly
+    and merges LoRA exactly; the backbone is unchanged."""
+    import keras_hub_zoo as zoo
+
+    backbone = zoo.build(name)
+    before = [w.numpy().copy() for w in backbone.weights]
+    x = zoo.inputs_for(backbone, 4)
+    model = random_masks(pb.piggyback(backbone, 3), 1)
+    baked = pb.bake(model)
+    assert not masked_layers(baked)
+    np.testing.assert_allclose(baked(x).numpy(), model(x).numpy(), atol=1e-5)
+    adapted = pb.lora(backbone, 3, rank=2)
+    rng = np.random.default_rng(0)
+    for w in adapted.trainable_weights:
+        w.assign(rng.normal(0, 0.1, w.shape).astype("float32"))
+    np.testing.assert_allclose(pb.bake(adapted)(x).numpy(), adapted(x).numpy(), atol=1e-4)
+    assert all(np.array_equal(v, w.numpy()) for v, w in zip(before, backbone.weights))
+
+
+def test_head_takes_a_name_the_backbone_does_not_use(tmp_path):
+    """keras-hub SigLIP's vision encoder has its own layer `head` (attention pooling): the task's
+    head took the same name and `piggyback` crashed. Now it is `head_1`; the task owns it alone,
+    SigLIP's `head` is masked like any backbone layer, and the task reloads and bakes exactly."""
+    import keras_hub_zoo as zoo
+
+    backbone = zoo.build("SigLIPVisionEncoder")
+    model = random_masks(pb.piggyback(backbone, 3), 1)
+    assert pb.surgery.head_name(model) == "head_1"
+    assert [w.path for w in pb.surgery.task_weights(model)] == ["head_1/kernel", "head_1/bias"]
+    assert any(k.path.startswith("head/") for layer in masked_layers(model) for k in layer.kernels)
+    x = zoo.images(4)
+    path = str(tmp_path / "task.npz")
+    pb.save_task(model, path)
+    np.testing.assert_array_equal(pb.load_task(path, backbone)(x).numpy(), model(x).numpy())
+    np.testing.assert_allclose(pb.bake(model)(x).numpy(), model(x).numpy(), atol=1e-5)
+
+
+def test_task_file_with_the_old_fingerprint_loads():
+    """`tests/data/gemma_task_20cf180.npz` was written by tf_piggyback at commit 20cf180 (Gemma
+    below, masks `random_masks(..., 1)`), whose fingerprint described keras-hub's
+    `RMSNormalization` by its attributes; the fingerprint now describes it by its weights. The old
+    file still loads, to the logits it was saved with; another backbone is still refused."""
+    data = os.path.join(REPO, "tests", "data")
+    path = os.path.join(data, "gemma_task_20cf180.npz")
+    saved = dict(np.load(os.path.join(data, "gemma_task_20cf180_io.npz")))
+    logits = saved.pop("logits")
+    backbone = gemma_backbone()
+    assert pb.read_manifest(path)["backbone"]["fingerprint"] != pb.fingerprint(backbone)
+    np.testing.assert_allclose(pb.load_task(path, backbone)(saved).numpy(), logits, atol=1e-6)
+    other = gemma_backbone()
+    other.weights[0].assign(other.weights[0] * 2)
+    with pytest.raises(pb.TaskFileError, match="fingerprint"):
+        pb.load_task(path, other)

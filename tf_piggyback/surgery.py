@@ -6,6 +6,8 @@ for deployment.
 
 import dataclasses
 import inspect
+import json
+import weakref
 
 import keras
 import numpy as np
@@ -71,12 +73,19 @@ def lora_targets(layer):
     return [sub for sub in layer._flatten_layers(include_self=False) if isinstance(sub, ADAPTABLE)]
 
 
+def owned_names(model):
+    """`TaskSpec.owned` of a task model, `HEAD_NAME` read as its head's name (`head_name`)."""
+    return {head_name(model) if name == HEAD_NAME else name for name in model.task_spec.owned}
+
+
 def task_layers(model):
-    """The layers whose weights a task model owns: `TaskSpec.owned` for a model with a spec;
-    every layer for a model without one (finetune)."""
-    spec = getattr(model, "task_spec", None)
+    """The layers whose weights a task model owns: `TaskSpec.owned` for a model with a spec
+    (`owned_names`); every layer for a model without one (finetune)."""
     layers = list(iter_layers(model))
-    return layers if spec is None else [layer for layer in layers if layer.name in set(spec.owned)]
+    if getattr(model, "task_spec", None) is None:
+        return layers
+    owned = owned_names(model)
+    return [layer for layer in layers if layer.name in owned]
 
 
 def task_weights(model):
@@ -97,7 +106,7 @@ def freeze_backbone(model):
     BatchNormalization in training mode, updating its statistics. The backbone never changes
     (§3: `W` is fixed, so tasks cannot interfere).
     """
-    owned = set(model.task_spec.owned)
+    owned = owned_names(model)
     unfrozen = 0
     for layer in iter_layers(model):
         adapters = {id(w) for w in lora_adapters(layer)}
@@ -156,6 +165,7 @@ def feature_model(backbone, feature_layer=None):
         raise ValueError(
             f"backbone must be a built functional or Sequential keras.Model. Received: {type(backbone).__name__}"
         )
+    _remember(backbone)
     outputs = backbone.output if isinstance(backbone.output, dict) else {}
     if feature_layer in outputs:
         return keras.Model(_inputs(backbone), outputs[feature_layer], name=backbone.name)
@@ -184,11 +194,11 @@ _POOLING = {3: keras.layers.GlobalAveragePooling1D, 4: keras.layers.GlobalAverag
             5: keras.layers.GlobalAveragePooling3D}
 
 
-def pool_features(features, padding_mask=None):
+def pool_features(features, padding_mask=None, name="head_pool"):
     """What the head sees: spatial features or a token sequence global-average-pooled (channels
     last; a sequence over the tokens `padding_mask` marks, when given), else as they are."""
     if len(features.shape) in _POOLING:
-        pooling = _POOLING[len(features.shape)](name="head_pool")
+        pooling = _POOLING[len(features.shape)](name=name)
         return pooling(features) if padding_mask is None else pooling(features, mask=padding_mask)
     return features
 
@@ -202,14 +212,34 @@ def fcn_head(num_classes, scale, width=64):
     ], name=HEAD_NAME)
 
 
+def unused_name(model, name):
+    """`name`, or `name_1`, `name_2`, ... where `model` has a layer of that name at any depth (the
+    layers a task adds must not take a backbone's names: keras-hub SigLIP's vision encoder has its
+    own `head`)."""
+    used = {layer.name for layer in iter_layers(model)}
+    candidate, count = name, 0
+    while candidate in used:
+        count += 1
+        candidate = f"{name}_{count}"
+    return candidate
+
+
+def head_name(model):
+    """The name of a task model's head, its last layer: `HEAD_NAME`, unless its backbone has a
+    layer of that name (`unused_name`). `TaskSpec.owned` lists the default head as `HEAD_NAME`."""
+    return model.layers[-1].name
+
+
 def add_head(body, num_classes, name, head=None):
     """`body` and a head: `Dense(num_classes)` on pooled features, or the user's `head` (any Keras
-    layer or model, e.g. `fcn_head`) on the feature map itself, its output the logits."""
+    layer or model, e.g. `fcn_head`) on the feature map itself, its output the logits. The Dense
+    head and its pooling take names `body` does not use (`unused_name`, `head_name`)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2. Received: num_classes={num_classes!r}")
     if head is None:
         padding_mask = body.input.get("padding_mask") if isinstance(body.input, dict) else None
-        logits = keras.layers.Dense(int(num_classes), name=HEAD_NAME)(pool_features(body.output, padding_mask))
+        pooled = pool_features(body.output, padding_mask, name=unused_name(body, "head_pool"))
+        logits = keras.layers.Dense(int(num_classes), name=unused_name(body, HEAD_NAME))(pooled)
     else:
         clash = sorted({layer.name for layer in _head_layers(head)} & {layer.name for layer in iter_layers(body)})
         if clash:
@@ -270,12 +300,12 @@ def bake(model):
     return bake_with_layers(model)[0]
 
 
-def rebuilt(layer, drop=lambda key: False, **changes):
-    """A new layer of `layer`'s class from its config, keys for which `drop` is true left out and
-    `changes` applied. A layer whose config holds keys its `__init__` does not take (keras-hub
-    0.32's `ViTPatchingAndEmbedding` writes `num_patches` and `num_positions`) is rebuilt from
-    the keys it takes."""
-    config = {key: value for key, value in layer.get_config().items() if not drop(key)} | changes
+def rebuilt(layer, **changes):
+    """A new layer of `layer`'s class from its config with `changes` applied: for Keras' own
+    normalization layers (per-task copies). A layer whose config holds keys its `__init__` does
+    not take is rebuilt from the keys it takes. Any other layer is copied through its backbone's
+    own save and load (`layer_copies`)."""
+    config = layer.get_config() | changes
     try:
         return type(layer).from_config(config)
     except TypeError:
@@ -286,29 +316,141 @@ def rebuilt(layer, drop=lambda key: False, **changes):
         return type(layer).from_config({key: value for key, value in config.items() if key in taken})
 
 
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """A backbone's config as a `.keras` file stores it (`Model.to_json`), or why it has none."""
+
+    name: str
+    class_name: str
+    config: str = None
+    error: str = None
+
+    def copy(self):
+        """A new model from `config`, as `keras.saving` loads one, with fresh weights. (Read anew
+        each time: keras-hub 0.32's `SegFormerBackbone.from_config` puts the encoder it builds into
+        the config it is given.)"""
+        if self.error is None:
+            try:  # our own config, not a file's: Lambda layers may load
+                return keras.saving.deserialize_keras_object(json.loads(self.config), safe_mode=False)
+            except Exception as e:  # the family's own load is broken: refused in one line below
+                error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        else:
+            error = self.error
+        raise ValueError(f"{self.class_name} {self.name!r} does not load back from its keras.saving config ({error}), "
+                         "so it cannot be copied to bake or adapt; use a backbone that saves and loads")
+
+
+# Each backbone layer a method reads (`feature_model`) -> (its backbone's `_Source`, its index in
+# `iter_layers(backbone)`): how `layer_copies` copies it, even after the backbone object is gone;
+# and each backbone -> its `_Source`, written once (a built model's config does not change).
+# Weak keys: an entry lives as long as its layer or backbone; the values hold no layer.
+_ORIGINS = weakref.WeakKeyDictionary()
+_SOURCES = weakref.WeakKeyDictionary()
+
+
+def _remember(backbone):
+    if backbone not in _SOURCES:
+        try:
+            _SOURCES[backbone] = _Source(backbone.name, type(backbone).__name__, backbone.to_json())
+        except Exception as e:  # refused when a copy is asked for (`_Source.copy`), not before
+            _SOURCES[backbone] = _Source(backbone.name, type(backbone).__name__,
+                                         error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
+    for index, layer in enumerate(iter_layers(backbone)):
+        _ORIGINS[layer] = (_SOURCES[backbone], index)
+
+
+def layer_copies(layers, values=lambda layer: layer.get_weights()):
+    """`{id(layer): copy}`: a new layer for each of the backbone `layers`, taken from one copy of
+    their backbone made by Keras' own contract (`keras.saving`: its config deserialized), so that a
+    layer whose own config does not rebuild it (keras-hub 0.32's Qwen 3 decoder, MiT encoder) is
+    copied all the same, its weights set to `values(layer)` (default the layer's own). A layer
+    copied before (a LoRA copy) is copied from the same backbone again. Raises ValueError (one
+    line naming the class) for a backbone that does not load back from its config or whose copy
+    differs, or a layer no method read (`feature_model`).
+    """
+    groups = {}
+    for layer in layers:
+        if layer not in _ORIGINS:
+            raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) is not from a backbone that "
+                             "tf_piggyback built a task model on; build the task with piggyback or lora")
+        source, index = _ORIGINS[layer]
+        groups.setdefault(id(source), (source, []))[1].append((layer, index))
+    copies = {}
+    for source, members in groups.values():
+        inner = list(iter_layers(source.copy()))
+        for layer, index in members:
+            copy = inner[index] if index < len(inner) else None
+            if type(copy) is not type(layer):
+                raise ValueError(f"{source.class_name} {source.name!r} loads back from its keras.saving config "
+                                 f"with another layer in place of {layer.name!r} ({type(layer).__name__}); "
+                                 "it cannot be copied to bake or adapt")
+            weights = values(layer)
+            shapes = [tuple(w.shape) for w in copy.weights]
+            if shapes != [tuple(np.shape(v)) for v in weights]:
+                raise ValueError(f"{source.class_name} {source.name!r} loads back from its keras.saving config with "
+                                 f"{layer.name!r} ({type(layer).__name__}) holding weights of shapes {shapes}, not "
+                                 f"{[tuple(np.shape(v)) for v in weights]}; it cannot be copied to bake or adapt")
+            copy.set_weights(weights)
+            _ORIGINS[copy] = (source, index)
+            copies[id(layer)] = copy
+    return copies
+
+
+def _merged(layer):
+    """A LoRA copy's weights without its adapters, each adapted kernel merged (`W + (alpha/r) A B`,
+    Keras' `kernel` property), in the order of a fresh layer of the same config."""
+    merged = {}
+    for target in lora_targets(layer):
+        if getattr(target, "lora_enabled", False):
+            merged[id(next(w for w in target.weights if is_kernel(w)))] = target.kernel
+    adapters = {id(w) for w in lora_adapters(layer)}
+    return [merged.get(id(w), w) for w in layer.weights if id(w) not in adapters]
+
+
+def bake(model):
+    """A plain Keras model with each `W ⊙ m` folded into an ordinary layer.
+
+    The result has no mask or binarizer ops, computes the same outputs as `model`
+    (the masks are exactly 0, 1 or -1, so the products are exact) and can be saved or
+    exported without this library. Unmasked layers are shared with `model`; each masked one
+    (and each LoRA copy, its adapters merged) is replaced by its layer in one copy of the
+    backbone made through `keras.saving` (`layer_copies`).
+
+    Example:
+    >>> import tf_piggyback as pb
+    >>> plain = bake(pb.piggyback(pb.digits_backbone(), num_classes=10))
+    >>> any(isinstance(layer, MaskedWrapper) for layer in plain.layers)
+    False
+
+    Reference: §3, last paragraph: after training only the thresholded masks are kept.
+    """
+    return bake_with_layers(model)[0]
+
+
 def bake_with_layers(model):
     """`bake(model)` and `[(wrapper, plain layer)]`: which new layer replaced each `MaskedWrapper`
     (LoRA copies are replaced too, by plain layers with merged kernels).
 
     A plain layer's `weights` are in the order of `wrapper.layer.weights` (the backbone's).
     """
+    values = {}
+    for layer in iter_layers(model):
+        if lora_adapters(layer):
+            values[id(layer)] = (None, layer, [keras.ops.convert_to_numpy(w) for w in _merged(layer)])
+        elif isinstance(layer, MaskedWrapper):
+            products = {k.path: k_m for k, k_m in zip(layer.kernels, layer.masked_kernels())}
+            values[id(layer)] = (layer, layer.layer, [keras.ops.convert_to_numpy(products.get(w.path, w))
+                                                      for w in layer.layer.weights])
+    weights = {id(source): arrays for _, source, arrays in values.values()}
+    copies = layer_copies([source for _, source, _ in values.values()], lambda source: weights[id(source)])
     baked = []
 
     def clone(layer):
-        if lora_adapters(layer):
-            plain = rebuilt(layer, drop=lambda key: key.startswith("lora_"))
-            baked.append((None, plain, [keras.ops.convert_to_numpy(w) for w in _merged(layer)]))
-            return plain
-        if not isinstance(layer, MaskedWrapper):
+        if id(layer) not in values:
             return layer
-        inner = layer.layer
-        plain = rebuilt(inner)
-        products = {k.path: k_m for k, k_m in zip(layer.kernels, layer.masked_kernels())}
-        values = [keras.ops.convert_to_numpy(products.get(w.path, w)) for w in inner.weights]
-        baked.append((layer, plain, values))
-        return plain
+        wrapper, source, _ = values[id(layer)]
+        baked.append((wrapper, copies[id(source)]))
+        return copies[id(source)]
 
     result = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    for _, plain, values in baked:
-        plain.set_weights(values)
-    return result, [(wrapper, plain) for wrapper, plain, _ in baked if wrapper is not None]
+    return result, [(wrapper, plain) for wrapper, plain in baked if wrapper is not None]

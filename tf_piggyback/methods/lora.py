@@ -8,7 +8,7 @@ from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.layers import is_composite
 from tf_piggyback.methods.base import Method, register, schedule
 from tf_piggyback.surgery import TaskSpec, add_head, feature_model, freeze_backbone, lora_adapters, lora_targets, \
-    iter_layers, rebuilt, task_weights
+    iter_layers, layer_copies, task_weights
 
 
 def lora(backbone, num_classes, *, rank, feature_layer=None):
@@ -37,21 +37,20 @@ def lora(backbone, num_classes, *, rank, feature_layer=None):
         raise ValueError("LoRA adapts Dense, EinsumDense and convolution layers; these hold kernels in no such "
                          f"layer: {', '.join(unreached[:4])}"
                          f"{', ...' if len(unreached) > 4 else ''}. Use piggyback, which masks them")
-    copies = []
+    # Copied through the backbone's own save and load (keras-hub 0.32's Qwen 3 decoder does not
+    # rebuild from its own config), weights set before any adapter is added.
+    copies = layer_copies([layer for layer in iter_layers(features) if lora_targets(layer)])
+    for copy in copies.values():
+        for target in lora_targets(copy):
+            target.enable_lora(int(rank))
 
     def clone(layer):
-        if lora_targets(layer):
-            copy = rebuilt(layer)
-            copies.append((copy, layer))
-            return copy
+        if id(layer) in copies:
+            return copies[id(layer)]
         layer.trainable = False
         return layer
 
     body = keras.models.clone_model(features, clone_function=clone, recursive=True)
-    for copy, layer in copies:
-        copy.set_weights(layer.get_weights())
-        for target in lora_targets(copy):
-            target.enable_lora(int(rank))
     model = add_head(body, num_classes, name=f"lora_{backbone.name}")
     model.task_spec = TaskSpec("lora", backbone.name, fingerprint(backbone), int(num_classes),
                                {"rank": int(rank), "feature_layer": feature_layer})
