@@ -82,8 +82,8 @@ def test_the_file_runs_in_a_plain_interpreter_and_holds_the_backbone_once(phone)
     interpreter = Interpreter(model_path=file)
     assert list(interpreter.get_signature_list()) == ["unmasked"]
     x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
-    out = interpreter.get_signature_runner("unmasked")(image=x)
-    assert out["logits"].shape == (2, 7) and np.allclose(out["probabilities"].sum(-1), 1, atol=1e-5)
+    out = interpreter.get_signature_runner("unmasked")(image=x)  # the widest task's classes + 1
+    assert out["logits"].shape == (2, 8) and np.allclose(out["probabilities"].sum(-1), 1, atol=1e-5)
     # one backbone, each task's masks at 1 bit a parameter (2 for ternary) +10%, its head,
     # BN and scales (~20 KB here), and the table
     bits = sum(pb.read_manifest(s.split("=")[1])["params"] * (2 if "ternary" in s else 1) for s in specs)
@@ -135,3 +135,24 @@ def test_phone_refuses_int8_and_switching_in_one_line(phone, tmp_path):
                              *[f"--task={s}" for s in specs], f"--output={tmp_path}/y.tflite", "--phone", "--switching"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "error: --phone and --switching are two forms" in result.stderr, result.stderr
+
+
+def test_float16_phone_file_matches_each_tasks_own_float16_file(phone, tmp_path):
+    """float16 filters are masked as stored (a product by 0 or ±1 is exact); a per-task BN's
+    filter scale is rounded to float16 once more than in the task's own file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    specs, _, _ = phone
+    file = str(tmp_path / "tasks16.tflite")
+    export_phone(pb.digits_backbone(), specs, file, "float16")
+    tasks = PhoneTasks(file)
+    x = np.random.default_rng(2).uniform(0, 255, (32, 32, 32, 1)).astype("float32")
+    for spec in specs + specs[:1]:
+        name, path = spec.split("=")
+        own = str(tmp_path / f"{name}16.tflite")
+        if not os.path.exists(own):
+            export_tflite(pb.digits_backbone(), [path], own, "float16")
+        reference = Interpreter(model_path=own).get_signature_runner("serving_default")(image=x)["logits"]
+        out = tasks.task(name)(image=x)["logits"]
+        assert np.abs(out - reference).max() <= 1e-2 * np.abs(reference).max(), name
+        assert np.array_equal(out.argmax(-1), reference.argmax(-1)), name

@@ -81,8 +81,8 @@ def _padded(model, classes):
     if have == classes:
         return model
     head = model.layers[-1]
-    key = next((k for k in ("units", "filters") if k in head.get_config()), None)
-    if key is None or len(head.weights) != 2:
+    key = _width_key(head)
+    if key is None:
         raise ValueError(f"tasks with different class counts in one phone file need a Dense or convolution head "
                          f"with a bias; {head.name!r} is a {type(head).__name__}: export them to separate files")
     wide = type(head).from_config({**head.get_config(), key: classes})
@@ -91,6 +91,12 @@ def _padded(model, classes):
     pad = [(0, 0)] * (kernel.ndim - 1) + [(0, classes - have)]
     wide.set_weights([np.pad(kernel, pad), np.pad(bias, (0, classes - have), constant_values=PAD_LOGIT)])
     return result
+
+
+def _width_key(head):
+    """`units` or `filters` for a Dense or convolution head with a bias (which `_padded` widens), else None."""
+    key = next((k for k in ("units", "filters") if k in head.get_config()), None)
+    return key if key is not None and len(head.weights) == 2 else None
 
 
 def _unmasked(model):
@@ -162,7 +168,10 @@ def export_phone(backbone, task_paths, output_path, quantize="none"):
     models = [load_task(path, backbone) for path in paths]
     classes = [int(m.output_shape[-1]) for m in models]
     unmasked = [_unmasked(m) for m in models]
-    files = [model_flatbuffer(_padded(plain, max(classes)), quantize) for plain, _ in unmasked]
+    # One column more than the widest task where the heads allow it: a head bias of zeros (a new
+    # task's) is left out by the converter, which would give that task another graph.
+    width = max(classes) + all(_width_key(m.layers[-1]) for m in models)
+    files = [model_flatbuffer(_padded(plain, width), quantize) for plain, _ in unmasked]
     converted = [schema.Model.GetRootAs(file) for file in files]
     base = converted[0]
     tensors = _tensors(base)
@@ -315,10 +324,14 @@ class PhoneTasks:
     active one first builds its interpreter from a patched copy of the file's bytes.
 
     Example:
+    >>> import numpy as np, tf_piggyback as pb
+    >>> for name, classes in (("upper", 10), ("inverted", 5)):
+    ...     _ = pb.save_task(pb.piggyback(pb.digits_backbone(), classes), f"{name}.npz")
+    >>> export_phone(pb.digits_backbone(), ["upper=upper.npz", "inverted=inverted.npz"], "tasks.tflite") > 0
+    True
     >>> tasks = PhoneTasks("tasks.tflite")
-    >>> upper = tasks.task("upper")
-    >>> upper(image=x)["logits"].shape
-    (1, 10)
+    >>> tasks.task("inverted")(image=np.zeros((1, 32, 32, 1), "float32"))["logits"].shape
+    (1, 5)
     """
 
     def __init__(self, path, num_threads=None):
@@ -355,6 +368,8 @@ class PhoneTasks:
             interpreter = Interpreter(model_content=content, num_threads=self._num_threads)
             self._runner = interpreter.get_signature_runner(self.table["signature"])
             self.active = name
+            if hasattr(mmap, "MADV_DONTNEED"):  # the file's pages are read again only at the next switch
+                self._bytes.madvise(mmap.MADV_DONTNEED)
 
 
 def patched(content, table, name):

@@ -268,6 +268,91 @@ def tflite_rows(backbone, paths, config, log=print):
     return rows
 
 
+def phone_child(path, single, names, image_shape, calls):
+    """The phone form (`tf_piggyback.phone`) in a fresh process, as an app runs it: RSS with the
+    file opened and one task called; the call that switches to another task (interpreter rebuilt
+    from patched bytes, first call) and its `switch` alone; warm calls of one task against the
+    task's own single-task file's in the same process, call by call in turn (their ratio)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tf_piggyback.phone import PhoneTasks
+
+    image = np.random.default_rng(0).uniform(0, 255, (1, *image_shape)).astype("float32")
+    tasks = PhoneTasks(path)
+    start = time.perf_counter()
+    tasks.task(names[0])(image=image)
+    result = {"load_first_call_s": time.perf_counter() - start, "rss": memory_bytes()}
+    switches, rebuilds = [], []
+    for i in range(calls):
+        name = names[1 + i % (len(names) - 1)] if i % 2 == 0 else names[0]
+        begin = time.perf_counter()
+        tasks.switch(name)
+        rebuilds.append(time.perf_counter() - begin)
+        tasks.task(name)(image=image)
+        switches.append(time.perf_counter() - begin)
+    result.update(switch_call_b1_s=float(np.median(switches)), switch_s=float(np.median(rebuilds)),
+                  rss_after_switches=memory_bytes())
+    phone, own = tasks.task(names[0]), Interpreter(model_path=single).get_signature_runner("serving_default")
+    samples = {"phone": [], "single": []}
+    for round_ in range(3 * calls + 2):
+        for key, run in (("phone", phone), ("single", own)):
+            begin = time.perf_counter()
+            run(image=image)
+            if round_ >= 2:
+                samples[key].append(time.perf_counter() - begin)
+    result.update(warm_b1_s=float(np.median(samples["phone"])), single_warm_b1_s=float(np.median(samples["single"])))
+    return result
+
+
+def phone_rows(backbone, paths, config, log=print):
+    """The phone file of `config.tflite_tasks` tasks against the first task's own float32 file:
+    bytes (bound: that file + N * n/8 * 1.1 + the heads), RSS (bound: that file's process + one
+    copy of the bytes), the call that switches, warm calls (ratio measured in one process).
+    Medians of `config.repeats` fresh processes each, in turn with `tflite_child` on the single file."""
+    from tf_piggyback.export import export_tflite
+    from tf_piggyback.phone import export_phone
+
+    n = config.tflite_tasks
+    folder = os.path.join(config.workdir, "tflite")
+    single, phone = os.path.join(folder, "tasks1.tflite"), os.path.join(folder, f"phone{n}.tflite")
+    tasks = [f"t{i:03d}={p}" for i, p in enumerate(paths[:n])]
+    if not os.path.exists(single):
+        export_tflite(backbone, tasks[:1], single)
+    if not os.path.exists(phone):
+        start = time.perf_counter()
+        export_phone(backbone, tasks, phone)
+        log(f"exported {n} tasks to a phone file in {time.perf_counter() - start:.0f} s")
+    image_shape = list(backbone.inputs[0].shape[1:])
+    samples, singles = [], []
+    for _ in range(config.repeats):
+        singles.append(_child("tflite_child", path=single, names=["serving_default"], image_shape=image_shape,
+                              calls=config.calls))
+        samples.append(_child("phone_child", path=phone, single=single, names=[t.split("=")[0] for t in tasks],
+                              image_shape=image_shape, calls=config.calls))
+    row = {"format": "phone", "tasks": n, "bytes": os.path.getsize(phone), "single_bytes": os.path.getsize(single),
+           **{key: float(np.median([s[key] for s in samples])) for key in samples[0]},
+           "single_rss": float(np.median([s["rss"] for s in singles])),
+           "warm_ratio": float(np.median([s["warm_b1_s"] / s["single_warm_b1_s"] for s in samples])),
+           "rounds": samples}
+    row["rss_bound"] = row["single_rss"] + row["bytes"]
+    return [row]
+
+
+def phone_file_table(rows, packed_bytes):
+    """Markdown of `phone_rows`."""
+    text = ("\nThe phone file (`export/tflite.py --phone`) against the first task's own float32 file; warm calls "
+            "measured in one process in turn; a switching call rebuilds the interpreter from patched bytes:\n\n"
+            "| tasks | bytes (bound) | RSS, one task called (bound) | warm call (single file's) (ratio) | "
+            "call that switches (of it: rebuild) |\n|---|---|---|---|---|\n")
+    for r in rows:
+        bound = r["single_bytes"] + r["tasks"] * packed_bytes * 1.1
+        text += (f"| {r['tasks']} | {r['bytes'] / 1e6:,.1f} MB ({bound / 1e6:,.1f} MB + heads) | "
+                 f"{r['rss'] / 1e6:,.0f} MB ({r['rss_bound'] / 1e6:,.0f} MB) | {r['warm_b1_s'] * 1000:,.1f} ms "
+                 f"({r['single_warm_b1_s'] * 1000:,.1f} ms) ({r['warm_ratio']:.2f}) | "
+                 f"{r['switch_call_b1_s'] * 1000:,.0f} ms ({r['switch_s'] * 1000:,.0f} ms) |\n")
+    return text
+
+
 def filter_child(channels, side, calls):
     """Why a `--switching` warm call is not at single-task speed, on one convolution stack in
     LiteRT: 4 convolutions on `side` x `side` inputs, weight-bound as ResNet-50's last stage is at
@@ -500,6 +585,9 @@ def run(config, log=print):
                       f"{r['warm_b1_s'] * 1000:,.0f} ms ({r['warm_b1_s'] / lite[0]['warm_b1_s']:.2f}) | {switch} | "
                       f"{r['rss'] / 1e6:,.0f} MB |\n")
         table += phone
+        phones = phone_rows(backbone, paths, config, log=log)
+        rows += phones
+        table += phone_file_table(phones, packed_bytes)
         filters = _child("filter_child", channels=config.filter_channels, side=config.filter_side,
                          calls=config.calls)
         rows += [{"format": "tflite_filter", **r} for r in filters]
