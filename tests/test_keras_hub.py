@@ -331,7 +331,8 @@ def test_bake_copies_the_backbone_through_keras_saving(name):
 def test_head_takes_a_name_the_backbone_does_not_use(tmp_path):
     """keras-hub SigLIP's vision encoder has its own layer `head` (attention pooling): the task's
     head took the same name and `piggyback` crashed. Now it is `head_1`; the task owns it alone,
-    SigLIP's `head` is masked like any backbone layer, and the task reloads and bakes exactly."""
+    SigLIP's `head` is masked like any backbone layer, the task file records the name, and the task
+    reloads and bakes exactly."""
     import keras_hub_zoo as zoo
 
     backbone = zoo.build("SigLIPVisionEncoder")
@@ -341,7 +342,7 @@ def test_head_takes_a_name_the_backbone_does_not_use(tmp_path):
     assert any(k.path.startswith("head/") for layer in masked_layers(model) for k in layer.kernels)
     x = zoo.images(4)
     path = str(tmp_path / "task.npz")
-    pb.save_task(model, path)
+    assert pb.save_task(model, path)["head_name"] == "head_1"
     np.testing.assert_array_equal(pb.load_task(path, backbone)(x).numpy(), model(x).numpy())
     np.testing.assert_allclose(pb.bake(model)(x).numpy(), model(x).numpy(), atol=1e-5)
 

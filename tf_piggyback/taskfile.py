@@ -21,7 +21,7 @@ from tf_piggyback import coding, methods
 from tf_piggyback.binarizers import real_from_mask
 from tf_piggyback.files import TaskFileError, read_npz, sha256, write_atomic, write_npz
 from tf_piggyback.fingerprint import check_backbone
-from tf_piggyback.surgery import mask_sparsity, masked_layers, task_weights
+from tf_piggyback.surgery import head_name, mask_sparsity, masked_layers, task_weights
 
 FORMAT = "tf_piggyback.task"
 VERSION = 1
@@ -81,6 +81,9 @@ def save_task(model, path, *, class_names=None, metrics=None):
         "method": spec.method,
         "backbone": {"name": spec.backbone_name, "fingerprint": spec.backbone_fingerprint},
         "num_classes": spec.num_classes,
+        # The head's layer: "head" unless the backbone has a layer of that name (files without
+        # this key were all "head"); a reader of its weights (the task bank) matches this prefix.
+        "head_name": head_name(model),
         "options": spec.options,
         "class_names": list(class_names) if class_names is not None else [str(i) for i in range(spec.num_classes)],
         "image_size": list(input_shape[1:]),
