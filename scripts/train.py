@@ -14,6 +14,7 @@ command after a crash resumes.
 """
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info/warning logs
 
@@ -79,7 +80,8 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "Random seed of initialisation, batch order and augmentation.")
     flags.DEFINE_integer("split_seed", SPLIT_SEED, "Seed of the held-out split of a folder: dataset without "
                          "train/ and test/; independent of --seed, recorded for evaluate.py.")
-    flags.DEFINE_integer("verbose", 1, "1: a progress bar per epoch; 0: one line per epoch.")
+    flags.DEFINE_enum("verbose", "auto", ("auto", "0", "1"), "1: a progress bar per epoch; 0: one line per epoch; "
+                      "auto: a progress bar when stdout is a terminal, else one line per epoch (CI, nohup, notebooks).")
     for name in ("dataset", "model_dir"):
         flags.mark_flag_as_required(name)
 
@@ -104,9 +106,12 @@ def config_from_flags():
 def main(argv):
     del argv
     config = config_from_flags()
-    metrics = run(config, FLAGS.model_dir, strategy=make_strategy(FLAGS.strategy), verbose=FLAGS.verbose)
+    verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
+    metrics = run(config, FLAGS.model_dir, strategy=make_strategy(FLAGS.strategy), verbose=verbose)
     print(f"accuracy {metrics['accuracy']:.4f}  sparsity {metrics['sparsity']:.4f}  "
           f"task bytes {metrics.get('task_bytes', 0):,}  -> {FLAGS.model_dir}")
+    for warning in metrics["warnings"]:  # the last line: a run at chance is no result
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 if __name__ == "__main__":

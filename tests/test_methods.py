@@ -27,6 +27,17 @@ def test_every_method_is_registered_in_order():
         pb.TrainConfig(method="nope")
 
 
+def test_every_method_names_the_learning_rates_it_trains_with():
+    """What a diverged or chance-level run tells the user to lower (issue 33): TrainConfig fields,
+    which are train.py's flags of the same names."""
+    fields = set(pb.TrainConfig.__dataclass_fields__)
+    for name in methods.names():
+        assert set(methods.get(name).learning_rates) <= fields, name
+    assert trainer.learning_rate_advice(pb.TrainConfig(method="finetune")) == "lower --finetune_lr (now 0.001)"
+    assert trainer.learning_rate_advice(pb.TrainConfig(method="lora", head_lr=1e-3)) == \
+        "lower --lora_lr, --head_lr (now 0.001, 0.001)"
+
+
 def test_a_new_method_is_one_class_and_its_registration(registry, tmp_path):
     """A probe with a two-layer MLP head: trained by `experiment.run`, saved as a task file that
     `load_task` rebuilds through the method, reported under the method's label, with no other

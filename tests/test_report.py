@@ -9,7 +9,8 @@ import pytest
 
 import tf_piggyback as pb
 from conftest import REPO
-from tf_piggyback.report import DECATHLON_BASELINE_ERRORS, backbone_bytes, collect, comparison, decathlon_score
+from tf_piggyback.report import DECATHLON_BASELINE_ERRORS, backbone_bytes, collect, comparison, decathlon_score, \
+    write_csv
 
 
 def test_decathlon_score_by_hand_and_against_table_8():
@@ -78,3 +79,26 @@ def test_several_seeds_show_mean_and_std_and_top5_in_parentheses(tmp_path):
             for seed, (error, top5) in enumerate([(0.10, 0.02), (0.14, 0.04), (0.12, 0.03)])]
     table = comparison(collect(dirs), backbone_bytes=400_000)
     assert "| cars196 | 12.00 ± 2.00 (3.00 ± 1.00) [n=3] |" in table, table
+
+
+def test_a_run_at_chance_is_marked_in_every_table(tmp_path):
+    """Issue 33: a run whose metrics.json holds `warnings` (it trained at chance level) is marked in
+    Table 2's layout, in the runs table and in the CSV, and named under each table: never shown as
+    a clean result, alone or among seeds."""
+    from tf_piggyback.report import AT_CHANCE, markdown_table
+
+    root = str(tmp_path)
+    warning = "epoch 2 trained at chance level: loss 2.3025 ..."
+    dirs = [fake_run(root, "p", "digits:upper", "piggyback", 0.05, 10_000),
+            fake_run(root, "f", "digits:upper", "finetune", 0.915, 500_000, warnings=[warning])]
+    dirs += [fake_run(root, f"s{seed}", "digits:upper", "classifier", 0.2 + seed / 100, 4_000,
+                      warnings=[warning] if seed == 1 else []) for seed in range(3)]
+    rows = collect(dirs)
+    table = comparison(rows, backbone_bytes=400_000)
+    assert f"| upper | 5.00 | 91.50 {AT_CHANCE} | 21.00 ± 1.00 [n=3] {AT_CHANCE} (1 of 3) |" in table, table
+    assert f"{AT_CHANCE}: 2 run(s) trained at chance level" in table and dirs[1] in table and dirs[3] in table
+    runs = markdown_table(rows).splitlines()
+    assert [AT_CHANCE in line for line in runs if line.startswith("| upper |")] == [False, True, False, True, False]
+    write_csv(rows, str(tmp_path / "report.csv"))
+    lines = (tmp_path / "report.csv").read_text().splitlines()
+    assert lines[0].endswith(",warnings") and [warning in line for line in lines[1:]] == [False, True, False, True, False]

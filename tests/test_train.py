@@ -269,7 +269,10 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     backbone = keras.Model(inputs, keras.layers.Dense(16)(keras.layers.Flatten()(inputs)), name="linear")
     model = pb.piggyback(backbone, 5)
     checkpoints = str(tmp_path / "ckpt")
-    with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 2; lower the learning rates.*last good"):
+    # at once: the first step of epoch 2, not at its end; the flags to lower named with their values
+    with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 2, step 1: the training diverged; lower "
+                                                 r"--mask_lr, --head_lr \(now 0.0001, 0.0001\).*the last finite "
+                                                 r"checkpoint stays: .*ckpt-1"):
         pb.train(model, batches, pb.TrainConfig(epochs=3), checkpoint_dir=checkpoints, log=lambda line: None)
     assert tf.train.latest_checkpoint(checkpoints).endswith("ckpt-1")
 
@@ -391,3 +394,68 @@ def test_a_functional_model_with_operations_from_the_cli(tmp_path):
     model = pb.load_task(task, pb.load_backbone(backbone_path))
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1)).astype("float32")
     np.testing.assert_allclose(pb.bake(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_diverging_run_stops_or_is_marked_never_a_clean_result(tmp_path):
+    """Issue 33: finetuning at a learning rate far too high. Where the loss becomes NaN the run
+    stops at that step with one line naming the flag to lower, and writes no result; where it stays
+    finite (the digits CNN's ReLUs die and it answers one class) the run is written with warnings,
+    the console's last line says so, and every report table marks it: never a clean row."""
+    import keras
+
+    from tf_piggyback.report import AT_CHANCE, build_report
+
+    inputs = keras.Input((32, 32, 1), name="image")  # no ReLU to die: the weights grow to inf
+    x = keras.layers.Conv2D(8, 3, strides=2, name="conv")(keras.layers.Rescaling(1 / 255)(inputs))
+    keras.Model(inputs, keras.layers.Dense(16, name="fc")(keras.layers.Flatten()(x)), name="linear").save(
+        str(tmp_path / "linear.keras"))
+    diverged = str(tmp_path / "diverged")
+    result = train_cli(f"--backbone={tmp_path}/linear.keras", "--dataset=digits:upper", "--method=finetune",
+                       "--finetune_lr=1000", "--epochs=2", "--verbose=0", f"--model_dir={diverged}")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert last.startswith("error: loss became nan in epoch 1, step ") and \
+        "the training diverged; lower --finetune_lr (now 1000)" in last, last
+    assert not {"metrics.json", "model.keras"} & set(os.listdir(diverged))
+
+    at_chance = str(tmp_path / "at_chance")  # no --verbose: stdout is a pipe, so one line per epoch
+    result = train_cli("--backbone=digits", "--dataset=digits:upper", "--method=finetune", "--finetune_lr=1000",
+                       "--epochs=2", f"--model_dir={at_chance}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("warning: test accuracy "), result.stderr[-2000:]
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["epoch", "epoch", "warning:", "accuracy"]
+    assert "\r" not in result.stdout and "━" not in result.stdout  # no progress bar redraws
+    warnings = json.load(open(os.path.join(at_chance, "metrics.json")))["warnings"]
+    assert warnings[0].startswith("epoch 2 trained at chance level") and "lower --finetune_lr (now 1000)" in warnings[0]
+    assert warnings[1].startswith("test accuracy") and len(warnings) == 2
+    report = build_report([at_chance], str(tmp_path / "report"))
+    rows = [line for line in report.splitlines() if line.startswith("| upper |")]
+    assert len(rows) == 2 and all(AT_CHANCE in row for row in rows), report  # Table 2 layout and the runs
+    assert "trained at chance level" in (tmp_path / "report" / "report.csv").read_text().splitlines()[1]
+
+
+def test_a_progress_bar_on_a_terminal_one_line_per_epoch_elsewhere(monkeypatch):
+    """verbose="auto" (train.py's default): Keras' progress bar redraws itself with "\\r" even into
+    a file or a pipe; it is drawn only when stdout is a terminal."""
+    import io
+
+    from tf_piggyback.trainer import epoch_batches
+
+    class Stdout(io.StringIO):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    examples = pb.load_dataset("digits:upper").train.take(64)
+    for tty in (True, False):
+        stdout, lines = Stdout(tty), []
+        monkeypatch.setattr(sys, "stdout", stdout)
+        model = pb.piggyback(pb.digits_backbone(), 5)
+        pb.train(model, epoch_batches(examples, 32), pb.TrainConfig(epochs=2, head_lr=1e-3), log=lines.append,
+                 verbose="auto")
+        monkeypatch.undo()
+        assert [line.split()[:2] for line in lines if line.startswith("epoch")] == [["epoch", "1/2"], ["epoch", "2/2"]]
+        assert ("━" in stdout.getvalue()) == tty, stdout.getvalue()

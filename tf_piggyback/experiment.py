@@ -21,7 +21,8 @@ from tf_piggyback.layers import DEFAULT_MASK_SCALE
 from tf_piggyback.methods.packnet import DEFAULT_PRUNE
 from tf_piggyback.surgery import fcn_head, feature_model
 from tf_piggyback.taskfile import save_task
-from tf_piggyback.trainer import TrainConfig, epoch_batches, is_chief, precision_policy, test_metrics, train
+from tf_piggyback.trainer import TrainConfig, at_chance, epoch_batches, is_chief, learning_rate_advice, \
+    precision_policy, test_metrics, train
 
 
 @dataclasses.dataclass
@@ -125,8 +126,23 @@ def input_pipeline(config, image_shape):
                                  augment_images=config.augment)
 
 
+def run_warnings(history, scores, train_config):
+    """Why a trained run is no result, one line each (BUILD.md, "Training defaults"): epochs after
+    the first at chance level (`trainer.train`'s `warning`), a test accuracy within 1 point of
+    always answering the most frequent class. `report` marks a run with any in every table."""
+    stuck = [h for h in history if h.get("warning")]
+    warnings = [f"{stuck[-1]['warning']} ({len(stuck)} of {len(history)} epochs at chance)"] if stuck else []
+    if at_chance(None, scores["accuracy"], None, scores["chance_accuracy"]):
+        warnings.append(f"test accuracy {scores['accuracy']:.4f} is at chance level ({scores['chance_accuracy']:.4f} "
+                        f"always answering the most frequent class). Not a result: {learning_rate_advice(train_config)}")
+    return warnings
+
+
 def run(config, model_dir, *, strategy=None, log=print, verbose=0):
     """Trains one task as `config` says and writes it to `model_dir`; returns the metrics dict.
+
+    A run whose loss becomes NaN or inf stops with a `FloatingPointError` and writes no task; one
+    that trains at chance level (`trainer.train`) is written, with `warnings` in its metrics.
 
     Rerunning the same call after a crash resumes from `model_dir/checkpoints`. Under a
     multi-worker strategy every worker trains and only the chief writes the outputs.
@@ -176,12 +192,14 @@ def _run(config, model_dir, strategy, log, verbose):
         "train_accuracy": history[-1]["accuracy"] if history else None,
         "train_seconds": float(sum(h["seconds"] for h in history)),
         **method.summary(model),
+        "warnings": run_warnings(history, scores, config.train),
     }
     if not chief:
         return metrics
     path = os.path.join(model_dir, method.output)
     # Only what the masks and head determine goes into the task file: reruns give the same bytes.
-    recorded = {k: metrics[k] for k in ("dataset", "split_seed", "protocol", *scores, "sparsity")}
+    recorded = {k: metrics[k] for k in ("dataset", "split_seed", "protocol", *scores, "sparsity")
+                if k != "chance_accuracy"}
     if method.output == methods.TASK_FILE:
         save_task(model, path, class_names=splits.class_names, metrics=recorded)
     else:

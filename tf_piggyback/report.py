@@ -19,6 +19,19 @@ from tf_piggyback.taskfile import read_manifest
 COLUMNS = ("task", "method", "accuracy", "top1_error", "top5_error", "sparsity", "params", "task_bytes")
 
 
+# The mark of a run that trained at chance level (its metrics.json `warnings`), in every table.
+AT_CHANCE = "⚠ at chance"
+
+
+def _at_chance_note(rows):
+    """The line under a table that names its runs at chance level ("" if none)."""
+    failed = [row["model_dir"] for row in rows if row.get("warnings")]
+    if not failed:
+        return ""
+    return (f"\n{AT_CHANCE}: {len(failed)} run(s) trained at chance level, not results (their metrics.json "
+            f"`warnings`): {', '.join(failed)}\n")
+
+
 def markdown_table(rows):
     """A Markdown table of result rows (dicts with the keys of `COLUMNS`)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -27,14 +40,14 @@ def markdown_table(rows):
         for column in COLUMNS:
             value = row.get(column, "")
             if column in ("accuracy", "top1_error", "top5_error", "sparsity") and value not in ("", None):
-                value = f"{100 * value:.2f}%"
+                value = f"{100 * value:.2f}%" + (f" {AT_CHANCE}" if column == "accuracy" and row.get("warnings") else "")
             elif value is None:
                 value = ""
             elif column in ("params", "task_bytes") and value != "":
                 value = f"{value:,}"
             cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _at_chance_note(rows)
 
 
 def sparsity_plot(manifests, path):
@@ -104,7 +117,8 @@ def _task_name(dataset):
 def collect(model_dirs):
     """One row per finished run: `task`, `method` (the method's label, `Method.label`; PackNet runs
     labelled with their task order), `storage` (`Method.storage`), `accuracy`, `top1_error`,
-    `sparsity`, `params`, `task_bytes`, `model_dir`, `backbone`."""
+    `sparsity`, `params`, `task_bytes`, `model_dir`, `backbone`, `warnings` (why the run is no
+    result: trained at chance level; `experiment.run_warnings`)."""
     runs = {}
     for model_dir in model_dirs:
         path = os.path.join(model_dir, "metrics.json")
@@ -119,7 +133,7 @@ def collect(model_dirs):
         row = {"task": _task_name(config["dataset"]), "method": metrics["method"], "model_dir": model_dir,
                "backbone": f"{config['backbone']}:{config['weights']}", "task_index": metrics.get("task_index"),
                **{k: metrics.get(k) for k in ("accuracy", "top1_error", "top5_error", "sparsity", "params",
-                                              "task_bytes")}}
+                                              "task_bytes")}, "warnings": metrics.get("warnings", [])}
         method = methods.get(metrics["method"])
         row["method"], row["storage"] = method.label(config), method.storage
         if method.storage == "pack":  # grouped by the pack's first run, found through packnet_base
@@ -150,7 +164,9 @@ def _error_cell(runs):
     top1, top5 = stat("top1_error"), stat("top5_error")
     if top1 is None:
         return ""
-    return top1 + (f" ({top5})" if top5 else "") + (f" [n={len(runs)}]" if len(runs) > 1 else "")
+    failed = sum(bool(run.get("warnings")) for run in runs)
+    mark = "" if not failed else f" {AT_CHANCE}" if len(runs) == 1 else f" {AT_CHANCE} ({failed} of {len(runs)})"
+    return top1 + (f" ({top5})" if top5 else "") + (f" [n={len(runs)}]" if len(runs) > 1 else "") + mark
 
 
 def comparison(rows, backbone_bytes):
@@ -184,17 +200,17 @@ def comparison(rows, backbone_bytes):
         counts.append(str(models))
     lines.append("| storage, all tasks | " + " | ".join(storage) + " |")
     lines.append("| # models | " + " | ".join(counts) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _at_chance_note(rows)
 
 
 def write_csv(rows, path):
-    """The rows as CSV (one line per run), atomically."""
+    """The rows as CSV (one line per run, its warnings joined by " | "), atomically."""
     buffer = io.StringIO()
     columns = ("task", "method", "accuracy", "top1_error", "top5_error", "sparsity", "params", "task_bytes", "backbone",
-               "model_dir")
+               "model_dir", "warnings")
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**row, "warnings": " | ".join(row.get("warnings", []))} for row in rows)
     write_atomic(path, lambda f: f.write(buffer.getvalue().encode()))
 
 
@@ -219,7 +235,9 @@ def build_report(model_dirs, output):
             scores.setdefault(row["method"], {}).setdefault(row["task"], []).append(100 * row["top1_error"])
         scores = {m: {t: statistics.mean(e) for t, e in errors.items()} for m, errors in scores.items()}
         text += ["Visual Decathlon score (baseline errors: Table 8's Finetune row):", ""]
-        text += [f"- {method}: {decathlon_score(errors):.0f} over {len(errors)} tasks" for method, errors in scores.items()]
+        failed = {row["method"] for row in rows if row["warnings"]}
+        text += [f"- {method}: {decathlon_score(errors):.0f} over {len(errors)} tasks"
+                 + (f" {AT_CHANCE} (a run of it)" if method in failed else "") for method, errors in scores.items()]
         text.append("")
     text += ["## Runs", "", markdown_table(rows)]
     manifests = {f"{row['task']}": read_manifest(os.path.join(row["model_dir"], "task.npz"))

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 
 import keras
@@ -134,8 +135,9 @@ def precision_policy(precision):
 
 
 def make_train_step(model, groups, strategy, jit_compile=None, gradient_masks=None):
-    """A `tf.function` `(images, labels) -> [loss sum, correct, count]` over all replicas (with
-    per-pixel labels, each image counts once, its loss and accuracy averaged over its pixels).
+    """A `tf.function` `(images, labels) -> [loss sum, correct, count, labels per class]` over all
+    replicas (with per-pixel labels, each image counts once, its loss and accuracy averaged over
+    its pixels; the labels per class count pixels).
 
     Args:
         model: the task model.
@@ -177,7 +179,10 @@ def make_train_step(model, groups, strategy, jit_compile=None, gradient_masks=No
                 group_grads = [g * ratio for g in group_grads]
             optimizer.apply_gradients(zip(group_grads, vs))
             start += len(vs)
-        return tf.reduce_sum(per_example), tf.reduce_sum(hits), tf.cast(tf.shape(labels)[0], tf.float32)
+        # Each class's count of labels (pixels, for per-pixel labels): what a guess from the class
+        # frequencies alone would score (`chance_levels`).
+        classes = tf.reduce_sum(tf.reshape(tf.one_hot(labels, logits.shape[-1]), [-1, logits.shape[-1]]), 0)
+        return tf.reduce_sum(per_example), tf.reduce_sum(hits), tf.cast(tf.shape(labels)[0], tf.float32), classes
 
     @tf.function(jit_compile=jit_compile)
     def distributed_step(images, labels):
@@ -215,15 +220,20 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
             epoch); a rerun restores the latest one and goes on from there.
         summary_dir: where TensorBoard scalars go: loss, accuracy, learning rates, overall and
             per-layer mask sparsity.
-        log: called with one line per epoch.
-        verbose: 1 shows a progress bar during each epoch.
+        log: called with one line per epoch (and a `warning: ...` line after an epoch at chance).
+        verbose: 1 shows a progress bar during each epoch; "auto" shows one when stdout is a
+            terminal (Keras' `verbose=2`, one line per epoch, otherwise).
         gradient_masks: see `make_train_step`.
 
     Returns:
-        A list with one dict per epoch trained in this call: `epoch`, `loss`, `accuracy`, `seconds`.
+        A list with one dict per epoch trained in this call: `epoch`, `loss`, `accuracy`, `seconds`,
+        and `warning` where an epoch after the first trained at chance level (`at_chance`: its
+        accuracy that of answering the most frequent class, or its loss that of a guess from the
+        class frequencies, ln C for C balanced classes).
 
     Raises:
-        FloatingPointError: the loss became NaN or inf; the last good checkpoint is kept.
+        FloatingPointError: the loss of a step became NaN or inf; the run stops at that step,
+            naming the learning-rate flags to lower, and the last finite checkpoint stays.
     """
     strategy = strategy or tf.distribute.get_strategy()
     config.check_strategy(strategy)
@@ -260,20 +270,26 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
     distributed_step = make_train_step(model, groups, strategy, jit_compile=config.jit_compile or None,
                                        gradient_masks=gradient_masks)
 
+    if verbose == "auto":  # a progress bar on a terminal; elsewhere (CI, nohup, notebooks) its redraws
+        verbose = int(sys.stdout.isatty())  # would fill the log, and `log` gives one line per epoch anyway
     history = []
     for epoch in range(int(epoch_var.numpy()), config.epochs):
         start_time = time.time()
-        totals = np.zeros(3)
+        totals, classes = np.zeros(3), 0.0
         progress = keras.utils.Progbar(steps_per_epoch, verbose=verbose)
-        for images, labels in strategy.experimental_distribute_dataset(make_dataset(epoch)):
-            totals += [float(t) for t in distributed_step(images, labels)]
+        for step, (images, labels) in enumerate(strategy.experimental_distribute_dataset(make_dataset(epoch)), 1):
+            *sums, counts = distributed_step(images, labels)
+            sums = np.array([float(t) for t in sums])
+            if not np.isfinite(sums[0]):  # at once: no later step recovers, and no checkpoint gets this state
+                kept = manager and manager.latest_checkpoint
+                raise FloatingPointError(
+                    f"loss became {sums[0] / sums[2]} in epoch {epoch + 1}, step {step}: the training diverged; "
+                    f"{learning_rate_advice(config)} and train again in a new --model_dir"
+                    + (f"; the last finite checkpoint stays: {kept}" if kept else "")
+                )
+            totals, classes = totals + sums, classes + counts.numpy()
             progress.add(1, values=[("loss", totals[0] / totals[2])])
         loss, accuracy = totals[0] / totals[2], totals[1] / totals[2]
-        if not np.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss} in epoch {epoch + 1}; lower the learning rates (mask_lr, head_lr)"
-                + (f"; the last good checkpoint is kept in {checkpoint_dir}" if manager else "")
-            )
         epoch_var.assign(epoch + 1)
         if manager:
             manager.save(checkpoint_number=epoch + 1)
@@ -282,7 +298,40 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
             _write_summaries(writer, model, groups, history[-1])
         log(f"epoch {epoch + 1}/{config.epochs}  loss {loss:.4f}  accuracy {accuracy:.4f}  "
             f"({history[-1]['seconds']:.1f}s)")
+        chance_loss, chance_accuracy = chance_levels(classes)
+        if epoch > 0 and at_chance(loss, accuracy, chance_loss, chance_accuracy):
+            history[-1]["warning"] = (
+                f"epoch {epoch + 1} trained at chance level: loss {loss:.4f}, accuracy {accuracy:.4f}; a guess from "
+                f"the class frequencies scores {chance_loss:.4f} (ln {np.count_nonzero(classes)} = "
+                f"{np.log(np.count_nonzero(classes)):.4f}) and {chance_accuracy:.4f}. Not a result: "
+                f"{learning_rate_advice(config)}")
+            log(f"warning: {history[-1]['warning']}")
     return history
+
+
+def at_chance(loss, accuracy, chance_loss, chance_accuracy):
+    """Whether an epoch learned nothing (BUILD.md, "Training defaults"): its accuracy within 1 point
+    of answering the most frequent class (a network with constant outputs scores at most that), or
+    its loss within 0.5% of a guess from the class frequencies (outputs all but constant: the
+    issue's dead VGG16 sat at 2.3025 for ln 10 = 2.3026; a head still learning starts above it).
+    `loss` is None for a test set."""
+    return accuracy <= chance_accuracy + 0.01 or (loss is not None and abs(loss - chance_loss) <= 0.005 * chance_loss)
+
+
+def chance_levels(class_counts):
+    """`(loss, accuracy)` of a guess from the class frequencies `p` alone: the cross-entropy
+    `-sum p ln p` (ln C for C balanced classes) and the largest frequency."""
+    p = np.asarray(class_counts, np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-np.sum(p * np.log(p))), float(p.max())
+
+
+def learning_rate_advice(config):
+    """"lower --finetune_lr (now 0.001)": the learning rates of `config.method`
+    (`Method.learning_rates`), as the advice on a diverged or chance-level run."""
+    names = methods.get(config.method).learning_rates
+    return (f"lower {', '.join('--' + name for name in names)} (now "
+            f"{', '.join(f'{getattr(config, name):g}' for name in names)})")
 
 
 def _write_summaries(writer, model, groups, record):
@@ -308,9 +357,14 @@ def evaluate(model, data, labels=None, batch_size=256):
 
 def accuracies(model, data, labels=None, batch_size=256, ks=(1, 5)):
     """`{k: top-k accuracy}` in one pass (Table 2 reports top-1 and, in parentheses, top-5 error)."""
+    return _accuracies(model, data, labels, batch_size, ks)[0]
+
+
+def _accuracies(model, data, labels, batch_size, ks):
+    """`accuracies`, and the accuracy of always answering the most frequent label."""
     if labels is not None:
         data = tf.data.Dataset.from_tensor_slices((data, labels))
-    correct, total = dict.fromkeys(ks, 0), 0
+    correct, total, counts = dict.fromkeys(ks, 0), 0, {}
     for images, y in data.batch(batch_size):
         # A direct call, not predict(): Keras' predict splits batches across a distributed
         # model's replicas and returns each worker's copy under MultiWorkerMirroredStrategy.
@@ -318,10 +372,12 @@ def accuracies(model, data, labels=None, batch_size=256, ks=(1, 5)):
         ranked = np.argsort(-logits, axis=-1, kind="stable")
         for k in ks:
             correct[k] += int(np.sum(np.any(ranked[:, :k] == y.numpy()[:, None], axis=-1)))
+        for label, count in zip(*np.unique(y.numpy(), return_counts=True)):
+            counts[label] = counts.get(label, 0) + int(count)
         total += len(logits)
     if not total:
         raise ValueError("the evaluation set is empty")
-    return {k: correct[k] / total for k in ks}
+    return {k: correct[k] / total for k in ks}, max(counts.values()) / total
 
 
 def segmentation_scores(model, data, num_classes, batch_size=64):
@@ -336,17 +392,19 @@ def segmentation_scores(model, data, num_classes, batch_size=64):
         raise ValueError("the evaluation set is empty")
     union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
     iou = np.diag(confusion)[union > 0] / union[union > 0]
-    return {"pixel_accuracy": float(np.trace(confusion) / confusion.sum()), "miou": float(iou.mean())}
+    return {"pixel_accuracy": float(np.trace(confusion) / confusion.sum()), "miou": float(iou.mean()),
+            "chance_accuracy": float(confusion.sum(1).max() / confusion.sum())}
 
 
 def test_metrics(model, splits, batch_size=256):
     """What runs, `evaluate.py` and task files report on `splits.test`: `accuracy`,
     `top1_error`, `top5_error` (tasks of more than 5 classes) and, for per-pixel labels, `miou`
-    (the accuracy is then the pixel accuracy)."""
+    (the accuracy is then the pixel accuracy); and `chance_accuracy`, that of always answering
+    the test set's most frequent class (pixel class), against which a run is judged (`experiment.run`)."""
     if splits.dense:
         scores = segmentation_scores(model, splits.test, len(splits.class_names), batch_size)
         return {"accuracy": scores["pixel_accuracy"], "top1_error": 1.0 - scores["pixel_accuracy"],
-                "top5_error": None, "miou": scores["miou"]}
-    top = accuracies(model, splits.test, batch_size=batch_size)
+                "top5_error": None, "miou": scores["miou"], "chance_accuracy": scores["chance_accuracy"]}
+    top, chance = _accuracies(model, splits.test, None, batch_size, (1, 5))
     return {"accuracy": top[1], "top1_error": 1.0 - top[1],
-            "top5_error": 1.0 - top[5] if len(splits.class_names) > 5 else None}
+            "top5_error": 1.0 - top[5] if len(splits.class_names) > 5 else None, "chance_accuracy": chance}

@@ -61,6 +61,8 @@ class Method:
             or the method's own (`model.keras`, `packnet.npz`: `save`).
         storage: how `report` counts the storage of all tasks: "shared" (one backbone plus each
             task's file), "own" (each task a whole model), "pack" (one file holds every task).
+        learning_rates: the `TrainConfig` fields (and `train.py` flags) of its learning rates,
+            named when a run diverges or trains at chance level (`trainer.learning_rate_advice`).
     """
 
     name = None
@@ -68,6 +70,7 @@ class Method:
     takes_mask_from = False
     output = TASK_FILE
     storage = "shared"
+    learning_rates = ("mask_lr", "head_lr")
 
     def build(self, backbone, num_classes, config, head=None):
         """The untrained task model over `backbone` for a `RunConfig` `config` (and a `head` from

@@ -27,6 +27,7 @@ def classifier_only(backbone, num_classes, *, feature_layer=None, head=None):
 @register
 class Classifier(Method):
     name = "classifier"
+    learning_rates = ("head_lr",)
 
     def build(self, backbone, num_classes, config, head=None):
         return classifier_only(backbone, num_classes, feature_layer=config.feature_layer, head=head)

@@ -36,6 +36,7 @@ class Finetune(Method):
     name = "finetune"
     output = "model.keras"
     storage = "own"
+    learning_rates = ("finetune_lr",)
 
     def build(self, backbone, num_classes, config, head=None):
         return finetune(backbone, num_classes, feature_layer=config.feature_layer, head=head)

@@ -62,6 +62,7 @@ def lora(backbone, num_classes, *, rank, feature_layer=None):
 class Lora(Method):
     name = "lora"
     takes_head = False
+    learning_rates = ("lora_lr", "head_lr")
 
     def build(self, backbone, num_classes, config, head=None):
         return lora(backbone, num_classes, rank=config.lora_rank, feature_layer=config.feature_layer)

@@ -219,6 +219,7 @@ class PackNetMethod(Method):
     takes_head = False
     output = "packnet.npz"
     storage = "pack"
+    learning_rates = ("finetune_lr",)
 
     def start(self, backbone, num_classes, config, head=None):
         if not config.packnet_base:
