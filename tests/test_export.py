@@ -104,9 +104,9 @@ def test_multi_task_export_traces_the_backbone_once(tasks, tmp_path):
     """`tf.saved_model.save` traces in its own context: a module traced for calls before it
     would trace the backbone (`compute`) twice, which is most of an export's time."""
     module, signatures, _ = build_serving_module(pb.digits_backbone(), tasks[0])
-    assert module.compute.experimental_get_tracing_count() == 0
+    assert module.graph.compute.experimental_get_tracing_count() == 0
     tf.saved_model.save(module, str(tmp_path / "saved"), signatures=signatures)
-    assert module.compute.experimental_get_tracing_count() == 1
+    assert module.graph.compute.experimental_get_tracing_count() == 1
 
 
 def test_multi_task_saved_model_under_concurrent_requests(tasks, tmp_path):
@@ -129,7 +129,7 @@ def test_multi_task_saved_model_under_concurrent_requests(tasks, tmp_path):
     for name, logits in results:
         np.testing.assert_allclose(logits, expected[name], atol=1e-5)
     # the working slots are saved holding only their id: the export stays 1 bit per parameter
-    assert [v.numpy().tolist() for v in tf.saved_model.load(path).slots] == [[-1.0]] * 2
+    assert [v.numpy().tolist() for v in tf.saved_model.load(path).graph.slots] == [[-1.0]] * 2
 
 
 def test_versions_and_overwrite(tasks, tmp_path):

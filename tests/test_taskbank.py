@@ -350,15 +350,15 @@ def test_a_new_version_without_per_task_signatures_keeps_the_last_graph(task_fil
     graph and writes only its variables: the backbone is not traced. It answers every task as
     its baked model does, through the TF2 loader and TF1-style (`saved_model_cli`, as TensorFlow
     Serving loads). A version whose graph would differ (per-task signatures, another layout of
-    the tasks' own weights) is traced as before."""
-    from tf_piggyback.bankmodule import BankModule
+    the tasks' own weights) is traced; one with the same per-task signatures keeps its graph too."""
+    from tf_piggyback.bankgraph import BankGraph
 
     paths, images, expected = task_files
     backbone = pb.digits_backbone()
     base = str(tmp_path / "model")
     traced = []
-    original = BankModule._compute
-    monkeypatch.setattr(BankModule, "_compute", lambda self, *a: traced.append(1) or original(self, *a))
+    original = BankGraph._compute
+    monkeypatch.setattr(BankGraph, "_compute", lambda self, *a: traced.append(1) or original(self, *a))
     export_saved_model(backbone, [paths[n] for n in ("bin", "bn")], base, per_task_signatures=False)
     assert traced
     traced.clear()
@@ -380,7 +380,12 @@ def test_a_new_version_without_per_task_signatures_keeps_the_last_graph(task_fil
     assert traced and list_tasks(os.path.join(base, "3"))["graph"] != list_tasks(latest)["graph"]
     traced.clear()
     export_saved_model(backbone, [paths["bin"], paths["cls"]], base)  # per-task signatures: a graph of their own
-    assert traced and "graph" not in list_tasks(os.path.join(base, "4"))
+    assert traced and list_tasks(os.path.join(base, "4"))["graph"] != list_tasks(os.path.join(base, "3"))["graph"]
+    traced.clear()
+    again = export_saved_model(backbone, [paths["bin"], paths["cls"]], base)  # the same signatures: kept
+    assert traced == [] and list_tasks(again)["graph"] == list_tasks(os.path.join(base, "4"))["graph"]
+    np.testing.assert_allclose(tf.saved_model.load(again).signatures["cls"](image=tf.constant(images))["logits"],
+                               expected["cls"], atol=1e-5)
 
 
 def test_adding_a_task_does_not_fingerprint_the_backbone_again(task_files, monkeypatch):

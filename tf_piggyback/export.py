@@ -1,4 +1,4 @@
-"""Task files -> SavedModels in TensorFlow Serving's layout (DESIGN 3.5); `tflite` writes
+"""Task files -> SavedModels in TensorFlow Serving's layout (BUILD.md, "Interfaces"); `tflite` writes
 TFLite / LiteRT files (its public names are importable from here too).
 
 Every exported signature is as `signatures` says.
@@ -15,7 +15,6 @@ import tempfile
 
 import tensorflow as tf
 
-from tf_piggyback.bankmodule import BankModule
 from tf_piggyback.signatures import input_spec, signature, with_outputs
 from tf_piggyback.surgery import bake
 from tf_piggyback.taskbank import DEFAULT_SLOTS, LISTING, TaskBank
@@ -28,14 +27,16 @@ __all__ = ["LISTING", "QUANTIZATIONS", "REPRESENTATIVE_SAMPLES", "build_serving_
 
 
 def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_signatures=True, previous=None):
-    """A `tf.Module` and `{name: tf.function}`: the signatures of a SavedModel (DESIGN 3.5).
+    """A `tf.Module` and `{name: tf.function}`: the signatures of a SavedModel (BUILD.md, "Interfaces").
 
     One task: its baked model (`bake`), signature `serving_default` and the task's name.
     Several: a `TaskBank` module (one traced backbone, packed masks, `slots` unpacked working
     copies) with one signature per task, `serving_default` (the first), `tasks` and
     `tasks_by_name` (a task per example); with `per_task_signatures=False` only the last
     three (see `TaskBank.serving_module` for what each signature costs). The third value is the tasks' listing
-    (`TaskBank.listing`), which exports store as `assets/{LISTING}`. Tasks that the multi-task
+    (`TaskBank.listing`), which exports store as `assets/{LISTING}`; for several tasks its `graph`
+    is the key of all the traced functions depend on (`bankmodule.GraphSpec.key`), when the
+    backbone has a Keras config. Tasks that the multi-task
     SavedModel `previous` holds are taken from it, not decoded again (`TaskBank.add_all`).
 
     The module tracks the raw `tf.Variable`s behind the Keras variables, never a Keras model or
@@ -47,7 +48,11 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     bank = TaskBank(backbone, slots=slots)
     bank.add_all(paths, names, previous=previous)
     if len(paths) > 1:
-        return (*bank.serving_module(per_task_signatures), bank.listing())
+        module, signatures, spec = bank.serving_module(per_task_signatures)
+        listing = bank.listing()
+        if spec.key():
+            listing["graph"] = spec.key()
+        return module, signatures, listing
     spec = input_spec(backbone)
     model = bake(load_task(paths[0], backbone))
     module = tf.Module()
@@ -85,9 +90,10 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
 
     A task that the latest version under `output_dir` already holds (the same task file's bytes,
     the same backbone) is read from that version's variables instead of being decoded again, so
-    a new version with one more task decodes one task file. Without per-task signatures, a new
-    version whose graph would be the latest one's (`BankModule.graph_key`) keeps that graph and
-    writes only its variables: nothing is traced.
+    a new version with one more task decodes one task file. A new version whose graph would be
+    the latest one's (equal `bankmodule.GraphSpec.key`: the same layout, slots, input and
+    signatures; without per-task signatures, any tasks whose first one has as many classes)
+    keeps that graph and writes only its variables: nothing is traced.
     """
     if version is None:
         version = next_version(output_dir)
@@ -100,9 +106,7 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
                 if os.path.isfile(os.path.join(output_dir, str(v), "assets", LISTING))]
     module, signatures, listing = build_serving_module(backbone, task_paths, slots, per_task_signatures,
                                                        previous[-1] if previous else None)
-    key = module.graph_key() if isinstance(module, BankModule) and not per_task_signatures else None
-    if key:
-        listing["graph"] = key
+    key = listing.get("graph")
     same_graph = previous and key and _graph_key(previous[-1]) == key
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=output_dir)

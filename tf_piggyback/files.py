@@ -44,12 +44,21 @@ def write_atomic(path, write):
 def read_npz(path, file_format, version):
     """`(manifest, arrays)` of a file this library wrote (`file_format`, e.g. a task file or a
     PackNet pack), checked: readable without pickle, its format and version, its checksums."""
+    manifest, arrays, _ = read_npz_digest(path, file_format, version)
+    return manifest, arrays
+
+
+def read_npz_digest(path, file_format, version):
+    """`read_npz` and the SHA-256 of the bytes it decoded: the file is read once, so a file
+    replaced meanwhile cannot pair one version's digest with another's contents."""
     kind = f"{file_format.rsplit('.', 1)[-1]} file"  # "task file", "packnet file"
     if not os.path.isfile(path):
         raise TaskFileError(f"{kind} {path!r} does not exist; pass the file that training wrote")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
+        with open(path, "rb") as f:
+            data = f.read()
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
         manifest = json.loads(arrays.pop("manifest").tobytes().decode("utf-8"))
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as e:
         raise TaskFileError(
@@ -65,7 +74,7 @@ def read_npz(path, file_format, version):
     checksums = manifest.get("sha256") or {}
     if set(checksums) != set(arrays) or any(sha256(arrays[name]) != digest for name, digest in checksums.items()):
         raise TaskFileError(f"{path!r} is corrupted: its arrays do not match the manifest's SHA-256 checksums")
-    return manifest, arrays
+    return manifest, arrays, hashlib.sha256(data).hexdigest()
 
 
 def sha256(array):

@@ -1,4 +1,4 @@
-"""Many tasks over one backbone, served at the cost of their task files (DESIGN 3.5).
+"""Many tasks over one backbone, served at the cost of their task files (BUILD.md, "Many tasks in one SavedModel").
 
 A `TaskBank` holds one backbone and any number of task files. The backbone's graph is traced
 once; a task is data, not a graph: its masks packed 1 bit per parameter (2 for ternary) and
@@ -8,6 +8,12 @@ a task not in a slot is unpacked with one table gather (tens of ms for ResNet-50
 masked weights) into the slot that was used longest ago. So memory is the backbone, the
 packed masks and `slots` float copies of the masked kernels (one more while a slot is being
 refilled: its old copy lives until the new one replaces it), whatever the number of tasks.
+
+A bank changes as TensorFlow Serving's models do: a `BankVersion` (the tasks in order, their
+layout, the module that serves them) never changes once made; `add` and `remove` make the next
+one and swap it in with one assignment, and a call takes one version and uses only it, so it
+never pairs one task list with another's module. Versions with one layout share the traced
+backbone and the working slots (`bankmodule.BankGraph`): a change retraces no backbone.
 
 The same `tf.Module` is what `export_saved_model` saves for several tasks, so the Python API
 and TensorFlow Serving run one implementation.
@@ -20,8 +26,8 @@ backbone, many tasks at about 1 bit per parameter each).
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
+import logging
 import os
 import threading
 
@@ -29,9 +35,9 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback import coding, methods
-from tf_piggyback.bankmodule import KINDS, MAX_UID, BankModule, aligned
+from tf_piggyback.bankgraph import KINDS, MAX_UID, BankGraph, PackedLayout, aligned
+from tf_piggyback.bankmodule import BankTask, BankVersion
 from tf_piggyback.fingerprint import fingerprint
-from tf_piggyback.signatures import image_spec
 from tf_piggyback.surgery import HEAD_NAME, feature_model
 from tf_piggyback.taskfile import TaskFileError, TaskRecord, task_name
 
@@ -41,34 +47,13 @@ LISTING = "tf_piggyback_tasks.json"  # in a SavedModel's assets/: `TaskBank.list
 _VARIABLE = "{}/.ATTRIBUTES/VARIABLE_VALUE"  # a `BankModule` variable's key in a SavedModel's checkpoint
 
 
-@dataclasses.dataclass
-class BankTask:
-    """One task in a bank: what its file holds, laid out for the bank.
-
-    Attributes:
-        name: signature / lookup name.
-        uid: an id never reused in this bank (slots are tagged with it, `ID_WEIGHTS`).
-        kind: "none" (classifier-only), "binary", "ternary" or "alone" (listed only, never served:
-            `_served_alone`).
-        masks: `{backbone kernel path: its mask packed (`coding.pack`), padded to a multiple of
-            `bankmodule.ALIGN` values}`;
-            a kernel the task does not mask (`mask_from`) is absent: all ones in the bank.
-        own: `{backbone variable path: value}` for per-task BatchNormalization.
-        head: `(kernel [F, C], bias [C])` (None for a task served alone).
-        info: manifest summary for listings (classes, sparsity, source file SHA-256).
-    """
-
-    name: str
-    uid: int
-    kind: str
-    masks: dict
-    own: dict
-    head: tuple
-    info: dict
-
-
 class TaskBank:
     """One backbone, many task files, a bounded set of unpacked working copies.
+
+    Safe to change while it answers from other threads: a call uses the `version` it started
+    with; `add`, `add_all` and `remove` are serialized and swap in a new version whole. While
+    the bank serves, the next version's module is built and traced before it is swapped in,
+    so calls do not wait for it.
 
     Args:
         backbone: the backbone every task was trained on (fingerprints are checked against
@@ -94,35 +79,40 @@ class TaskBank:
         self.backbone = backbone
         self.slots = int(slots)
         self.fingerprint = fingerprint(backbone)
-        self._tasks = []
+        self._version = BankVersion()  # replaced whole, never changed: calls read it once
         self._next_uid = 0
-        self._feature_layer = None
-        self._variables = {}  # path -> shape of the feature model's variables, in its order
+        self._graph = (None, None)  # (layout key, BankGraph) of the latest version, shared by the next of that layout
         self._feature_variables = {}  # feature_layer -> {path: variable}, built once each
-        self._module = None
-        self._traced = False
-        self._building = threading.Lock()
+        self._changing = threading.Lock()  # add / remove, one at a time
         self._reading = threading.Lock()  # add_all's threads build a feature model once
 
     # ---- the set of tasks -------------------------------------------------------------------
     @property
+    def version(self):
+        """The current `BankVersion`: a snapshot that later changes leave as it is."""
+        return self._version
+
+    @property
     def records(self):
         """The bank's `BankTask`s, in order."""
-        return list(self._tasks)
+        return list(self._version.tasks)
 
     @property
     def feature_layer(self):
         """The backbone layer whose output feeds every served task's head (None: its output)."""
-        return self._feature_layer
+        return self._version.feature_layer
 
     @property
     def names(self):
-        return [task.name for task in self._tasks]
+        return self._version.names
+
+    def index(self, name):
+        return self._version.index(name)
 
     def tasks(self):
         """One dict per task: `name`, `num_classes`, `class_names`, `method`, `mask_type`,
         `sparsity`, `image_size`, `packed_bytes` (in memory), `source_sha256` (of the task file)."""
-        return [{"name": t.name, **t.info} for t in self._tasks]
+        return [{"name": t.name, **t.info} for t in self._version.tasks]
 
     def add(self, path, name=None):
         """Adds a task file; returns its name (default from the path, `taskfile.task_name`)."""
@@ -141,46 +131,71 @@ class TaskBank:
         being decoded again: a new version with one more task decodes one file.
         """
         names = [name or task_name(path) for path, name in zip(paths, names or [None] * len(paths))]
-        taken = set(self.names)
-        for name in names:
-            if name in taken:
-                raise ValueError(f"a task named {name!r} is already in the bank; name it with NAME=PATH")
-            if name in MIXED_SIGNATURES or name == "serving_default":
-                raise ValueError(f"{name!r} is a reserved signature name; name the task with NAME=PATH")
-            taken.add(name)
-        if self._next_uid + len(paths) - 1 > MAX_UID:
-            raise ValueError(f"this bank would be given {self._next_uid + len(paths):,} tasks, more than its slot ids "
-                             f"tell apart ({MAX_UID + 1:,}); make a new TaskBank")
-        previous = _Exported(previous, self.fingerprint) if previous else None
-        with concurrent.futures.ThreadPoolExecutor(workers or max(1, min(len(paths), os.cpu_count() or 1))) as pool:
-            read = list(pool.map(lambda path: self._read(path, previous), paths))
-        served = any(t.kind != "alone" for t in self._tasks)
-        layer = self._feature_layer
-        for path, (feature_layer, *_, task) in zip(paths, read):
-            if task.kind == "alone":
-                continue
-            if served and feature_layer != layer:
-                raise TaskFileError(
-                    f"{path!r} feeds its head from feature_layer={feature_layer!r}, the bank's tasks from "
-                    f"{layer!r}; a bank holds tasks over one feature model")
-            served, layer = True, feature_layer
-        for name, (feature_layer, variables, task) in zip(names, read):
-            if task.kind != "alone":
-                self._feature_layer = feature_layer
-                self._variables = {p: tuple(v.shape) for p, v in variables.items()}
-            self._tasks.append(dataclasses.replace(task, name=name, uid=self._next_uid))
-            self._next_uid += 1
-        self._module = None
+        with self._changing:
+            current = self._version
+            taken = set(current.names)
+            for name in names:
+                if name in taken:
+                    raise ValueError(f"a task named {name!r} is already in the bank; name it with NAME=PATH")
+                if name in MIXED_SIGNATURES or name == "serving_default":
+                    raise ValueError(f"{name!r} is a reserved signature name; name the task with NAME=PATH")
+                taken.add(name)
+            if self._next_uid + len(paths) - 1 > MAX_UID:
+                raise ValueError(f"this bank would be given {self._next_uid + len(paths):,} tasks, more than its slot "
+                                 f"ids tell apart ({MAX_UID + 1:,}); make a new TaskBank")
+            previous = _Exported(previous, self.fingerprint) if previous else None
+            workers = workers or max(1, min(len(paths), os.cpu_count() or 1))
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                read = list(pool.map(lambda path: self._read(path, previous), paths))
+            served, layer, variables = current.served, current.feature_layer, current.variables
+            for path, (feature_layer, feature_variables, task) in zip(paths, read):
+                if task.kind == "alone":
+                    continue
+                if served and feature_layer != layer:
+                    raise TaskFileError(
+                        f"{path!r} feeds its head from feature_layer={feature_layer!r}, the bank's tasks from "
+                        f"{layer!r}; a bank holds tasks over one feature model")
+                served, layer = True, feature_layer
+                variables = {p: tuple(v.shape) for p, v in feature_variables.items()}
+            added = [dataclasses.replace(task, name=name, uid=self._next_uid + i)
+                     for i, (name, (*_, task)) in enumerate(zip(names, read))]
+            self._next_uid += len(added)
+            self._swap(BankVersion(current.tasks + tuple(added), layer, variables))
         return names
+
+    def remove(self, name):
+        """Removes a task by name."""
+        with self._changing:
+            current = self._version
+            index = current.index(name)
+            self._swap(BankVersion(current.tasks[:index] + current.tasks[index + 1:], current.feature_layer,
+                                   current.variables))
+
+    def _swap(self, version):
+        """Makes `version` the current one (with the change lock held). While the bank serves (its
+        current module is built), the next module is built and traced first: calls go on with
+        the old version meanwhile, and never wait for the new one."""
+        if self._version.built and version.tasks and not any(t.kind == "alone" for t in version.tasks):
+            version.module(self._graph_for)
+        self._version = version
+
+    def _graph_for(self, version):
+        """The `BankGraph` for `version`'s layout: the last one made, while the layout is its."""
+        if isinstance(self.backbone.input, dict):
+            raise ValueError(f"a TaskBank serves backbones of one image input; {self.backbone.name!r} takes "
+                             f"{', '.join(self.backbone.input)}: export each of its tasks on its own")
+        features = int(version.tasks[0].head[0].shape[0]) if version.tasks[0].head is not None else 0
+        key = (version.feature_layer, version.layout, tuple(version.own_paths), features)
+        if self._graph[0] != key:
+            self._graph = key, BankGraph(self.backbone, version.feature_layer, version.layout, version.own_paths,
+                                         features, self.slots)
+        return self._graph[1]
 
     def _read(self, path, previous=None):
         """`(feature_layer, {path: variable} of its feature model, BankTask)` of a task file, not
         yet named or numbered (`add_all` runs this on several threads at once); from `previous`
-        (an `_Exported`) when it holds the file's task."""
-        digest = None
-        if os.path.isfile(path):  # else TaskRecord says so
-            with open(path, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
+        (an `_Exported`) when it holds the file's task. The file is read once: its SHA-256 is
+        that of the bytes decoded (`TaskRecord.sha256`)."""
         record = TaskRecord(path, self.backbone, fingerprint=self.fingerprint)
         manifest = record.manifest
         feature_layer = manifest.get("options", {}).get("feature_layer")
@@ -189,13 +204,13 @@ class TaskBank:
             variables, kind, masks, own, head = None, "alone", {}, {}, None
         else:
             variables = self._feature_model_variables(feature_layer)
-            packed = previous.masks(digest) if previous is not None and record.mask_names else None
+            packed = previous.masks(record.sha256) if previous is not None and record.mask_names else None
             kind, masks = self._pack_masks(record, variables, packed)
             own, head = self._own_and_head(record, variables)
         info = {"num_classes": int(manifest["num_classes"]), "class_names": manifest.get("class_names"),
                 "method": manifest["method"], "mask_type": kind, "sparsity": float(manifest.get("sparsity", 0.0)),
                 "image_size": manifest.get("image_size"), "packed_bytes": sum(m.size for m in masks.values()),
-                "source_sha256": digest, **({"alone": alone} if alone else {})}
+                "source_sha256": record.sha256, **({"alone": alone} if alone else {})}
         return feature_layer, variables, BankTask(None, None, kind, masks, own, head, info)
 
     def _feature_model_variables(self, feature_layer):
@@ -205,22 +220,6 @@ class TaskBank:
                 self._feature_variables[feature_layer] = {
                     v.path: v for v in feature_model(self.backbone, feature_layer).variables}
             return self._feature_variables[feature_layer]
-
-    def remove(self, name):
-        """Removes a task by name."""
-        index = self.index(name)
-        del self._tasks[index]
-        self._module = None
-
-    def index(self, name):
-        if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
-            if not 0 <= name < len(self._tasks):
-                raise ValueError(f"task index {name} is out of range; the bank has {len(self._tasks)} tasks")
-            return int(name)
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise ValueError(f"no task named {name!r}; the bank has {', '.join(self.names) or 'no tasks'}") from None
 
     @staticmethod
     def _own_and_head(record, variables):
@@ -239,7 +238,8 @@ class TaskBank:
             raise TaskFileError(f"{record.path!r} has no Dense head of {num_classes} classes")
         return own, (heads[0], heads[1])
 
-    def _pack_masks(self, record, variables, packed=None):
+    @staticmethod
+    def _pack_masks(record, variables, packed=None):
         """`(kind, BankTask.masks)` of a task file's masks, by the path of the kernel each masks;
         taken from `packed` (`{path: packed mask}` of the same file, `_Exported.masks`) when given,
         else decoded (most of what adding a task costs)."""
@@ -262,49 +262,23 @@ class TaskBank:
 
     @property
     def kernel_paths(self):
-        """The kernels any task masks, in the backbone's order: the bank's flat slot layout.
-        The same set of tasks gives the same layout in any order."""
-        masked = {p for t in self._tasks for p in t.masks}
-        return [p for p in self._variables if p in masked]
+        """The kernels any task masks, in the backbone's order: the bank's flat slot layout."""
+        return self._version.layout.paths
 
     @property
     def flat_size(self):
         """Floats in one slot's kernel layout (each kernel aligned), without the id entries."""
-        return sum(aligned(int(np.prod(self._variables[p]))) for p in self.kernel_paths)
+        return self._version.layout.flat_size
 
     def packed(self, task):
-        """`task`'s masks over the bank's layout, packed: each kernel's (all ones where the task
-        does not mask it), then the bits of its uid (the `ID_BITS` entries at the end of a slot)."""
-        if task.kind == "none":
-            return np.zeros(0, np.uint8)
-        segments = [task.masks[p] if p in task.masks else
-                    coding.pack(np.ones(aligned(int(np.prod(self._variables[p]))), np.int8), task.kind)
-                    for p in self.kernel_paths]
-        uid = np.unpackbits(np.array([task.uid], ">u2").view(np.uint8)).astype(np.int8)
-        return np.concatenate(segments + [coding.pack(uid, task.kind)])
+        """`task`'s masks over the bank's layout, packed (`PackedLayout.pack`)."""
+        return self._version.layout.pack(task.masks, task.kind, task.uid)
 
     # ---- serving ----------------------------------------------------------------------------
     @property
     def module(self):
-        """The `BankModule` over the current tasks (rebuilt after `add` / `remove`), its
-        functions traced (a tf.function's concurrent first calls would each trace it)."""
-        return self._current_module(traced=True)
-
-    def _current_module(self, traced):
-        """The module, its functions traced for calls or not (`serving_module`)."""
-        if not self._tasks:
-            raise ValueError("the bank has no tasks; add a task file first")
-        with self._building:  # concurrent first calls build and trace one module, once
-            if self._module is None:
-                if isinstance(self.backbone.input, dict):
-                    raise ValueError(f"a TaskBank serves backbones of one image input; {self.backbone.name!r} takes "
-                                     f"{', '.join(self.backbone.input)}: export each of its tasks on its own")
-                self._module, self._traced = BankModule(self), False
-            if traced and not self._traced:
-                self._module.forward.get_concrete_function()
-                self._module.mixed.get_concrete_function()
-                self._traced = True
-            return self._module
+        """The current version's `BankModule`, its functions traced."""
+        return self._version.module(self._graph_for)
 
     def predict(self, images, task):
         """Logits for `images` under `task`: a name or index, or one per image (mixed).
@@ -313,75 +287,89 @@ class TaskBank:
             `[B, num_classes]` logits for one task; for one task per image, `[B, C_max]`
             logits padded with zeros past each task's class count.
         """
+        version = self._version  # one snapshot: its module and its indices agree
+        module = version.module(self._graph_for)
         images = tf.convert_to_tensor(images, tf.float32)
         if isinstance(task, (str, int, np.integer)):
-            return self.module.forward(images, tf.constant(self.index(task), tf.int32)).numpy()
-        indices = [self.index(t) for t in task]
-        return self.module.mixed(images, tf.constant(indices, tf.int32))["logits"].numpy()
+            return module.forward(images, tf.constant(version.index(task), tf.int32)).numpy()
+        indices = [version.index(t) for t in task]
+        return module.mixed(images, tf.constant(indices, tf.int32))["logits"].numpy()
 
     def serving_module(self, per_task=True):
-        """What an export saves: the module, and `{name: tf.function}` signatures: one per task
-        (unless `per_task` is False), `serving_default` (the first task), `tasks` (`image`,
-        int32 `task` per example) and `tasks_by_name` (string `task`). The module is not traced
-        here: `tf.saved_model.save` traces it in its own context, so tracing it for calls first
-        traced the backbone twice (10 ResNet-50 tasks at 128 px exported in 7.0-9.2 s so, in
-        5.8-6.7 s now; BUILD.md).
+        """What an export saves: `(module, {name: tf.function}, spec)`. The signatures are one per
+        task (unless `per_task` is False), `serving_default` (the first task), `tasks` (`image`,
+        int32 `task` per example) and `tasks_by_name` (string `task`); `spec` is the module's
+        `GraphSpec` with them, whose `key` says whether two exports trace the same graph. The
+        module is not traced here: `tf.saved_model.save` traces it in its own context, so tracing
+        it for calls first traced the backbone twice (10 ResNet-50 tasks at 128 px exported in
+        7.0-9.2 s so, in 5.8-6.7 s now; BUILD.md).
 
         Every signature is a graph of its own to TensorFlow: `tf.saved_model.load` rebuilds
         each with a copy of the backbone's function (measured, ResNet-50 with 100 tasks: 1.7 s
         and +0.8 GB at load, against 0.55 s without per-task signatures), and the first call
         of each instantiates it (~0.7 s, ~12 MB). `tasks` serves every task from one graph.
         """
-        module = self._current_module(traced=False)
-        spec = image_spec(self.backbone)
-        signatures = {task.name: _task_signature(module, index, task.info["num_classes"], spec, task.name)
-                      for index, task in enumerate(self._tasks[:len(self._tasks) if per_task else 1])}
-        signatures["serving_default"] = signatures[self._tasks[0].name]
-        if not per_task:
-            del signatures[self._tasks[0].name]
+        version = self._version
+        module = version.module(self._graph_for, traced=False)
+        tasks = version.tasks if per_task else version.tasks[:1]
+        entries = [(t.name, i, t.info["num_classes"]) for i, t in enumerate(tasks)]
+        entries = [e for e in entries if per_task] + [("serving_default", *entries[0][1:])]
+        spec = dataclasses.replace(module.graph.spec, signatures=tuple(entries) + tuple(
+            (name, None, None) for name in MIXED_SIGNATURES))
+        image = module.graph.image_spec()
+        signatures = {}
+        for name, index, classes in spec.signatures:  # what the signatures read while traced: the spec alone
+            if index is not None:
+                signatures[name] = _task_signature(module, index, classes, image, name)
         signatures["tasks"] = tf.function(
             lambda image, task: module.mixed(image, task), autograph=False,
-            input_signature=[spec, tf.TensorSpec([None], tf.int32, name="task")])
+            input_signature=[image, tf.TensorSpec([None], tf.int32, name="task")])
         signatures["tasks_by_name"] = tf.function(
             lambda image, task: module.mixed(image, module.lookup(task)), autograph=False,
-            input_signature=[spec, tf.TensorSpec([None], tf.string, name="task")])
-        return module, signatures
+            input_signature=[image, tf.TensorSpec([None], tf.string, name="task")])
+        return module, signatures, spec
 
     def listing(self):
         """The JSON-ready description of the bank that exports store and `export/list_tasks.py` prints."""
+        version = self._version
         listing = {"format": "tf_piggyback.bank", "version": 1, "backbone": {"name": self.backbone.name,
-                   "fingerprint": self.fingerprint}, "slots": self.slots, "tasks": self.tasks()}
-        if any(t.kind != "alone" for t in self._tasks):  # how `BankModule.packed` lays masks out (`_Exported`)
-            listing["kernels"] = [[p, int(np.prod(self._variables[p]))] for p in self.kernel_paths]
+                   "fingerprint": self.fingerprint}, "slots": self.slots,
+                   "tasks": [{"name": t.name, **t.info} for t in version.tasks]}
+        if version.served:  # how `BankModule.packed` lays masks out (`_Exported`)
+            listing["kernels"] = [list(kernel) for kernel in version.layout.kernels]
         return listing
 
 
 class _Exported:
     """The packed masks of the tasks a multi-task SavedModel holds, by their task file's SHA-256
-    (`add_all`'s `previous`), read back from its variables as `BankModule` laid them out (each
-    kernel of the listing's `kernels` in turn, then the task's id).
+    (`add_all`'s `previous`), read back from its variables with the `PackedLayout` its listing
+    records (`kernels`).
 
     Only a SavedModel of a bank (a `packed` variable) over the same backbone (fingerprint) offers
-    tasks; any other offers none, and its files are decoded as usual."""
+    tasks; any other offers none, says why in one line (logged), and its files are decoded."""
 
     def __init__(self, path, fingerprint):
         listing_path = os.path.join(path, "assets", LISTING)
         if not os.path.isfile(listing_path):
             raise ValueError(f"{path} holds no assets/{LISTING}: not a SavedModel written by export_saved_model")
-        self._indices, self._arrays = {}, None
+        self._indices, self._arrays, why = {}, None, None
         try:  # anything unreadable offers nothing (IndexError: truncated variables): the files are decoded
             with open(listing_path) as f:
                 listing = json.load(f)
-            self._kernels = listing.get("kernels")
             reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
-            if (self._kernels is None or listing["backbone"]["fingerprint"] != fingerprint
-                    or not reader.has_tensor(_VARIABLE.format("packed"))):
-                return
-            # ~3 MB per ResNet-50 task; read now, while an error can still just mean "decode every file"
-            self._arrays = {n: reader.get_tensor(_VARIABLE.format(n)) for n in ("packed", "packed_offsets", "kinds")}
-            self._indices = {t["source_sha256"]: i for i, t in enumerate(listing["tasks"])}
-        except (ValueError, KeyError, TypeError, IndexError, tf.errors.OpError):
-            self._indices = {}
+            if listing.get("kernels") is None or not reader.has_tensor(_VARIABLE.format("packed")):
+                why = "it holds no packed masks (a single task's export)"
+            elif listing["backbone"]["fingerprint"] != fingerprint:
+                why = "it was exported for another backbone"
+            else:
+                self._layout = PackedLayout(tuple((p, int(size)) for p, size in listing["kernels"]))
+                # ~3 MB per ResNet-50 task; read now, while an error can still just mean "decode every file"
+                self._arrays = {n: reader.get_tensor(_VARIABLE.format(n)) for n in ("packed", "packed_offsets", "kinds")}
+                self._indices = {t["source_sha256"]: i for i, t in enumerate(listing["tasks"])}
+        except (ValueError, KeyError, TypeError, IndexError, tf.errors.OpError) as e:
+            self._indices, why = {}, f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        if why:
+            logging.warning("every task file is decoded: the latest version %s offers no tasks, since %s", path, why)
 
     def masks(self, digest):
         """`{kernel path: packed mask}` of the task whose file has SHA-256 `digest` (all kernels
@@ -390,13 +378,8 @@ class _Exported:
             return None
         index = self._indices[digest]
         start, end = self._arrays["packed_offsets"][index:index + 2]
-        packed = self._arrays["packed"][start:end]
-        per_byte = 8 if int(self._arrays["kinds"][index]) == KINDS["binary"] else 4
-        masks, offset = {}, 0
-        for path, size in self._kernels:
-            masks[path] = packed[offset:offset + aligned(size) // per_byte].copy()
-            offset += aligned(size) // per_byte
-        return masks
+        kind = "binary" if int(self._arrays["kinds"][index]) == KINDS["binary"] else "ternary"
+        return self._layout.split(self._arrays["packed"][start:end], kind)
 
 
 def _served_alone(manifest):

@@ -1,6 +1,6 @@
 """Task files: one task's masks (1 bit per parameter or less) and head in a pickle-free `.npz`.
 
-Layout (DESIGN 3.3), readable with `numpy.load(path, allow_pickle=False)`:
+Layout (BUILD.md, "Task file format"), readable with `numpy.load(path, allow_pickle=False)`:
 - `manifest`: UTF-8 JSON as uint8 — format and version, the backbone's name and SHA-256
   fingerprint, the options the task model was built with, per-layer names, shapes, sparsity
   and coding, the class names, image size and metrics.
@@ -19,7 +19,7 @@ import numpy as np
 
 from tf_piggyback import coding, methods
 from tf_piggyback.binarizers import real_from_mask
-from tf_piggyback.files import TaskFileError, read_npz, sha256, write_atomic, write_npz
+from tf_piggyback.files import TaskFileError, read_npz, read_npz_digest, sha256, write_atomic, write_npz
 from tf_piggyback.fingerprint import check_backbone
 from tf_piggyback.surgery import head_name, mask_sparsity, masked_layers, task_weights
 
@@ -120,11 +120,12 @@ class TaskRecord:
         manifest: its manifest (see the module docstring).
         mask_names: the paths of the kernels it masks, in the order the task model had them.
         weight_names: the paths of its own weights (head, per-task normalization), likewise.
+        sha256: hex SHA-256 of the bytes read (the file is read once).
     """
 
     def __init__(self, path, backbone, fingerprint=None):
         self.path = path
-        self.manifest, self._arrays = read_task(path)
+        self.manifest, self._arrays, self.sha256 = read_npz_digest(path, FORMAT, VERSION)
         check_backbone(backbone, self.manifest, path, TaskFileError, actual=fingerprint)
         self._masks = {entry["name"]: entry for entry in self.manifest["layers"]}
         self._weights = {entry["name"]: (i, entry) for i, entry in enumerate(self.manifest["weights"])}

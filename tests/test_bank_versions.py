@@ -1,0 +1,230 @@
+"""A bank whose tasks change while it answers, and exported versions of it: every answer is
+the asked task's own (TF Serving's model: a version never changes, the next one is swapped in
+whole). The stateful test drives every operation a user has, in any order."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import tf_piggyback as pb
+from tf_piggyback.export import export_saved_model, list_tasks
+from tf_piggyback.taskbank import TaskBank
+
+KINDS = {"bin": dict(), "ter": dict(mask_type="ternary"), "bn": dict(train_bn=True)}
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    """Random-mask digits tasks of each kind a bank serves (binary, ternary, per-task BN,
+    classifier-only) with 3, 4, 5 and 6 classes, and each one's baked answers."""
+    root = tmp_path_factory.mktemp("versions")
+    rng = np.random.default_rng(0)
+    backbone = pb.digits_backbone()
+    paths = {}
+    for classes, (name, options) in enumerate(KINDS.items(), start=3):
+        model = pb.piggyback(backbone, classes, **options)
+        for layer in pb.masked_layers(model):
+            for mask in layer.masks:
+                mask.assign(rng.uniform(-0.01, 0.02, mask.shape).astype("float32"))
+        head = model.get_layer("head")
+        head.set_weights([rng.normal(0, 0.3, w.shape).astype("float32") for w in head.get_weights()])
+        paths[name] = str(root / name / "task.npz")
+        pb.save_task(model, paths[name])
+    classifier = pb.classifier_only(backbone, 6)
+    classifier.get_layer("head").set_weights([rng.normal(0, 0.3, w.shape).astype("float32")
+                                              for w in classifier.get_layer("head").get_weights()])
+    paths["cls"] = str(root / "cls" / "task.npz")
+    pb.save_task(classifier, paths["cls"])
+    images = rng.uniform(0, 255, (6, 32, 32, 1)).astype("float32")
+    expected = {name: pb.bake(pb.load_task(path, pb.digits_backbone()))(images).numpy() for name, path in paths.items()}
+    return paths, images, expected
+
+
+def test_tasks_added_and_removed_while_the_bank_answers(task_files):
+    """Four threads ask for `ter` and `bn` (alone and mixed) while a fifth removes `bin` and adds
+    it back every few milliseconds, so the other tasks' indices move under them: every answer is
+    the asked task's, and no call fails. (Before versions were swapped whole, a call could pair
+    one task list's index with another's module: about 1% wrong answers, and errors.)"""
+    paths, images, expected = task_files
+    bank = TaskBank(pb.digits_backbone(), slots=2)
+    bank.add_all([paths["bin"], paths["ter"], paths["bn"]])
+    bank.predict(images, task="ter")
+    stop, failures, answers = threading.Event(), [], [0]
+
+    def ask(worker):
+        rng = np.random.default_rng(worker)
+        while not stop.is_set():
+            try:
+                if worker % 2:
+                    order = [("ter", "bn")[i] for i in rng.integers(0, 2, len(images))]
+                    out = bank.predict(images, task=order)
+                    for row, name in enumerate(order):
+                        width = expected[name].shape[1]
+                        np.testing.assert_allclose(out[row, :width], expected[name][row], atol=1e-5)
+                else:
+                    name = ("ter", "bn")[int(rng.integers(0, 2))]
+                    np.testing.assert_allclose(bank.predict(images, task=name), expected[name], atol=1e-5)
+                answers[0] += 1
+            except Exception as e:  # noqa: BLE001 -- every failure is counted and shown
+                failures.append(f"{type(e).__name__}: {str(e)[:200]}")
+
+    def change():
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline and len(failures) < 20:
+            bank.remove("bin")
+            time.sleep(0.002)
+            bank.add(paths["bin"])
+            time.sleep(0.002)
+        stop.set()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)] + [threading.Thread(target=change)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, f"{len(failures)} of {answers[0] + len(failures)} calls failed: {failures[:3]}"
+    assert answers[0] > 20
+    assert bank.names == ["ter", "bn", "bin"]
+
+
+def test_a_reordered_version_keeps_serving_default_the_first_task(task_files, tmp_path):
+    """`[bin (3 classes), ter (4)]`, then the same files as `[ter, bin]`, without per-task
+    signatures: version 2's `serving_default` is `ter`'s (before, version 2 kept version 1's
+    graph, whose first task's class count was baked in, and every request to it failed)."""
+    paths, images, expected = task_files
+    backbone = pb.digits_backbone()
+    base = str(tmp_path / "model")
+    export_saved_model(backbone, [paths["bin"], paths["ter"]], base, per_task_signatures=False)
+    latest = export_saved_model(backbone, [paths["ter"], paths["bin"]], base, per_task_signatures=False)
+    loaded = tf.saved_model.load(latest)
+    np.testing.assert_allclose(loaded.signatures["serving_default"](image=tf.constant(images))["logits"],
+                               expected["ter"], atol=1e-5)
+    out = loaded.signatures["tasks_by_name"](image=tf.constant(images), task=tf.constant(["bin"] * len(images)))
+    np.testing.assert_allclose(out["logits"][:, :3], expected["bin"], atol=1e-5)
+    assert [t["name"] for t in list_tasks(latest)["tasks"]] == ["ter", "bin"]
+
+
+class BankVersions(RuleBasedStateMachine):
+    """Every operation a user has, in any order: add and remove tasks while threads call the
+    bank, export a new version of its tasks in any order (with and without per-task
+    signatures; the last graph kept where it can be), load it and call every signature. The
+    invariant: every answer equals the asked task's own baked model."""
+
+    files = None  # (paths, images, expected), set by the test
+    root = None
+
+    @initialize()
+    def start(self):
+        self.paths, self.images, self.expected = self.files
+        self.bank = TaskBank(pb.digits_backbone(), slots=1)
+        self.names = []
+        self.base = os.path.join(self.root, f"model{len(os.listdir(self.root))}")
+        self.loaded = None  # (loaded SavedModel, its task names in order, per-task signatures)
+
+    def check(self, name, logits):
+        np.testing.assert_allclose(np.asarray(logits)[..., :self.expected[name].shape[1]], self.expected[name],
+                                   atol=1e-5, err_msg=f"task {name}")
+
+    def while_called(self, change):
+        """Runs `change` while two threads call the tasks it leaves in place."""
+        stable = [n for n in self.names if n != change.__name__]
+        stop, failures = threading.Event(), []
+
+        def call():
+            while not stop.is_set() and stable:
+                try:
+                    name = stable[0] if len(stable) == 1 else stable[threading.get_ident() % len(stable)]
+                    self.check(name, self.bank.predict(self.images, task=name))
+                except Exception as e:  # noqa: BLE001
+                    failures.append(e)
+
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        try:
+            change()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert not failures, failures[:2]
+
+    @rule(name=st.sampled_from(sorted(KINDS) + ["cls"]))
+    def add(self, name):
+        if name in self.names:
+            return
+
+        def change():
+            self.bank.add(self.paths[name])
+        change.__name__ = name
+        self.while_called(change)
+        self.names.append(name)
+
+    @precondition(lambda self: self.names)
+    @rule(data=st.data())
+    def remove(self, data):
+        name = data.draw(st.sampled_from(self.names))
+
+        def change():
+            self.bank.remove(name)
+        change.__name__ = name
+        self.while_called(change)
+        self.names.remove(name)
+
+    @precondition(lambda self: self.names)
+    @rule(data=st.data())
+    def call_mixed(self, data):
+        order = data.draw(st.lists(st.sampled_from(self.names), min_size=len(self.images), max_size=len(self.images)))
+        out = self.bank.predict(self.images, task=order)
+        for row, name in enumerate(order):
+            np.testing.assert_allclose(out[row, :self.expected[name].shape[1]], self.expected[name][row], atol=1e-5)
+
+    @precondition(lambda self: len(self.names) >= 2)
+    @rule(data=st.data(), per_task=st.booleans())
+    def export_version(self, data, per_task):
+        order = data.draw(st.permutations(self.names))
+        path = export_saved_model(pb.digits_backbone(), [self.paths[n] for n in order], self.base,
+                                  per_task_signatures=per_task)
+        self.loaded = tf.saved_model.load(path), list(order), per_task
+
+    @precondition(lambda self: self.loaded is not None)
+    @rule()
+    def call_loaded(self):
+        loaded, order, per_task = self.loaded
+        images = tf.constant(self.images)
+        self.check(order[0], loaded.signatures["serving_default"](image=images)["logits"])
+        for name in order if per_task else ():
+            self.check(name, loaded.signatures[name](image=images)["logits"])
+        by_name = [order[i % len(order)] for i in range(len(self.images))]
+        out = loaded.signatures["tasks_by_name"](image=images, task=tf.constant(by_name))["logits"].numpy()
+        for row, name in enumerate(by_name):
+            np.testing.assert_allclose(out[row, :self.expected[name].shape[1]], self.expected[name][row], atol=1e-5)
+
+    @invariant()
+    def lists_its_tasks(self):
+        assert self.bank.names == self.names
+
+
+def _run_machine(task_files, tmp_path, examples, steps):
+    BankVersions.files, BankVersions.root = task_files, str(tmp_path)
+    machine = BankVersions.TestCase
+    machine.settings = settings(max_examples=examples, stateful_step_count=steps, deadline=None,
+                                suppress_health_check=list(HealthCheck), database=None)
+    machine().runTest()
+
+
+def test_any_sequence_of_changes_versions_and_calls(task_files, tmp_path):
+    """A short profile of `BankVersions` (the longer one is marked slow)."""
+    _run_machine(task_files, tmp_path, examples=3, steps=8)
+
+
+@pytest.mark.slow
+def test_any_sequence_of_changes_versions_and_calls_long(task_files, tmp_path):
+    _run_machine(task_files, tmp_path, examples=30, steps=20)
