@@ -1,4 +1,4 @@
-r"""Exports task files as a SavedModel in TensorFlow Serving's layout: OUTPUT/<version>/ (DESIGN 3.5).
+r"""Exports task files as a SavedModel in TensorFlow Serving's layout: OUTPUT/<version>/ (BUILD.md, "Interfaces").
 
 python export/saved_model.py --backbone=digits --task=runs/demo/upper/piggyback/task.npz \
     --output=models/digits

@@ -1,4 +1,4 @@
-"""Benchmarks: piggyback's costs as ratios measured side by side in one run (DESIGN 3.6).
+"""Benchmarks: piggyback's costs as ratios measured side by side in one run (BUILD.md, "Interfaces").
 
 python scripts/bench.py --preset=cpu            # a few minutes on 2 cores
 python scripts/bench.py --preset=train          # the train step: piggyback vs its floor, finetune, mask_from

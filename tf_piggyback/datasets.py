@@ -1,6 +1,6 @@
 """Datasets: dataset specs resolved to `tf.data` splits of raw 0-255 images.
 
-Specs (DESIGN 3.4):
+Specs (BUILD.md, "Interfaces"):
 - `digits:VARIANT` — embedded, from scikit-learn's 8x8 digits (no download needed);
 - `tfds:NAME[/CONFIG]` — any TensorFlow Datasets image classification set (e.g. the paper's
   `caltech_birds2011`, `cars196`, `oxford_flowers102`, `visual_domain_decathlon/aircraft`);

@@ -326,7 +326,7 @@ class LiteRTTrainer:
 
 
 def task_from_export(backbone, outputs, num_classes, path, *, class_names=None, metrics=None, **options):
-    """Writes the task file (DESIGN 3.3) of what `export_task()` returned; returns its manifest."""
+    """Writes the task file (BUILD.md, "Task file format") of what `export_task()` returned; returns its manifest."""
     model = piggyback(backbone, num_classes, **options)
     masks = [m for layer in masked_layers(model) for m in layer.masks]
     own = task_weights(model)

@@ -1,4 +1,4 @@
-"""What every exported signature is (DESIGN 3.5): `image` in (float32 `[None, H, W, C]`, raw
+"""What every exported signature is (BUILD.md, "Interfaces"): `image` in (float32 `[None, H, W, C]`, raw
 0-255 pixels; the backbone's preprocessing is inside), `logits` and `probabilities` out. A
 backbone that takes a dict (keras-hub's text backbones) takes its entries by name instead."""
 
