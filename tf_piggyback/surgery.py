@@ -5,7 +5,6 @@ for deployment.
 """
 
 import dataclasses
-import inspect
 import json
 import weakref
 
@@ -271,49 +270,14 @@ def owned_layers(head, *names):
     return (*names, *(layer.name for layer in _head_layers(head))) if head is not None else (*names, HEAD_NAME)
 
 
-def _merged(layer):
-    """A LoRA copy's weights without its adapters, each adapted kernel merged (`W + (alpha/r) A B`,
-    Keras' `kernel` property), in the order of a fresh layer of the same config."""
-    merged = {}
-    for target in lora_targets(layer):
-        if getattr(target, "lora_enabled", False):
-            merged[id(next(w for w in target.weights if is_kernel(w)))] = target.kernel
-    adapters = {id(w) for w in lora_adapters(layer)}
-    return [merged.get(id(w), w) for w in layer.weights if id(w) not in adapters]
-
-
-def bake(model):
-    """A plain Keras model with each `W ⊙ m` folded into an ordinary layer.
-
-    The result has no mask or binarizer ops, computes the same outputs as `model`
-    (the masks are exactly 0, 1 or -1, so the products are exact) and can be saved or
-    exported without this library. Unmasked layers are shared with `model`.
-
-    Example:
-    >>> import tf_piggyback as pb
-    >>> plain = bake(pb.piggyback(pb.digits_backbone(), num_classes=10))
-    >>> any(isinstance(layer, MaskedWrapper) for layer in plain.layers)
-    False
-
-    Reference: §3, last paragraph: after training only the thresholded masks are kept.
-    """
-    return bake_with_layers(model)[0]
-
-
 def rebuilt(layer, **changes):
     """A new layer of `layer`'s class from its config with `changes` applied: for Keras' own
-    normalization layers (per-task copies). A layer whose config holds keys its `__init__` does
-    not take is rebuilt from the keys it takes. Any other layer is copied through its backbone's
-    own save and load (`layer_copies`)."""
-    config = layer.get_config() | changes
-    try:
-        return type(layer).from_config(config)
-    except TypeError:
-        taken = {*inspect.signature(type(layer).__init__).parameters, *inspect.signature(
-            keras.layers.Layer.__init__).parameters}
-        if set(config) <= taken:
-            raise
-        return type(layer).from_config({key: value for key, value in config.items() if key in taken})
+    normalization layers (per-task copies). Other layers are copied by `layer_copies`."""
+    return type(layer).from_config(layer.get_config() | changes)
+
+
+def _line(error):
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,24 +290,21 @@ class _Source:
     error: str = None
 
     def copy(self):
-        """A new model from `config`, as `keras.saving` loads one, with fresh weights. (Read anew
-        each time: keras-hub 0.32's `SegFormerBackbone.from_config` puts the encoder it builds into
-        the config it is given.)"""
-        if self.error is None:
+        """A new model from `config` as `keras.saving` loads one, fresh weights; parsed anew each
+        time (keras-hub 0.32's `SegFormerBackbone.from_config` writes into the config it gets)."""
+        error = self.error
+        if error is None:
             try:  # our own config, not a file's: Lambda layers may load
                 return keras.saving.deserialize_keras_object(json.loads(self.config), safe_mode=False)
             except Exception as e:  # the family's own load is broken: refused in one line below
-                error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        else:
-            error = self.error
+                error = _line(e)
         raise ValueError(f"{self.class_name} {self.name!r} does not load back from its keras.saving config ({error}), "
                          "so it cannot be copied to bake or adapt; use a backbone that saves and loads")
 
 
 # Each backbone layer a method reads (`feature_model`) -> (its backbone's `_Source`, its index in
-# `iter_layers(backbone)`): how `layer_copies` copies it, even after the backbone object is gone;
-# and each backbone -> its `_Source`, written once (a built model's config does not change).
-# Weak keys: an entry lives as long as its layer or backbone; the values hold no layer.
+# `iter_layers(backbone)`), so `layer_copies` works after the backbone object is gone; each backbone
+# -> its `_Source`, written once. Weak keys: entries live as long as their keys; values hold no layer.
 _ORIGINS = weakref.WeakKeyDictionary()
 _SOURCES = weakref.WeakKeyDictionary()
 
@@ -353,43 +314,34 @@ def _remember(backbone):
         try:
             _SOURCES[backbone] = _Source(backbone.name, type(backbone).__name__, backbone.to_json())
         except Exception as e:  # refused when a copy is asked for (`_Source.copy`), not before
-            _SOURCES[backbone] = _Source(backbone.name, type(backbone).__name__,
-                                         error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
+            _SOURCES[backbone] = _Source(backbone.name, type(backbone).__name__, error=_line(e))
     for index, layer in enumerate(iter_layers(backbone)):
         _ORIGINS[layer] = (_SOURCES[backbone], index)
 
 
 def layer_copies(layers, values=lambda layer: layer.get_weights()):
-    """`{id(layer): copy}`: a new layer for each of the backbone `layers`, taken from one copy of
-    their backbone made by Keras' own contract (`keras.saving`: its config deserialized), so that a
-    layer whose own config does not rebuild it (keras-hub 0.32's Qwen 3 decoder, MiT encoder) is
-    copied all the same, its weights set to `values(layer)` (default the layer's own). A layer
-    copied before (a LoRA copy) is copied from the same backbone again. Raises ValueError (one
-    line naming the class) for a backbone that does not load back from its config or whose copy
-    differs, or a layer no method read (`feature_model`).
+    """`{id(layer): copy}` for backbone `layers`, each taken from one copy of its backbone made by
+    Keras' own contract (`keras.saving`), so that a layer whose own config does not rebuild it
+    (keras-hub 0.32's Qwen 3 decoder, MiT encoder) is copied all the same, weights `values(layer)`.
+    A copy (LoRA's) is copied from the same backbone again. Raises ValueError (one line naming the
+    class) where the backbone does not load back alike, or for a layer no method read.
     """
-    groups = {}
+    groups, copies = {}, {}
     for layer in layers:
         if layer not in _ORIGINS:
             raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) is not from a backbone that "
                              "tf_piggyback built a task model on; build the task with piggyback or lora")
-        source, index = _ORIGINS[layer]
-        groups.setdefault(id(source), (source, []))[1].append((layer, index))
-    copies = {}
+        groups.setdefault(id(_ORIGINS[layer][0]), (_ORIGINS[layer][0], []))[1].append(layer)
     for source, members in groups.values():
         inner = list(iter_layers(source.copy()))
-        for layer, index in members:
+        for layer in members:
+            index, weights = _ORIGINS[layer][1], values(layer)
             copy = inner[index] if index < len(inner) else None
-            if type(copy) is not type(layer):
-                raise ValueError(f"{source.class_name} {source.name!r} loads back from its keras.saving config "
-                                 f"with another layer in place of {layer.name!r} ({type(layer).__name__}); "
-                                 "it cannot be copied to bake or adapt")
-            weights = values(layer)
-            shapes = [tuple(w.shape) for w in copy.weights]
-            if shapes != [tuple(np.shape(v)) for v in weights]:
+            shapes = [tuple(w.shape) for w in getattr(copy, "weights", ())]
+            if type(copy) is not type(layer) or shapes != [tuple(np.shape(v)) for v in weights]:
                 raise ValueError(f"{source.class_name} {source.name!r} loads back from its keras.saving config with "
-                                 f"{layer.name!r} ({type(layer).__name__}) holding weights of shapes {shapes}, not "
-                                 f"{[tuple(np.shape(v)) for v in weights]}; it cannot be copied to bake or adapt")
+                                 f"{layer.name!r} ({type(layer).__name__}) other than it was (weights of shapes "
+                                 f"{shapes}); it cannot be copied to bake or adapt")
             copy.set_weights(weights)
             _ORIGINS[copy] = (source, index)
             copies[id(layer)] = copy
