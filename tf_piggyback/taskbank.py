@@ -226,8 +226,9 @@ class TaskBank:
         """`(BankTask.own, BankTask.head)` of a task file: its per-task backbone weights by path,
         and its Dense head's kernel and bias."""
         own, heads = {}, []
+        head = record.manifest.get("head_name", HEAD_NAME)  # another name where the backbone has a "head"
         for name in record.weight_names:
-            if name.startswith(f"{HEAD_NAME}/"):
+            if name.startswith(f"{head}/"):
                 heads.append(np.asarray(record.weight(name), np.float32))
             elif name not in variables:
                 raise TaskFileError(f"{record.path!r}: task weight {name} does not fit this backbone")
