@@ -447,3 +447,24 @@ def test_a_hit_keeps_its_slot_least_recently_used_first_out(task_files):
     for name in ("bin", "ter", "bin", "bn", "bin"):
         np.testing.assert_allclose(bank.predict(images, task=name), expected[name], atol=1e-5)
     assert bank.module.refills.numpy() == 3
+
+
+def test_a_bank_serves_a_task_whose_head_is_not_named_head(tmp_path):
+    """A backbone with its own layer named `head` (as keras-hub's SigLIP vision encoder has): the
+    task's head takes another name, which its file records, and the bank finds it by that name."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    backbone = keras.Model(inputs, keras.layers.Dense(8, activation="relu", name="head")(x), name="has_head")
+    from conftest import random_masks
+
+    model = random_masks(pb.piggyback(backbone, 3), seed=1)
+    pb.save_task(model, str(tmp_path / "t" / "task.npz"))
+    assert pb.read_manifest(str(tmp_path / "t" / "task.npz"))["head_name"] != "head"
+    images = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 3)).astype("float32")
+    bank = TaskBank(backbone)
+    bank.add(str(tmp_path / "t" / "task.npz"))
+    np.testing.assert_allclose(bank.predict(images, task="t"), pb.bake(model)(images).numpy(), atol=1e-5)
