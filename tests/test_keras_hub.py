@@ -305,12 +305,13 @@ def test_fingerprint_is_built_from_what_every_layer_has(name, tmp_path):
         pb.load_task(path, loaded)
 
 
-@pytest.mark.parametrize("name", ["Qwen3Backbone", "MiTBackbone", "SegFormerBackbone"])
+@pytest.mark.parametrize("name", ["Qwen3Backbone", "MiTBackbone", "SegFormerBackbone", "DeepLabV3Backbone"])
 def test_bake_copies_the_backbone_through_keras_saving(name):
     """keras-hub 0.32's Qwen 3 decoder does not rebuild from its own config, and its MiT encoder
     rebuilds with 18 weights of 22: `bake` (and LoRA, which copies the layers it adapts) crashed
     rebuilding them one by one. A copy of the whole backbone through `keras.saving` bakes exactly
-    and merges LoRA exactly; the backbone is unchanged."""
+    and merges LoRA exactly (DeepLab's pooling layer only when the copy is frozen as its source
+    is: otherwise its BatchNormalization trains); the backbone is unchanged."""
     import keras_hub_zoo as zoo
 
     backbone = zoo.build(name)
@@ -326,6 +327,28 @@ def test_bake_copies_the_backbone_through_keras_saving(name):
         w.assign(rng.normal(0, 0.1, w.shape).astype("float32"))
     np.testing.assert_allclose(pb.bake(adapted)(x).numpy(), adapted(x).numpy(), atol=1e-4)
     assert all(np.array_equal(v, w.numpy()) for v, w in zip(before, backbone.weights))
+
+
+def test_freezing_the_backbone_leaves_its_fingerprint():
+    """keras-hub MiT's encoder writes its MLP's config, trainable flag included, into its own;
+    `piggyback` freezes the backbone, so the fingerprint a task file recorded was not the one of
+    the same backbone loaded in a fresh process, which refused the file."""
+    import keras_hub_zoo as zoo
+
+    backbone = zoo.build("MiTBackbone")
+    before = pb.fingerprint(backbone)
+    pb.piggyback(backbone, 3)
+    assert pb.fingerprint(backbone) == before
+
+
+def test_weights_sharing_a_path_are_refused_in_one_line():
+    """keras-hub 0.32's SmolLM 3 names every attention output projection `o_proj` with no parent: its
+    weights share a path, which is how task files find masks; refused where a task starts."""
+    import keras_hub_zoo as zoo
+
+    with pytest.raises(ValueError, match=r"^SmolLM3Backbone 'smol_lm3_backbone\w*' has several weights at one "
+                                         r"path \(o_proj/kernel, rotary_emb/inv_freq\); task files find weights"):
+        pb.piggyback(zoo.build("SmolLMBackbone"), 3)
 
 
 def test_head_takes_a_name_the_backbone_does_not_use(tmp_path):

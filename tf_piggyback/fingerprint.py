@@ -22,18 +22,26 @@ def _layers(model):
             yield layer
 
 
-def _describe(layers, inputs, config):
-    text = [[type(layer).__name__, {k: v for k, v in config(layer).items() if k not in _IGNORED}] for layer in layers]
+def _describe(layers, inputs, config, strip=lambda config: {k: v for k, v in config.items() if k not in _IGNORED}):
+    text = [[type(layer).__name__, strip(config(layer))] for layer in layers]
     return json.dumps({"inputs": inputs, "layers": text}, sort_keys=True, default=str)
+
+
+def _strip(value):
+    """`value` without `_IGNORED` keys at any depth: a composite layer's config holds its sublayers'
+    (keras-hub 0.32's MiT encoder: its MLP's trainable flag, which freezing the backbone changes)."""
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in _IGNORED}
+    return [_strip(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def architecture(model):
     """A canonical description of `model`: its input shapes and, layer by layer in order, each
     layer's type and what describes it: the config its class serializes (preprocessing included:
     `ImagePreprocessing`'s mode, `Rescaling`'s scale), with names, trainable flags and dtype
-    policies left out; for a layer with none, its weights' names, shapes and dtypes (`_config`).
+    policies left out at any depth; for a layer with none, its weights' names, shapes and dtypes (`_config`).
     Built only from what every Keras layer has, it never fails (BUILD.md, "Which backbones work")."""
-    return _describe(_layers(model), [list(tensor.shape[1:]) for tensor in model.inputs], _config)
+    return _describe(_layers(model), [list(tensor.shape[1:]) for tensor in model.inputs], _config, _strip)
 
 
 def _config(layer):

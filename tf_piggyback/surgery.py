@@ -4,6 +4,7 @@ freezing the backbone, and `bake`, which folds masks (or LoRA adapters) back int
 for deployment.
 """
 
+import collections
 import dataclasses
 import json
 import weakref
@@ -165,6 +166,11 @@ def feature_model(backbone, feature_layer=None):
             f"backbone must be a built functional or Sequential keras.Model. Received: {type(backbone).__name__}"
         )
     _remember(backbone)
+    paths = collections.Counter(w.path for w in backbone.weights)
+    if max(paths.values(), default=1) > 1:  # keras-hub 0.32's SmolLM: every "o_proj/kernel"
+        raise ValueError(f"{type(backbone).__name__} {backbone.name!r} has several weights at one path "
+                         f"({', '.join(sorted(p for p, n in paths.items() if n > 1)[:3])}); task files find "
+                         "weights by path, so its tasks could not be saved and loaded")
     outputs = backbone.output if isinstance(backbone.output, dict) else {}
     if feature_layer in outputs:
         return keras.Model(_inputs(backbone), outputs[feature_layer], name=backbone.name)
@@ -343,7 +349,8 @@ def layer_copies(layers, values=lambda layer: layer.get_weights()):
                                  f"{layer.name!r} ({type(layer).__name__}) other than it was (weights of shapes "
                                  f"{shapes}); it cannot be copied to bake or adapt")
             copy.set_weights(weights)
-            _ORIGINS[copy] = (source, index)
+            copy.trainable = layer.trainable  # frozen as its source: keras-hub 0.32's DeepLab pooling
+            _ORIGINS[copy] = (source, index)  # runs its BatchNormalization in training mode otherwise
             copies[id(layer)] = copy
     return copies
 
@@ -401,6 +408,7 @@ def bake_with_layers(model):
         if id(layer) not in values:
             return layer
         wrapper, source, _ = values[id(layer)]
+        copies[id(source)].trainable = False  # a plain model for inference, as the frozen backbone
         baked.append((wrapper, copies[id(source)]))
         return copies[id(source)]
 
