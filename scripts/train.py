@@ -43,6 +43,9 @@ def define_flags():
     flags.DEFINE_float("mask_lr", 1e-4, "Adam learning rate of the masks (paper: 1e-4).")
     flags.DEFINE_float("head_lr", 1e-4, "Adam learning rate of the head and BatchNorm (paper: 1e-4).")
     flags.DEFINE_float("finetune_lr", 1e-3, "SGD (momentum 0.9) learning rate for --method=finetune and packnet.")
+    flags.DEFINE_integer("warmup_epochs", 5, "--method=finetune and packnet: the learning rate rises linearly to "
+                         "--finetune_lr over this many epochs, so networks without BatchNormalization (VGG16) train "
+                         "(0: the paper's schedule; BUILD.md).")
     flags.DEFINE_integer("lora_rank", 4, "--method=lora: rank of the low-rank adapters on each Dense, convolution, "
                          "EinsumDense and attention projection.")
     flags.DEFINE_float("lora_lr", 1e-3, "--method=lora: Adam learning rate of the adapters.")
@@ -88,7 +91,8 @@ def define_flags():
 
 def config_from_flags():
     train = TrainConfig(method=FLAGS.method, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-                        mask_lr=FLAGS.mask_lr, head_lr=FLAGS.head_lr, finetune_lr=FLAGS.finetune_lr, lora_lr=FLAGS.lora_lr,
+                        mask_lr=FLAGS.mask_lr, head_lr=FLAGS.head_lr, finetune_lr=FLAGS.finetune_lr,
+                        warmup_epochs=FLAGS.warmup_epochs, lora_lr=FLAGS.lora_lr,
                         lr_decay_epochs=FLAGS.lr_decay_epochs, lr_decay=FLAGS.lr_decay, seed=FLAGS.seed,
                         precision=FLAGS.precision, jit_compile=FLAGS.jit_compile)
     return RunConfig(backbone=FLAGS.backbone, weights=FLAGS.weights, image_size=FLAGS.image_size,

@@ -277,10 +277,22 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert tf.train.latest_checkpoint(checkpoints).endswith("ckpt-1")
 
 
+def test_at_chance_is_a_dead_network_not_a_loss_falling_through_ln_c():
+    from tf_piggyback.trainer import at_chance, chance_levels
+
+    assert chance_levels([10, 10, 10, 10]) == pytest.approx((np.log(4), 0.25))
+    assert at_chance(0.0850, 0.1013)  # the VGG16: one class answered
+    assert at_chance(0.30, 0.1013, [2.3026, 2.3025], np.log(10))  # its loss sat at ln 10
+    # a loss falling through ln 5 (the digits CNN finetuned with warm-up, digits:upper: 3.4683 in
+    # epoch 1, 1.6074 in epoch 2), at an accuracy above chance
+    assert not at_chance(0.62, 0.2027, [3.4683, 1.6074], np.log(5))
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(epochs=0), "epochs must be an integer > 0"),
     (dict(batch_size=2.5), "batch_size must be an integer > 0"),
     (dict(head_lr=-1.0), "head_lr must be > 0"),
+    (dict(warmup_epochs=-1), "warmup_epochs must be an integer >= 0"),
     (dict(method="sgd"), "method must be one of"),
     (dict(precision="float16"), "precision must be one of float32, mixed_float16, mixed_bfloat16"),
 ])
@@ -426,7 +438,7 @@ def test_a_diverging_run_stops_or_is_marked_never_a_clean_result(tmp_path):
     assert [line.split()[0] for line in result.stdout.splitlines()] == ["epoch", "epoch", "warning:", "accuracy"]
     assert "\r" not in result.stdout and "━" not in result.stdout  # no progress bar redraws
     warnings = json.load(open(os.path.join(at_chance, "metrics.json")))["warnings"]
-    assert warnings[0].startswith("epoch 2 trained at chance level") and "lower --finetune_lr (now 1000)" in warnings[0]
+    assert warnings[0].startswith("epoch 2 trained at chance level") and "check --finetune_lr (now 1000)" in warnings[0]
     assert warnings[1].startswith("test accuracy") and len(warnings) == 2
     report = build_report([at_chance], str(tmp_path / "report"))
     rows = [line for line in report.splitlines() if line.startswith("| upper |")]

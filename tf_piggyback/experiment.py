@@ -132,9 +132,9 @@ def run_warnings(history, scores, train_config):
     always answering the most frequent class. `report` marks a run with any in every table."""
     stuck = [h for h in history if h.get("warning")]
     warnings = [f"{stuck[-1]['warning']} ({len(stuck)} of {len(history)} epochs at chance)"] if stuck else []
-    if at_chance(None, scores["accuracy"], None, scores["chance_accuracy"]):
+    if at_chance(scores["accuracy"], scores["chance_accuracy"]):
         warnings.append(f"test accuracy {scores['accuracy']:.4f} is at chance level ({scores['chance_accuracy']:.4f} "
-                        f"always answering the most frequent class). Not a result: {learning_rate_advice(train_config)}")
+                        f"always answering the most frequent class). Not a result: {learning_rate_advice(train_config, 'check')}")
     return warnings
 
 

@@ -32,17 +32,45 @@ def names():
     return tuple(_REGISTRY)
 
 
-def schedule(lr, config, steps_per_epoch):
-    """`lr`, times `config.lr_decay` after `config.lr_decay_epochs` epochs (§4: x0.1 after 15 of 30)."""
+def schedule(lr, config, steps_per_epoch, warmup_epochs=0):
+    """`lr`, times `config.lr_decay` after `config.lr_decay_epochs` epochs (§4: x0.1 after 15 of 30),
+    rising linearly over the first `warmup_epochs` epochs (`LinearWarmup`) if > 0."""
     boundary = config.lr_decay_epochs * steps_per_epoch
-    return keras.optimizers.schedules.PiecewiseConstantDecay([boundary], [lr, lr * config.lr_decay])
+    decay = keras.optimizers.schedules.PiecewiseConstantDecay([boundary], [lr, lr * config.lr_decay])
+    return LinearWarmup(decay, warmup_epochs * steps_per_epoch) if warmup_epochs > 0 else decay
+
+
+@keras.saving.register_keras_serializable(package="tf_piggyback")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """`schedule`'s rate times `(step + 1) / steps` for the first `steps` steps, then as it is
+    (the linear warm-up of Goyal et al., 2017).
+
+    Why the SGD methods warm up (BUILD.md, "Training defaults"): a new head over the large
+    activations of a network without BatchNormalization (VGG16) starts with gradients large
+    enough that SGD at the paper's 1e-3 kills every ReLU, or overflows, within the first epoch.
+    """
+
+    def __init__(self, schedule, steps):
+        self.schedule, self.steps = schedule, int(steps)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        return self.schedule(step) * keras.ops.minimum(1.0, (step + 1.0) / self.steps)
+
+    def get_config(self):
+        return {"schedule": keras.optimizers.schedules.serialize(self.schedule), "steps": self.steps}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.optimizers.schedules.deserialize(config["schedule"]), config["steps"])
 
 
 def momentum_sgd(model, config, steps_per_epoch):
     """One group: SGD with momentum 0.9 at `config.finetune_lr` over every trainable variable
-    (§4: the finetuning baseline's optimizer; PackNet's too)."""
-    return [(keras.optimizers.SGD(schedule(config.finetune_lr, config, steps_per_epoch), momentum=0.9),
-             list(model.trainable_variables))]
+    (§4: the finetuning baseline's optimizer; PackNet's too), warmed up over
+    `config.warmup_epochs` epochs (`LinearWarmup`; 0: the paper's schedule)."""
+    return [(keras.optimizers.SGD(schedule(config.finetune_lr, config, steps_per_epoch, config.warmup_epochs),
+                                  momentum=0.9), list(model.trainable_variables))]
 
 
 class Method:

@@ -234,8 +234,10 @@ class PackNetMethod(Method):
         history = []
 
         def fit_phase(task_model, phase):
+            # The retraining starts from trained weights and head: no warm-up (BUILD.md, "Training defaults").
             train_config = config.train if phase == "train" else dataclasses.replace(
-                config.train, epochs=retrain_epochs(config.train.epochs), finetune_lr=config.train.finetune_lr * 0.1)
+                config.train, epochs=retrain_epochs(config.train.epochs), finetune_lr=config.train.finetune_lr * 0.1,
+                warmup_epochs=0)
             history.extend(fit(task_model, train_config, phase, gradient_masks=pack.gradient_masks()))
 
         model = pack.task_model(pack.add_task(fit_phase, len(class_names), class_names))
