@@ -51,9 +51,9 @@ def table(rows):
 def old_rows(text):
     """The rows of the table in `text` (to keep those `--only` does not sweep)."""
     rows = {}
-    for line in text.split(BEGIN, 1)[-1].split(END, 1)[0].splitlines()[2:]:
+    for line in text.split(BEGIN, 1)[-1].split(END, 1)[0].splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-        if len(cells) == 4:
+        if len(cells) == 4 and cells[0] != "class" and not cells[0].startswith("-"):
             rows[cells[0]] = {"class": cells[0], "status": cells[1], "checked": [c for c in cells[2].split(", ") if c],
                               "note": cells[3].replace("\\|", "|")}
     return rows

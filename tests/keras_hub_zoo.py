@@ -166,6 +166,7 @@ OPTIONS = {
     "BertBackbone": {"feature_layer": "sequence_output"},
     "AlbertBackbone": {"feature_layer": "sequence_output"},
     "ElectraBackbone": {"feature_layer": "sequence_output"},
+    "FNetBackbone": {"feature_layer": "sequence_output"},
     "RetinaNetBackbone": {"feature_layer": "P3"},
 }
 
@@ -186,7 +187,7 @@ for _name in ("BASNetBackbone", "BLIP2Backbone", "CLIPBackbone", "DFineBackbone"
 CRASHES = {
     name: "piggyback: keras.models.clone_model cannot re-run its graph (a layer called with tensors and "
           "non-tensors in one nested argument); piggyback.py does not yet refuse it in one line"
-    for name in ("DINOV3Backbone", "T5Backbone")
+    for name in ("DINOV3Backbone",)
 }
 
 
