@@ -214,7 +214,7 @@ def test_one_threshold_rule_and_one_bit_order_everywhere(mask_type):
     import tensorflow as tf
 
     from tf_piggyback.binarizers import threshold_mask, threshold_mask_numpy
-    from tf_piggyback.bankmodule import unpack_binary, unpack_ternary
+    from tf_piggyback.bankgraph import unpack_binary, unpack_ternary
 
     rng = np.random.default_rng(0)
     real = rng.uniform(-0.02, 0.02, 1001).astype(np.float32)
