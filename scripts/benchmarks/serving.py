@@ -59,6 +59,7 @@ def random_tasks(backbone, count, folder, num_classes=10, log=print):
     from benchmarks.suite import paper_sparsities
     from tf_piggyback.fingerprint import fingerprint
     from tf_piggyback import piggyback
+    from tf_piggyback.surgery import head_name
     from tf_piggyback.taskfile import read_manifest, save_task
 
     paths = [os.path.join(folder, f"t{i:03d}", "task.npz") for i in range(count)]
@@ -67,7 +68,7 @@ def random_tasks(backbone, count, folder, num_classes=10, log=print):
                if not os.path.exists(p) or read_manifest(p)["backbone"]["fingerprint"] != current]
     if missing:
         model = piggyback(backbone, num_classes)
-        head = model.get_layer("head")
+        head = model.get_layer(head_name(model))
         start = time.perf_counter()
         for i in missing:
             paper_sparsities(model, seed=i)

@@ -27,7 +27,7 @@ import numpy as np
 from tf_piggyback.files import TaskFileError, read_npz, sha256, write_atomic, write_npz
 from tf_piggyback.fingerprint import check_backbone, fingerprint
 from tf_piggyback.methods.base import Method, momentum_sgd, register
-from tf_piggyback.surgery import add_head, feature_model, iter_layers, kernel_weights
+from tf_piggyback.surgery import add_head, feature_model, head_name, iter_layers, kernel_weights
 
 FREE = -1
 DEFAULT_PRUNE = 0.75
@@ -142,7 +142,7 @@ class PackNet:
         self._allow(k)
         fit(model, "retrain")
         self._allow(None)
-        head = model.get_layer("head")
+        head = model.get_layer(head_name(model))
         self.tasks.append({"num_classes": int(num_classes), "metrics": {},
                            "class_names": list(class_names or [str(i) for i in range(num_classes)]),
                            "head": [keras.ops.convert_to_numpy(w) for w in head.weights]})
@@ -157,7 +157,7 @@ class PackNet:
         for kernel, source, owners in zip(_kernels(body), self.kernels, self.owners):
             kernel.assign(keras.ops.convert_to_numpy(source) * ((owners >= 0) & (owners <= k)))
         model = add_head(body, self.tasks[k - 1]["num_classes"], name=f"packnet_task{k}")
-        model.get_layer("head").set_weights(self.tasks[k - 1]["head"])
+        model.get_layer(head_name(model)).set_weights(self.tasks[k - 1]["head"])
         return model
 
     def free_fraction(self):
