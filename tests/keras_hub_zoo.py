@@ -183,12 +183,9 @@ for _name in ("BASNetBackbone", "BLIP2Backbone", "CLIPBackbone", "DFineBackbone"
               "StableDiffusion3Backbone", "T5Gemma2Backbone", "T5GemmaBackbone", "VideoPrismBackbone"):
     NOT_BUILT[_name] = _NOT_YET
 
-# keras-hub backbones that crash today, and where.
-CRASHES = {
-    name: "piggyback: keras.models.clone_model cannot re-run its graph (a layer called with tensors and "
-          "non-tensors in one nested argument); piggyback.py does not yet refuse it in one line"
-    for name in ("DINOV3Backbone",)
-}
+# keras-hub backbones that crash today, and where (none: DINOv3, whose graph keras.models.clone_model
+# cannot re-run, is refused in one line).
+CRASHES = {}
 
 
 def names():

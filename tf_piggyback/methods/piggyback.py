@@ -120,7 +120,11 @@ def piggyback(
         layer.trainable = False
         return layer
 
-    body = keras.models.clone_model(features, clone_function=clone, recursive=True)
+    try:
+        body = keras.models.clone_model(features, clone_function=clone, recursive=True)
+    except ValueError as e:  # Keras cannot re-run this graph (keras-hub 0.32's DINOv3): refused in one line
+        raise ValueError(f"{type(backbone).__name__} {backbone.name!r} cannot be masked: keras.models.clone_model "
+                         f"cannot rebuild its graph ({str(e).strip().splitlines()[0][:160]})") from None
     for copy, layer in bn_copies:
         copy.set_weights(layer.get_weights())
     head, stored = task_head(head)
