@@ -318,10 +318,10 @@ class TaskBank:
         spec = dataclasses.replace(module.graph.spec, signatures=tuple(entries) + tuple(
             (name, None, None) for name in MIXED_SIGNATURES))
         image = module.graph.image_spec()
-        signatures = {}
+        signatures, by_task = {}, {}
         for name, index, classes in spec.signatures:  # what the signatures read while traced: the spec alone
-            if index is not None:
-                signatures[name] = _task_signature(module, index, classes, image, name)
+            if index is not None:  # serving_default is the first task's function, not a copy of it
+                signatures[name] = by_task.setdefault(index, _task_signature(module, index, classes, image, name))
         signatures["tasks"] = tf.function(
             lambda image, task: module.mixed(image, task), autograph=False,
             input_signature=[image, tf.TensorSpec([None], tf.int32, name="task")])
