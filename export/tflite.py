@@ -1,4 +1,4 @@
-r"""Exports task files as one TFLite / LiteRT model (DESIGN 3.5).
+r"""Exports task files as one TFLite / LiteRT model (BUILD.md, "Interfaces").
 
 python export/tflite.py --backbone=digits --task=runs/demo/upper/piggyback/task.npz \
     --output=upper.tflite --quantize=int8 --representative=digits:upper

@@ -1,4 +1,4 @@
-r"""Learns one task over a frozen backbone and writes it to --model_dir (DESIGN 3.4).
+r"""Learns one task over a frozen backbone and writes it to --model_dir (BUILD.md, "Interfaces").
 
 python scripts/train.py --backbone=digits --dataset=digits:upper --model_dir=runs/upper
 python scripts/train.py --backbone=ResNet50 --weights=imagenet --dataset=tfds:oxford_flowers102 \

@@ -1,4 +1,4 @@
-"""Task files -> one TFLite / LiteRT file (DESIGN 3.5), every signature as `signatures` says.
+"""Task files -> one TFLite / LiteRT file (BUILD.md, "Interfaces"), every signature as `signatures` says.
 
 - One task: the mask baked into ordinary layers (`bake`), float32, float16 or full int8.
 - Several tasks: one copy of the backbone weights and each task's masks packed 32 to an int32
