@@ -53,6 +53,40 @@ def random_masks(model, seed, sparsity=0.3):
     return model
 
 
+def digits_task_files(root, classifier_classes=4, count=12):
+    """Random-mask digits tasks of every kind a bank holds, saved under `root`: binary (3 classes),
+    ternary (4), per-task BatchNormalization with changed statistics (5) and classifier-only
+    (`classifier_classes`); returns `(paths by name, count images, each task's baked logits)`."""
+    import numpy as np
+
+    import tf_piggyback as pb
+
+    kinds = {"bin": dict(), "ter": dict(mask_type="ternary"), "bn": dict(train_bn=True)}
+    rng = np.random.default_rng(0)
+    backbone = pb.digits_backbone()
+    paths = {}
+    for classes, (name, options) in enumerate(kinds.items(), start=3):
+        model = pb.piggyback(backbone, classes, **options)
+        for layer in pb.masked_layers(model):
+            for mask in layer.masks:
+                mask.assign(rng.uniform(-0.01, 0.02, mask.shape).astype("float32"))
+        for layer in model.layers:
+            if options.get("train_bn") and "bn" in layer.name:
+                layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape).astype("float32"))
+        head = model.get_layer("head")
+        head.set_weights([rng.normal(0, 0.3, w.shape).astype("float32") for w in head.get_weights()])
+        paths[name] = str(root / name / "task.npz")
+        pb.save_task(model, paths[name])
+    classifier = pb.classifier_only(backbone, classifier_classes)
+    classifier.get_layer("head").set_weights([rng.normal(0, 0.3, w.shape).astype("float32")
+                                              for w in classifier.get_layer("head").get_weights()])
+    paths["cls"] = str(root / "cls" / "task.npz")
+    pb.save_task(classifier, paths["cls"])
+    images = rng.uniform(0, 255, (count, 32, 32, 1)).astype("float32")
+    expected = {name: pb.bake(pb.load_task(path, pb.digits_backbone()))(images).numpy() for name, path in paths.items()}
+    return paths, images, expected
+
+
 def tflite_ops(path):
     """Names of the operators in a `.tflite` file, read with TensorFlow's public model analyzer."""
     import contextlib

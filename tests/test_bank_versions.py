@@ -14,37 +14,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import tf_piggyback as pb
+from conftest import digits_task_files
 from tf_piggyback.export import export_saved_model, list_tasks
 from tf_piggyback.taskbank import TaskBank
 
-KINDS = {"bin": dict(), "ter": dict(mask_type="ternary"), "bn": dict(train_bn=True)}
+KINDS = ("bin", "ter", "bn", "cls")
 
 
 @pytest.fixture(scope="module")
 def task_files(tmp_path_factory):
     """Random-mask digits tasks of each kind a bank serves (binary, ternary, per-task BN,
     classifier-only) with 3, 4, 5 and 6 classes, and each one's baked answers."""
-    root = tmp_path_factory.mktemp("versions")
-    rng = np.random.default_rng(0)
-    backbone = pb.digits_backbone()
-    paths = {}
-    for classes, (name, options) in enumerate(KINDS.items(), start=3):
-        model = pb.piggyback(backbone, classes, **options)
-        for layer in pb.masked_layers(model):
-            for mask in layer.masks:
-                mask.assign(rng.uniform(-0.01, 0.02, mask.shape).astype("float32"))
-        head = model.get_layer("head")
-        head.set_weights([rng.normal(0, 0.3, w.shape).astype("float32") for w in head.get_weights()])
-        paths[name] = str(root / name / "task.npz")
-        pb.save_task(model, paths[name])
-    classifier = pb.classifier_only(backbone, 6)
-    classifier.get_layer("head").set_weights([rng.normal(0, 0.3, w.shape).astype("float32")
-                                              for w in classifier.get_layer("head").get_weights()])
-    paths["cls"] = str(root / "cls" / "task.npz")
-    pb.save_task(classifier, paths["cls"])
-    images = rng.uniform(0, 255, (6, 32, 32, 1)).astype("float32")
-    expected = {name: pb.bake(pb.load_task(path, pb.digits_backbone()))(images).numpy() for name, path in paths.items()}
-    return paths, images, expected
+    return digits_task_files(tmp_path_factory.mktemp("versions"), classifier_classes=6, count=6)
 
 
 def test_tasks_added_and_removed_while_the_bank_answers(task_files):
@@ -156,7 +137,7 @@ class BankVersions(RuleBasedStateMachine):
                 thread.join()
         assert not failures, failures[:2]
 
-    @rule(name=st.sampled_from(sorted(KINDS) + ["cls"]))
+    @rule(name=st.sampled_from(KINDS))
     def add(self, name):
         if name in self.names:
             return

@@ -11,42 +11,16 @@ import pytest
 import tensorflow as tf
 
 import tf_piggyback as pb
-from conftest import REPO
+from conftest import REPO, digits_task_files
 from tf_piggyback.export import export_saved_model, export_tflite, list_tasks
 from tf_piggyback.taskbank import TaskBank
 from tf_piggyback.taskfile import TaskRecord
-
-KINDS = {"bin": dict(), "ter": dict(mask_type="ternary"), "bn": dict(train_bn=True)}
-
 
 @pytest.fixture(scope="module")
 def task_files(tmp_path_factory):
     """Random-mask digits tasks of every kind a bank holds: binary, ternary, per-task
     BatchNormalization (its statistics changed) and classifier-only, with different class counts."""
-    root = tmp_path_factory.mktemp("bank")
-    rng = np.random.default_rng(0)
-    backbone = pb.digits_backbone()
-    paths = {}
-    for classes, (name, options) in enumerate(KINDS.items(), start=3):
-        model = pb.piggyback(backbone, classes, **options)
-        for layer in pb.masked_layers(model):
-            for mask in layer.masks:
-                mask.assign(rng.uniform(-0.01, 0.02, mask.shape).astype("float32"))
-        for layer in model.layers:
-            if options.get("train_bn") and "bn" in layer.name:
-                layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape).astype("float32"))
-        head = model.get_layer("head")
-        head.set_weights([rng.normal(0, 0.3, w.shape).astype("float32") for w in head.get_weights()])
-        paths[name] = str(root / name / "task.npz")
-        pb.save_task(model, paths[name])
-    classifier = pb.classifier_only(backbone, 4)
-    classifier.get_layer("head").set_weights([rng.normal(0, 0.3, w.shape).astype("float32")
-                                              for w in classifier.get_layer("head").get_weights()])
-    paths["cls"] = str(root / "cls" / "task.npz")
-    pb.save_task(classifier, paths["cls"])
-    images = rng.uniform(0, 255, (12, 32, 32, 1)).astype("float32")
-    expected = {name: pb.bake(pb.load_task(path, pb.digits_backbone()))(images).numpy() for name, path in paths.items()}
-    return paths, images, expected
+    return digits_task_files(tmp_path_factory.mktemp("bank"))
 
 
 def test_bank_equals_baked_models_and_mixes_tasks(task_files):
