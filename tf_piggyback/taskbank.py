@@ -84,7 +84,7 @@ class TaskBank:
         self._graph = (None, None)  # (layout key, BankGraph) of the latest version, shared by the next of that layout
         self._feature_variables = {}  # feature_layer -> {path: variable}, built once each
         self._changing = threading.Lock()  # add / remove, one at a time
-        self._reading = threading.Lock()  # add_all's threads build a feature model once
+        self._reading = threading.Lock()  # add_all's threads build a feature model once; one BankGraph a layout
 
     # ---- the set of tasks -------------------------------------------------------------------
     @property
@@ -186,10 +186,11 @@ class TaskBank:
                              f"{', '.join(self.backbone.input)}: export each of its tasks on its own")
         features = int(version.tasks[0].head[0].shape[0]) if version.tasks[0].head is not None else 0
         key = (version.feature_layer, version.layout, tuple(version.own_paths), features)
-        if self._graph[0] != key:
-            self._graph = key, BankGraph(self.backbone, version.feature_layer, version.layout, version.own_paths,
-                                         features, self.slots)
-        return self._graph[1]
+        with self._reading:  # a call's first build and a change's may ask at once: one graph a layout
+            if self._graph[0] != key:
+                self._graph = key, BankGraph(self.backbone, version.feature_layer, version.layout, version.own_paths,
+                                             features, self.slots)
+            return self._graph[1]
 
     def _read(self, path, previous=None):
         """`(feature_layer, {path: variable} of its feature model, BankTask)` of a task file, not
