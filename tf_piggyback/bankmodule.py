@@ -23,9 +23,9 @@ class BankTask:
         name: signature / lookup name.
         uid: an id never reused in this bank (slots are tagged with it, `ID_WEIGHTS`).
         kind: "none" (classifier-only), "binary", "ternary" or "alone" (listed only, never served:
-            `_served_alone`).
+            `taskbank._served_alone`).
         masks: `{backbone kernel path: its mask packed (`coding.pack`), padded to a multiple of
-            `bankmodule.ALIGN` values}` (`PackedLayout.pack` lays them out);
+            `bankgraph.ALIGN` values}` (`PackedLayout.pack` lays them out);
             a kernel the task does not mask (`mask_from`) is absent: all ones in the bank.
         own: `{backbone variable path: value}` for per-task BatchNormalization.
         head: `(kernel [F, C], bias [C])` (None for a task served alone).
