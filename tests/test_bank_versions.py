@@ -113,15 +113,15 @@ class BankVersions(RuleBasedStateMachine):
         np.testing.assert_allclose(np.asarray(logits)[..., :self.expected[name].shape[1]], self.expected[name],
                                    atol=1e-5, err_msg=f"task {name}")
 
-    def while_called(self, change):
-        """Runs `change` while two threads call the tasks it leaves in place."""
-        stable = [n for n in self.names if n != change.__name__]
+    def while_called(self, changed, change):
+        """Runs `change` (of task `changed`) while two threads call the tasks it leaves in place."""
+        stable = [n for n in self.names if n != changed]
         stop, failures = threading.Event(), []
 
         def call():
             while not stop.is_set() and stable:
                 try:
-                    name = stable[0] if len(stable) == 1 else stable[threading.get_ident() % len(stable)]
+                    name = stable[threading.get_ident() % len(stable)]
                     self.check(name, self.bank.predict(self.images, task=name))
                 except Exception as e:  # noqa: BLE001
                     failures.append(e)
@@ -139,24 +139,15 @@ class BankVersions(RuleBasedStateMachine):
 
     @rule(name=st.sampled_from(KINDS))
     def add(self, name):
-        if name in self.names:
-            return
-
-        def change():
-            self.bank.add(self.paths[name])
-        change.__name__ = name
-        self.while_called(change)
-        self.names.append(name)
+        if name not in self.names:
+            self.while_called(name, lambda: self.bank.add(self.paths[name]))
+            self.names.append(name)
 
     @precondition(lambda self: self.names)
     @rule(data=st.data())
     def remove(self, data):
         name = data.draw(st.sampled_from(self.names))
-
-        def change():
-            self.bank.remove(name)
-        change.__name__ = name
-        self.while_called(change)
+        self.while_called(name, lambda: self.bank.remove(name))
         self.names.remove(name)
 
     @precondition(lambda self: self.names)

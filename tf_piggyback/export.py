@@ -35,7 +35,7 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     `tasks_by_name` (a task per example); with `per_task_signatures=False` only the last
     three (see `TaskBank.serving_module` for what each signature costs). The third value is the tasks' listing
     (`TaskBank.listing`), which exports store as `assets/{LISTING}`; for several tasks its `graph`
-    is the key of all the traced functions depend on (`bankmodule.GraphSpec.key`), when the
+    is the key of all the traced functions depend on (`bankgraph.GraphSpec.key`), when the
     backbone has a Keras config. Tasks that the multi-task
     SavedModel `previous` holds are taken from it, not decoded again (`TaskBank.add_all`).
 
@@ -49,9 +49,9 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     bank.add_all(paths, names, previous=previous)
     if len(paths) > 1:
         module, signatures, spec = bank.serving_module(per_task_signatures)
-        listing = bank.listing()
-        if spec.key():
-            listing["graph"] = spec.key()
+        listing, key = bank.listing(), spec.key()
+        if key:
+            listing["graph"] = key
         return module, signatures, listing
     spec = input_spec(backbone)
     model = bake(load_task(paths[0], backbone))
@@ -91,7 +91,7 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
     A task that the latest version under `output_dir` already holds (the same task file's bytes,
     the same backbone) is read from that version's variables instead of being decoded again, so
     a new version with one more task decodes one task file. A new version whose graph would be
-    the latest one's (equal `bankmodule.GraphSpec.key`: the same layout, slots, input and
+    the latest one's (equal `bankgraph.GraphSpec.key`: the same layout, slots, input and
     signatures; without per-task signatures, any tasks whose first one has as many classes)
     keeps that graph and writes only its variables: nothing is traced.
     """
