@@ -11,6 +11,8 @@ between calls (see `tf_piggyback.export.export_tflite`). Run it with
 `--phone` writes the phone form instead: one constant-filter model of the backbone and a table of
 where each task's masked filters sit in the bytes; `tf_piggyback.phone.PhoneTasks(F).task(NAME)(image=x)`
 rebuilds the interpreter from patched bytes on a switch, then runs at the single-task file's speed.
+`--phone --quantize=int8 --representative=digits:upper` quantizes the backbone's filters once and
+calibrates each task's activations on its own model.
 """
 
 import os
@@ -35,7 +37,8 @@ def define_flags():
     flags.DEFINE_bool("switching", False, "With several --task: keep the active task's masked kernels in variables, "
                       "so a call unpacks masks only when it switches tasks (faster warm calls, one more copy in memory).")
     flags.DEFINE_bool("phone", False, "Write the phone form (tf_piggyback.phone): the tasks run at the single-task "
-                      "file's speed; switching rebuilds the interpreter from patched bytes. float32 or float16.")
+                      "file's speed; switching rebuilds the interpreter from patched bytes. float32, float16 or "
+                      "int8 (with --representative: each task's activations calibrated on it).")
     for name in ("task", "output"):
         flags.mark_flag_as_required(name)
 
@@ -50,7 +53,7 @@ def main(argv):
     if FLAGS.representative:
         representative = representative_images(FLAGS.representative, backbone.inputs[0].shape[1:])
     if FLAGS.phone:
-        size = export_phone(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize)
+        size = export_phone(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative)
     else:
         size = export_tflite(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative, FLAGS.switching)
     print(f"{FLAGS.output}: {size:,} bytes")

@@ -124,9 +124,25 @@ def test_any_order_of_calls_and_switches(phone):
     state().runTest()
 
 
-def test_phone_refuses_int8_and_switching_in_one_line(phone, tmp_path):
+def test_the_plain_interpreter_runs_the_backbone_with_the_first_tasks_weights(phone):
+    """`unmasked` is the first task's model with every mask 1 (its head and BN; §3: `W ⊙ 1 = W`)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    specs, _, file = phone
+    model = pb.load_task(specs[0].split("=")[1], pb.digits_backbone())
+    for layer in pb.masked_layers(model):
+        for mask in layer.masks:
+            mask.assign(np.full(mask.shape, 0.01, "float32"))  # above the threshold: every mask 1
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    out = Interpreter(model_path=file).get_signature_runner("unmasked")(image=x)["logits"]
+    assert np.abs(out[:, :5] - model.predict(x, verbose=0)).max() <= 1e-4
+
+
+def test_phone_refuses_unknown_precisions_and_switching_in_one_line(phone, tmp_path):
     specs, _, _ = phone
-    with pytest.raises(ValueError, match="a phone file is float32 or float16. Received: quantize='int8'"):
+    with pytest.raises(ValueError, match="a phone file is none, float16 or int8. Received: quantize='int4'"):
+        export_phone(pb.digits_backbone(), specs, str(tmp_path / "x.tflite"), "int4")
+    with pytest.raises(ValueError, match=r"an int8 phone file calibrates .* \(--representative=DATASET_SPEC\)"):
         export_phone(pb.digits_backbone(), specs, str(tmp_path / "x.tflite"), "int8")
     assert not os.path.exists(tmp_path / "x.tflite")
     with pytest.raises(ValueError, match="not a tf_piggyback.phone file"):
@@ -135,6 +151,50 @@ def test_phone_refuses_int8_and_switching_in_one_line(phone, tmp_path):
                              *[f"--task={s}" for s in specs], f"--output={tmp_path}/y.tflite", "--phone", "--switching"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "error: --phone and --switching are two forms" in result.stderr, result.stderr
+
+
+def test_int8_phone_file_agrees_with_each_tasks_own_int8_file(phone, tmp_path):
+    """int8: the backbone's filters quantized once per channel, each task's mask written into
+    them exactly (0 stays 0, ternary -1 negates) and its activation ranges its own (calibrated at
+    export): top-1 agrees with each task's own int8 file, switching back and forth."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tf_piggyback.coding import unpack
+    from tf_piggyback.export import representative_images
+    from tf_piggyback.phone import patched
+
+    specs, _, _ = phone
+    images = representative_images("digits:upper", (32, 32, 1))
+    representative, x = images[:64], images[64:320]
+    file = str(tmp_path / "tasks8.tflite")
+    export_phone(pb.digits_backbone(), specs, file, "int8", representative)
+    content = open(file, "rb").read()
+    table = read_table(content)
+    assert table["quantize"] == "int8" and {f["dtype"] for f in table["filters"]} == {"int8"}
+    tasks, outputs = PhoneTasks(file), {}
+    for name in ["plain", "bn", "ternary", "plain", "ternary", "bn"]:
+        path = dict(s.split("=") for s in specs)[name]
+        own = str(tmp_path / f"{name}8.tflite")
+        if not os.path.exists(own):
+            export_tflite(pb.digits_backbone(), [path], own, "int8", representative)
+        reference = Interpreter(model_path=own).get_signature_runner("serving_default")(image=x)
+        out = tasks.task(name)(image=x)
+        assert out["logits"].shape == reference["logits"].shape
+        agreement = np.mean(out["logits"].argmax(-1) == reference["logits"].argmax(-1))
+        assert agreement >= 0.95, (name, agreement)
+        assert np.abs(out["logits"] - reference["logits"]).max() <= 0.1 * np.abs(reference["logits"]).max(), name
+        assert np.abs(out["probabilities"] - reference["probabilities"]).max() <= 0.1, name
+        outputs.setdefault(name, out["logits"])
+        assert np.array_equal(out["logits"], outputs[name])  # the same answer after every switch
+        # the masked filters are exact: the stored int8 values times the mask (and a BN's sign)
+        task = next(t for t in table["tasks"] if t["name"] == name)
+        content_t = patched(content, table, name)
+        for m in task["masks"]:
+            entry = table["filters"][m["filter"]]
+            stored, written = (np.frombuffer(c, np.int8, entry["bytes"], entry["offset"]) for c in (content, content_t))
+            mask = unpack(np.frombuffer(content, np.uint8, m["bytes"], m["offset"]), stored.size, task["mask_type"])
+            assert np.array_equal(np.abs(written), np.abs(stored) * np.abs(mask)), (name, entry["tensor"])
+            assert set(np.unique(mask)) <= ({-1, 0, 1} if name == "ternary" else {0, 1}) and (mask == 0).any()
 
 
 def test_float16_phone_file_matches_each_tasks_own_float16_file(phone, tmp_path):

@@ -33,7 +33,12 @@ METADATA = "tf_piggyback"  # the model metadata entry that holds the table (UTF-
 SIGNATURE = "unmasked"  # the stored bytes are the backbone with every mask 1: run a task through the table
 PAD_LOGIT = -1e9  # a task with fewer classes than the file's widest: its extra logits (exp() is 0)
 ALIGN = 16  # every buffer's data, as the TFLite converter aligns them
-DTYPES = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16}
+DTYPES = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16,
+          schema.TensorType.INT8: np.int8}
+QUANTIZE = ("none", "float16", "int8")
+# int8: the ops whose filter (input 1) is quantized per channel, with their input (0) and bias (2)
+FILTER_OPS = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D,
+              schema.BuiltinOperator.FULLY_CONNECTED)
 # Keras kernel -> TFLite filter: (axes of the transpose, channel axis in the TFLite layout, name),
 # the layouts LiteRT's ops take: CONV_2D OHWI, DEPTHWISE_CONV_2D 1HW(I*M), TRANSPOSE_CONV
 # (Keras H,W,O,I) OHWI, FULLY_CONNECTED (O, I); else the Keras layout.
@@ -62,21 +67,19 @@ def _data(model, buffer):
 
 def _channel_scale(base, other, axis, tolerance):
     """`q` (float32, one per index of `axis`) with `base * q == other` within `tolerance`
-    (relative to each channel's largest value), or None."""
-    moved_b, moved_o = (np.moveaxis(a.astype(np.float32), axis, 0).reshape(a.shape[axis], -1) for a in (base, other))
-    biggest = np.abs(moved_b).argmax(axis=1)
-    rows = np.arange(len(moved_b))
-    pivot = moved_b[rows, biggest]
-    q = np.divide(moved_o[rows, biggest], pivot, out=np.zeros_like(pivot), where=pivot != 0)
+    (relative to each channel's largest value), or None. `q` is the least-squares fit."""
+    moved_b, moved_o = (np.moveaxis(a.astype(np.float64), axis, 0).reshape(a.shape[axis], -1) for a in (base, other))
+    norm = (moved_b * moved_b).sum(axis=1)
+    q = np.divide((moved_b * moved_o).sum(axis=1), norm, out=np.zeros_like(norm), where=norm != 0)
     error = np.abs(moved_b * q[:, None] - moved_o).max(axis=1)
     scale = np.maximum(np.abs(moved_b).max(axis=1), np.abs(moved_o).max(axis=1))
-    return q if np.all(error <= tolerance * np.maximum(scale, 1e-30)) else None
+    return q.astype(np.float32) if np.all(error <= tolerance * np.maximum(scale, 1e-30)) else None
 
 
-def _padded(model, classes):
+def _padded(model, classes, logit=PAD_LOGIT):
     """`model` with its last layer (a Dense or convolution head) widened to `classes` outputs:
-    zero kernel columns, bias `PAD_LOGIT`, so its real classes' logits and probabilities are
-    unchanged. Tasks of different class counts share one graph this way."""
+    zero kernel columns, bias `logit` (`PAD_LOGIT`: its real classes' logits and probabilities are
+    unchanged). Tasks of different class counts share one graph this way."""
     have = model.output_shape[-1]
     if have == classes:
         return model
@@ -89,7 +92,7 @@ def _padded(model, classes):
     result = keras.models.clone_model(model, clone_function=lambda layer: wide if layer is head else layer)
     kernel, bias = (keras.ops.convert_to_numpy(w) for w in head.weights)
     pad = [(0, 0)] * (kernel.ndim - 1) + [(0, classes - have)]
-    wide.set_weights([np.pad(kernel, pad), np.pad(bias, (0, classes - have), constant_values=PAD_LOGIT)])
+    wide.set_weights([np.pad(kernel, pad), np.pad(bias, (0, classes - have), constant_values=logit)])
     return result
 
 
@@ -99,16 +102,17 @@ def _width_key(head):
     return key if key is not None and len(head.weights) == 2 else None
 
 
-def _unmasked(model):
-    """The task's baked model with every masked kernel back to the backbone's `W`, and
-    `{kernel path: (W, int8 mask, mask type)}`."""
+def _unmasked(model, keep_masks=False):
+    """The task's baked model with every masked kernel back to the backbone's `W` (with
+    `keep_masks`, `W ⊙ m` as baked), and `{kernel path: (W, int8 mask, mask type)}`."""
     baked, pairs = bake_with_layers(model)
     masks = {}
     for wrapper, plain in pairs:
         sources = list(wrapper.layer.weights)
         for kernel, mask in zip(wrapper.kernels, wrapper.thresholded_masks()):
             value = keras.ops.convert_to_numpy(kernel)
-            plain.weights[next(i for i, w in enumerate(sources) if w is kernel)].assign(value)
+            if not keep_masks:
+                plain.weights[next(i for i, w in enumerate(sources) if w is kernel)].assign(value)
             masks[kernel.path] = (value, np.asarray(keras.ops.convert_to_numpy(mask), np.int8), wrapper.mask_type)
     return baked, masks
 
@@ -148,7 +152,7 @@ class _Payload:
         return np.concatenate(self.parts) if self.parts else np.zeros(0, np.uint8)
 
 
-def export_phone(backbone, task_paths, output_path, quantize="none"):
+def export_phone(backbone, task_paths, output_path, quantize="none", representative=None):
     """Writes a multi-task phone file (module docstring), atomically; returns its size.
 
     Args:
@@ -156,41 +160,72 @@ def export_phone(backbone, task_paths, output_path, quantize="none"):
         task_paths: task files, each `PATH` or `NAME=PATH`; tasks may differ in class count
             (a Dense or convolution head), mask type and per-task BatchNormalization.
         output_path: the `.tflite` file.
-        quantize: `"none"` (float32) or `"float16"` (float16 weights).
+        quantize: `"none"` (float32), `"float16"` (float16 weights) or `"int8"` (full integer:
+            the backbone's filters quantized once, per channel; each task's activation ranges
+            calibrated on its own model, `_int8_tasks`).
+        representative: for int8, a NumPy array of raw images `[N, H, W, C]`.
 
     Returns:
         The file's size in bytes. Run it with `PhoneTasks(output_path).task(name)(image=x)`.
     """
-    if quantize not in ("none", "float16"):
-        raise ValueError(f"a phone file is float32 or float16. Received: quantize={quantize!r}")
-    tolerance = 1e-5 if quantize == "none" else 2e-3
+    if quantize not in QUANTIZE:
+        raise ValueError(f"a phone file is {', '.join(QUANTIZE[:-1])} or {QUANTIZE[-1]}. "
+                         f"Received: quantize={quantize!r}")
+    if quantize == "int8" and (representative is None or len(representative) == 0):
+        raise ValueError("an int8 phone file calibrates each task's activations: pass a representative dataset "
+                         "(--representative=DATASET_SPEC)")
+    tolerance = {"none": 1e-5, "float16": 2e-3, "int8": 2e-2}[quantize]
     names, paths = named_tasks(task_paths)
     models = [load_task(path, backbone) for path in paths]
     classes = [int(m.output_shape[-1]) for m in models]
-    unmasked = [_unmasked(m) for m in models]
-    # One column more than the widest task where the heads allow it: a head bias of zeros (a new
-    # task's) is left out by the converter, which would give that task another graph.
-    width = max(classes) + all(_width_key(m.layers[-1]) for m in models)
-    files = [model_flatbuffer(_padded(plain, width), quantize) for plain, _ in unmasked]
+    # int8 converts each task's own baked model (its activation ranges); float the unmasked one
+    unmasked = [_unmasked(m, keep_masks=quantize == "int8") for m in models]
+    if quantize == "int8":
+        # pad logits 0: inside every calibrated range (which always holds 0); probabilities renormalized
+        files = [model_flatbuffer(_padded(plain, max(classes), 0.0), quantize, representative)
+                 for plain, _ in unmasked]
+    else:
+        # One column more than the widest task where the heads allow it: a head bias of zeros (a new
+        # task's) is left out by the converter, which would give that task another graph.
+        width = max(classes) + all(_width_key(m.layers[-1]) for m in models)
+        files = [model_flatbuffer(_padded(plain, width), quantize) for plain, _ in unmasked]
     converted = [schema.Model.GetRootAs(file) for file in files]
-    base = converted[0]
-    tensors = _tensors(base)
+    tensors = _tensors(converted[0])
     for name, other in zip(names[1:], converted[1:]):
         if [t[1:3] for t in _tensors(other)] != [t[1:3] for t in tensors]:
             raise ValueError(f"the TFLite converter made another graph for task {name!r} than for {names[0]!r}; "
                              "export the tasks to separate files")
     kernels = {path: value for _, masks in unmasked for path, (value, _, _) in masks.items()}
+    if quantize == "int8":
+        base, filters, own, tasks, payload = _int8_tasks(names, classes, [m for _, m in unmasked], converted,
+                                                         kernels, tolerance)
+    else:
+        base, (filters, own, tasks, payload) = converted[0], _float_tasks(
+            names, classes, [m for _, m in unmasked], converted, kernels, tolerance)
+    flatbuffer = _with_table(base, len(files[0]), tensors, filters, own, tasks, payload, quantize)
+    write_atomic(output_path, lambda f: f.write(flatbuffer))
+    return len(flatbuffer)
+
+
+def _refused(path):
+    return ValueError(f"kernel {path!r} is not one constant filter of the TFLite model; export the tasks "
+                      "with export_tflite instead")
+
+
+def _float_tasks(names, classes, task_masks, converted, kernels, tolerance):
+    """Float32/float16: `(filters, own, tasks, payload)`, every task against the first's conversion."""
+    base = converted[0]
+    tensors = _tensors(base)
     filters, where = [], {}
     for path, kernel in kernels.items():
         found = _locate(base, tensors, kernel, tolerance)
         if found is None or found[0] in where:
-            raise ValueError(f"kernel {path!r} is not one constant filter of the TFLite model; export the tasks "
-                             "with export_tflite instead")
+            raise _refused(path)
         where[found[0]] = len(filters)
         filters.append({"path": path, "tensor_index": found[0], "layout": found[1]})
-    own = {}  # tensor index -> own entry, for non-filter tensors some task changes
+    own = {}  # (tensor index, "data") -> own entry, for non-filter tensors some task changes
     payload, tasks = _Payload(), []
-    for name, count, (_, masks), model in zip(names, classes, unmasked, converted):
+    for name, count, masks, model in zip(names, classes, task_masks, converted):
         task = {"name": name, "classes": count, "mask_type": None, "masks": [], "scales": [], "own": []}
         for i, ((tensor_name, shape, dtype, buffer), (_, _, _, theirs)) in enumerate(zip(tensors, _tensors(model))):
             mine, data = _data(base, buffer), _data(model, theirs)
@@ -198,12 +233,7 @@ def export_phone(backbone, task_paths, output_path, quantize="none"):
                 continue
             if i in where:
                 entry = filters[where[i]]
-                if entry["path"] in masks:
-                    _, mask, mask_type = masks[entry["path"]]
-                    task["mask_type"] = mask_type
-                    if np.any(mask != 1):
-                        task["masks"].append({"filter": where[i], "at": payload.add(
-                            coding.pack(_layout(mask, entry["layout"]), mask_type))})
+                _add_mask(task, payload, entry, where[i], masks)
                 if not np.array_equal(mine, data):
                     q = _channel_scale(mine.view(DTYPES[dtype]).reshape(shape), data.view(DTYPES[dtype]).reshape(shape),
                                        entry["layout"][1], tolerance)
@@ -211,12 +241,155 @@ def export_phone(backbone, task_paths, output_path, quantize="none"):
                         raise ValueError(f"task {name!r} changes filter {tensor_name!r} beyond a per-channel scale")
                     task["scales"].append({"filter": where[i], "at": payload.add(q)})
             elif not np.array_equal(mine, data):
-                own.setdefault(i, len(own))
-                task["own"].append({"own": own[i], "at": payload.add(data)})
+                own.setdefault((i, "data"), len(own))
+                task["own"].append({"own": own[i, "data"], "at": payload.add(data)})
         tasks.append(task)
-    flatbuffer = _with_table(base, len(files[0]), tensors, filters, own, tasks, payload, quantize)
-    write_atomic(output_path, lambda f: f.write(flatbuffer))
-    return len(flatbuffer)
+    return filters, own, tasks, payload
+
+
+def _add_mask(task, payload, entry, index, masks):
+    """Adds the task's mask of filter `index` (packed in the filter's TFLite order) to `task`."""
+    if entry["path"] in masks:
+        _, mask, mask_type = masks[entry["path"]]
+        task["mask_type"] = mask_type
+        if np.any(mask != 1):
+            task["masks"].append({"filter": index, "at": payload.add(coding.pack(_layout(mask, entry["layout"]),
+                                                                                  mask_type))})
+
+
+def _quantization(model, index):
+    """`({"scale": float32 array, "zero_point": int64 array}, quantized dimension)` of a tensor."""
+    q = model.Subgraphs(0).Tensors(index).Quantization()
+    if q is None:
+        return {}, 0
+    fields = {"scale": q.ScaleAsNumpy(), "zero_point": q.ZeroPointAsNumpy()}
+    return {k: v for k, v in fields.items() if not isinstance(v, int)}, q.QuantizedDimension()
+
+
+def _filter_ops(model):
+    """`{filter tensor index: (input tensor index, bias tensor index or -1)}` of `FILTER_OPS`."""
+    codes = [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
+             for i in range(model.OperatorCodesLength())]
+    graph, ops = model.Subgraphs(0), {}
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        if codes[op.OpcodeIndex()] in FILTER_OPS:
+            inputs = [int(x) for x in op.InputsAsNumpy()]
+            ops[inputs[1]] = (inputs[0], inputs[2] if len(inputs) > 2 else -1)
+    return ops
+
+
+def _dequantized(model, tensors, index):
+    _, shape, _, buffer = tensors[index]
+    quantization, axis = _quantization(model, index)
+    values = _data(model, buffer).view(np.int8).reshape(shape).astype(np.float64)
+    scale = np.asarray(quantization["scale"], np.float64)
+    return values * (scale.reshape([-1 if a == axis else 1 for a in range(len(shape))]) if scale.size > 1 else scale)
+
+
+def _int8_tasks(names, classes, task_masks, converted, kernels, tolerance):
+    """int8: `(base model, filters, own, tasks, payload)`.
+
+    Each task's own baked model was converted to int8 (its activation ranges, calibrated on the
+    representative images). The file stores each masked filter once, `Q = round(W / s)` with the
+    backbone's per-channel scale `s = max|W| / 127`, so a task's filter `Q ⊙ m` is masked exactly
+    (a zeroed value stays 0, a ternary -1 negates, within ±127); the task's filter scale is the
+    least-squares fit of its own quantized filter on `Q ⊙ m` (a per-task BatchNormalization folded
+    in: a negative one is a sign, stored as a `scales` entry of ±1), and its biases are requantized
+    to it. Every other difference from the first task (activation scales and zero points, biases,
+    head) is an `own` entry: a tensor's data, or its quantization's `scale` or `zero_point` vector.
+    """
+    base = converted[0]
+    tensors = _tensors(base)
+    ops = _filter_ops(base)
+    filters, stored = [], {}
+    for path, kernel in kernels.items():
+        mask = task_masks[0][path][1] if path in task_masks[0] else 1
+        found = None
+        for index in ops:
+            _, axis = _quantization(base, index)
+            if tensors[index][2] != schema.TensorType.INT8 or index in stored:
+                continue
+            for layout in LAYOUTS.get(kernel.ndim, []):
+                candidate = _layout(kernel * mask, layout)
+                if candidate.shape == tensors[index][1] and layout[1] == axis and _channel_scale(
+                        candidate, _dequantized(base, tensors, index), axis, tolerance) is not None:
+                    found = (index, layout)
+                    break
+            if found:
+                break
+        if found is None:
+            raise _refused(path)
+        values = _layout(kernel, found[1]).astype(np.float64)
+        moved = np.moveaxis(np.abs(values), found[1][1], 0).reshape(values.shape[found[1][1]], -1)
+        scale = moved.max(axis=1) / 127
+        scale[scale == 0] = 1
+        shape = [-1 if a == found[1][1] else 1 for a in range(values.ndim)]
+        stored[found[0]] = (np.clip(np.round(values / scale.reshape(shape)), -127, 127).astype(np.int8), scale, shape)
+        filters.append({"path": path, "tensor_index": found[0], "layout": found[1]})
+    # each task's values of every patchable part: (tensor index, "data" | "scale" | "zero_point") -> array
+    payload, tasks, values = _Payload(), [], []
+    for name, count, masks, model in zip(names, classes, task_masks, converted):
+        task = {"name": name, "classes": count, "mask_type": None, "masks": [], "scales": [], "own": []}
+        mine = {}
+        for i, (_, _, _, buffer) in enumerate(tensors):
+            data = _data(model, buffer)
+            if data is not None and i not in stored:
+                mine[i, "data"] = data
+            for field, vector in _quantization(model, i)[0].items():
+                mine[i, field] = vector
+        for f, entry in enumerate(filters):
+            index = entry["tensor_index"]
+            q, backbone_scale, shape = stored[index]
+            _add_mask(task, payload, entry, f, masks)
+            mask = _layout(masks[entry["path"]][1], entry["layout"]) if entry["path"] in masks else 1
+            fit = _channel_scale(q * mask * backbone_scale.reshape(shape), _dequantized(model, tensors, index),
+                                 entry["layout"][1], 3 / 127)
+            if fit is None:
+                raise ValueError(f"task {name!r} changes filter {tensors[index][0]!r} beyond a per-channel scale")
+            if np.any(fit < 0):
+                task["scales"].append({"filter": f, "at": payload.add(np.where(fit < 0, -1, 1).astype(np.float32))})
+            scale = (backbone_scale * np.where(fit == 0, 1, np.abs(fit))).astype(np.float32)
+            inputs, bias = ops[index]
+            if bias >= 0:  # requantized to the new filter scale: bias scale = input scale x filter scale
+                old = mine[index, "scale"].astype(np.float64)
+                ints = mine[bias, "data"].view(np.int32).astype(np.float64)
+                mine[bias, "data"] = np.clip(np.round(ints * old / scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+                mine[bias, "scale"] = (mine[inputs, "scale"][0] * scale).astype(np.float32)
+            mine[index, "scale"] = scale
+        tasks.append(task)
+        values.append({key: np.ascontiguousarray(v).view(np.uint8).ravel() for key, v in mine.items()})
+    own = {}
+    for task, mine in zip(tasks, values):
+        for key, data in mine.items():
+            if data.nbytes != values[0][key].nbytes:
+                raise ValueError(f"task {task['name']!r} quantizes tensor {tensors[key[0]][0]!r} differently "
+                                 f"from {names[0]!r}; export the tasks to separate files")
+            if not np.array_equal(data, values[0][key]):
+                own.setdefault(key, len(own))
+                task["own"].append({"own": own[key], "at": payload.add(data)})
+    # the base: the first task's values, every filter unmasked (`Q`); a shared buffer is split
+    model = schema.ModelT.InitFromObj(base)
+    graph = model.subgraphs[0]
+    users = np.bincount([t.buffer for g in model.subgraphs for t in g.tensors], minlength=len(model.buffers))
+    writes = {i: data for (i, field), data in values[0].items() if field == "data"}
+    writes.update({i: stored[i][0].view(np.uint8).ravel() for i in stored})
+    for i, data in writes.items():
+        tensor = graph.tensors[i]
+        if np.array_equal(np.asarray(model.buffers[tensor.buffer].data, np.uint8), data):
+            continue
+        if users[tensor.buffer] > 1:
+            users[tensor.buffer] -= 1
+            tensor.buffer = len(model.buffers)
+            model.buffers.append(schema.BufferT())
+        model.buffers[tensor.buffer].data = np.array(data, np.uint8)
+    for (i, field), data in values[0].items():
+        if field != "data":
+            vector = data.view(np.float32 if field == "scale" else np.int64)
+            setattr(graph.tensors[i].quantization, "scale" if field == "scale" else "zeroPoint", vector)
+    builder = flatbuffers.Builder(2 ** 20)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return schema.Model.GetRootAs(builder.Output()), filters, own, tasks, payload
 
 
 class _AlignedBuffer(schema.BufferT):
@@ -247,7 +420,7 @@ def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
     model.buffers = buffers
     graph = model.subgraphs[0]
     users = np.bincount([t.buffer for g in model.subgraphs for t in g.tensors], minlength=len(buffers))
-    patched = [f["tensor_index"] for f in filters] + list(own)
+    patched = [f["tensor_index"] for f in filters] + [i for i, field in own if field == "data"]
     for index in patched:  # a buffer the converter shares between equal constants is split
         if users[graph.tensors[index].buffer] > 1:
             copy = _AlignedBuffer()
@@ -270,7 +443,7 @@ def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
                          "dtype": np.dtype(DTYPES[tensors[f["tensor_index"]][2]]).name,
                          "shape": [int(s) for s in tensors[f["tensor_index"]][1]], "layout": f["layout"][2],
                          "channel_axis": f["layout"][1], "keras_kernel": f["path"]} for f in filters],
-            "own": [{"tensor": tensors[i][0], **offsets[i]} for i in own],
+            "own": [{"tensor": tensors[key[0]][0], "field": key[1], **offsets[key]} for key in own],
             "tasks": [{"name": t["name"], "classes": t["classes"], "mask_type": t["mask_type"] or "binary",
                        "masks": [{"filter": m["filter"], **at(m["at"])} for m in t["masks"]],
                        "scales": [{"filter": s["filter"], **at(s["at"])} for s in t["scales"]],
@@ -284,16 +457,25 @@ def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
 
     # Offsets are known once packed: pack with a table as long as the final one can be, read the
     # offsets, then write the final table over it (space-padded JSON: the layout is unchanged).
-    width = len(json.dumps(table({"payload": 10 ** 15, **{i: {"offset": 10 ** 15, "bytes": 10 ** 15}
-                                                          for i in patched}})).encode())
+    width = len(json.dumps(table({"payload": 10 ** 15, **{key: {"offset": 10 ** 15, "bytes": 10 ** 15}
+                                                          for key in [*patched, *own]}})).encode())
     packed = bytearray(pack(b" " * width))
     offsets = _offsets(packed)
-    buffer_of = {i: graph.tensors[i].buffer for i in patched}
-    spans = {i: {"offset": offsets[buffer_of[i]][0], "bytes": offsets[buffer_of[i]][1]} for i in patched}
+    spans = {i: {"offset": offsets[graph.tensors[i].buffer][0], "bytes": offsets[graph.tensors[i].buffer][1]}
+             for i in patched}
+    spans.update({key: spans[key[0]] if key[1] == "data" else _vector_span(packed, *key) for key in own})
     text = json.dumps(table({"payload": offsets[len(buffers) - 2][0], **spans})).encode()
     start = offsets[len(buffers) - 1][0]
     packed[start:start + width] = text.ljust(width)
     return bytes(packed)
+
+
+def _vector_span(flatbuffer, index, field):
+    """`{"offset", "bytes"}` of a tensor's quantization `scale` or `zero_point` vector."""
+    quantization = schema.Model.GetRootAs(flatbuffer).Subgraphs(0).Tensors(index).Quantization()
+    vector = quantization.ScaleAsNumpy() if field == "scale" else quantization.ZeroPointAsNumpy()
+    origin = np.frombuffer(flatbuffer, np.uint8).ctypes.data
+    return {"offset": vector.ctypes.data - origin, "bytes": vector.nbytes}
 
 
 def _offsets(flatbuffer):
@@ -354,7 +536,12 @@ class PhoneTasks:
                 if self.active != name:
                     self.switch(name)
                 out = self._runner(**inputs)
-            return {key: value[..., :classes] for key, value in out.items()}
+            result = {key: value[..., :classes] for key, value in out.items()}
+            if self.table["quantize"] == "int8" and out["probabilities"].shape[-1] > classes:
+                # int8 pads with logits 0 (a logit of -1e9 would take the logits' whole range)
+                total = result["probabilities"].sum(-1, keepdims=True)
+                result["probabilities"] = result["probabilities"] / np.maximum(total, 1e-30)
+            return result
 
         return run
 
