@@ -5,6 +5,8 @@ python scripts/bench.py --preset=train          # the train step: piggyback vs i
 python scripts/bench.py --preset=methods        # train step of each method on the digits CNN and ViT
 python scripts/bench.py --preset=gpu            # cpu's and train's rows: ResNet50, 224 px, batch 32, XLA
 python scripts/bench.py --preset=serving        # 1, 10, 100 ResNet50 tasks in one SavedModel
+python scripts/bench.py --preset=phone          # the phone file (3 ResNet50 tasks, 96 px): float32, float16, int8
+python scripts/bench.py --preset=phone --tflite_tasks=10 --image_size=224 --phone_quantize=int8
 python scripts/bench.py --preset=pipeline --dataset=folder:runs/wikiart_like --image_size=224
 
 Prints a table and writes --output (bench.json).
@@ -33,11 +35,11 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_enum("preset", "cpu", [*bench.PRESETS, "serving", "pipeline"],
+    flags.DEFINE_enum("preset", "cpu", [*bench.PRESETS, "serving", "phone", "pipeline"],
                       "cpu (small, fast), train (the train step at 160 px: floor, finetune, mask_from, profile), "
                       "methods (piggyback, LoRA, classifier-only and finetune steps on the digits backbones), "
-                      "gpu (cpu's and train's rows at the paper's sizes), serving (many tasks in one SavedModel) "
-                      "or pipeline (one epoch of train.py's input, no model).")
+                      "gpu (cpu's and train's rows at the paper's sizes), serving (many tasks in one SavedModel), "
+                      "phone (the phone file's rows alone) or pipeline (one epoch of train.py's input, no model).")
     flags.DEFINE_string("model", None, "keras.applications backbone (preset: ResNet50).")
     flags.DEFINE_integer("image_size", None, "Input size (preset: 64 on cpu, 160 on train, 224 on gpu, 128 for "
                          "serving).")
@@ -51,7 +53,10 @@ def define_flags():
     flags.DEFINE_list("tasks", None, "serving: task counts per SavedModel (default 1,10,100; 1 is the baked model).")
     flags.DEFINE_integer("slots", None, "serving: unpacked working copies in each multi-task model (default 2).")
     flags.DEFINE_string("workdir", None, "serving: where the random tasks and exports go (default runs/bench_serving).")
-    flags.DEFINE_integer("tflite_tasks", None, "serving: tasks in the multi-task .tflite measured (default 10; 0: none).")
+    flags.DEFINE_integer("tflite_tasks", None, "serving, phone: tasks in the multi-task .tflite measured (default 10 "
+                         "for serving, 0: none; 3 for phone).")
+    flags.DEFINE_list("phone_quantize", None, "serving, phone: the phone file's precisions, of none, float16, int8 "
+                      "(default none for serving; all three for phone).")
     flags.DEFINE_list("clients", None, "serving: concurrent clients per run of the saturation table (default 1,4,16; "
                       "empty: skipped).")
     flags.DEFINE_string("dataset", None, "pipeline: the dataset spec, as train.py takes it.")
@@ -63,9 +68,17 @@ def define_flags():
 
 def _serving():
     settings = {}
+    if FLAGS.preset == "phone":
+        settings = {"image_size": 96, "tflite_tasks": 3, "phone_quantize": ("none", "float16", "int8"),
+                    "workdir": os.path.join("runs", f"bench_phone_{FLAGS.image_size or 96}")}
     for name in ("model", "image_size", "repeats", "slots", "workdir", "tflite_tasks"):
         if getattr(FLAGS, name) is not None:
             settings[name] = getattr(FLAGS, name)
+    if FLAGS.phone_quantize:
+        unknown = sorted(set(FLAGS.phone_quantize) - {"none", "float16", "int8"})
+        if unknown:
+            raise ValueError(f"--phone_quantize takes none, float16, int8. Received: {','.join(unknown)}")
+        settings["phone_quantize"] = tuple(FLAGS.phone_quantize)
     if FLAGS.tasks:
         counts = tuple(sorted({int(n) for n in FLAGS.tasks}))
         if counts[0] != 1 or len(counts) < 2:
@@ -77,7 +90,7 @@ def _serving():
     # The random (weights=None) backbone is seeded, so the tasks kept in --workdir load in the
     # next run, whose backbone has the same fingerprint.
     keras.utils.set_random_seed(0)
-    rows, table = bench_serving.run(config)
+    rows, table = (bench_serving.run_phone if FLAGS.preset == "phone" else bench_serving.run)(config)
     print("\n" + table)
     return config, rows
 
@@ -102,7 +115,7 @@ def main(argv):
         write_atomic(FLAGS.output, lambda f: f.write(json.dumps(payload, indent=2).encode()))
         print(f"wrote {FLAGS.output}")
         return
-    if FLAGS.preset == "serving":
+    if FLAGS.preset in ("serving", "phone"):
         config, rows = _serving()
     else:
         settings = dict(bench.PRESETS[FLAGS.preset])

@@ -1,5 +1,7 @@
 """scripts/bench.py's measurements run end to end (tiny sizes; no timing is asserted)."""
 
+import pytest
+
 from benchmarks import suite as bench
 
 
@@ -35,3 +37,17 @@ def test_methods_preset_times_every_method():
     assert [row["figure"].split(", ")[-1] for row in rows] == [
         f"{m} / piggyback" for m in ("piggyback", "lora (r=1)", "lora (r=4)", "lora (r=8)", "classifier", "finetune")]
     assert rows[0]["ratio"] == 1.0 and all(row["median"] > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_phone_preset_rows_in_every_precision(tmp_path):
+    """`--preset=phone` at digits size: a row per precision, each against the first task's own
+    file of it (no timing is asserted)."""
+    from benchmarks import serving as bench_serving
+
+    config = bench_serving.ServingConfig(model="digits", image_size=None, repeats=1, calls=1, workdir=str(tmp_path),
+                                         tflite_tasks=2, phone_quantize=("float16", "int8"))
+    rows, table = bench_serving.run_phone(config, log=lambda line: None)
+    assert [(r["tasks"], r["quantize"]) for r in rows] == [(2, "float16"), (2, "int8")]
+    assert rows[1]["single_bytes"] < rows[0]["single_bytes"] and all(r["warm_ratio"] > 0 for r in rows)
+    assert "| 2 | int8 |" in table and "| 2 | float16 |" in table

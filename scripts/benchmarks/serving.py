@@ -42,6 +42,8 @@ class ServingConfig:
     shared_only: bool = True
     # Multi-task TFLite: this many tasks in one .tflite against one task's (0: skipped).
     tflite_tasks: int = 10
+    # The phone file's precisions (`phone_rows`), each against the first task's own file of it.
+    phone_quantize: tuple = ("none",)
     # Concurrent clients (threads) per run of `concurrency_child`, each sending this many requests.
     clients: tuple = (1, 4, 16)
     concurrent_requests: int = 16
@@ -306,31 +308,42 @@ def phone_child(path, single, names, image_shape, calls):
 
 
 def phone_rows(backbone, paths, config, log=print):
-    """The phone file of `config.tflite_tasks` tasks against the first task's own float32 file:
-    bytes (bound: that file + N * n/8 * 1.1 + the heads), RSS (bound: that file's process + one
-    copy of the bytes), the call that switches, warm calls (ratio measured in one process).
-    Medians of `config.repeats` fresh processes each, in turn with `tflite_child` on the single file."""
+    """The phone file of `config.tflite_tasks` tasks in each of `config.phone_quantize` against
+    the first task's own file of that precision (int8: both calibrated on the same 200 random
+    images, as `tflite_rows`): bytes (bound: that file + N * n/8 * 1.1 + the heads), RSS (bound:
+    that file's process + one copy of the bytes), the call that switches, warm calls (ratio
+    measured in one process). Medians of `config.repeats` fresh processes each, in turn with
+    `tflite_child` on the single file."""
+    return [row for quantize in config.phone_quantize for row in _phone_row(backbone, paths, config, quantize, log)]
+
+
+def _phone_row(backbone, paths, config, quantize, log):
     from tf_piggyback.export import export_tflite
     from tf_piggyback.phone import export_phone
 
     n = config.tflite_tasks
     folder = os.path.join(config.workdir, "tflite")
-    single, phone = os.path.join(folder, "tasks1.tflite"), os.path.join(folder, f"phone{n}.tflite")
+    suffix = "" if quantize == "none" else f"_{quantize}"
+    single, phone = os.path.join(folder, f"tasks1{suffix}.tflite"), os.path.join(folder, f"phone{n}{suffix}.tflite")
     tasks = [f"t{i:03d}={p}" for i, p in enumerate(paths[:n])]
+    image_shape = list(backbone.inputs[0].shape[1:])
+    representative = None
+    if quantize == "int8":
+        representative = np.random.default_rng(0).uniform(0, 255, (200, *image_shape)).astype(np.float32)
     if not os.path.exists(single):
-        export_tflite(backbone, tasks[:1], single)
+        export_tflite(backbone, tasks[:1], single, quantize, representative)
     if not os.path.exists(phone):
         start = time.perf_counter()
-        export_phone(backbone, tasks, phone)
-        log(f"exported {n} tasks to a phone file in {time.perf_counter() - start:.0f} s")
-    image_shape = list(backbone.inputs[0].shape[1:])
+        export_phone(backbone, tasks, phone, quantize, representative)
+        log(f"exported {n} tasks to a phone file ({quantize}) in {time.perf_counter() - start:.0f} s")
     samples, singles = [], []
     for _ in range(config.repeats):
         singles.append(_child("tflite_child", path=single, names=["serving_default"], image_shape=image_shape,
                               calls=config.calls))
         samples.append(_child("phone_child", path=phone, single=single, names=[t.split("=")[0] for t in tasks],
                               image_shape=image_shape, calls=config.calls))
-    row = {"format": "phone", "tasks": n, "bytes": os.path.getsize(phone), "single_bytes": os.path.getsize(single),
+    row = {"format": "phone", "tasks": n, "quantize": quantize, "bytes": os.path.getsize(phone),
+           "single_bytes": os.path.getsize(single),
            **{key: float(np.median([s[key] for s in samples])) for key in samples[0]},
            "single_rss": float(np.median([s["rss"] for s in singles])),
            "warm_ratio": float(np.median([s["warm_b1_s"] / s["single_warm_b1_s"] for s in samples])),
@@ -339,15 +352,29 @@ def phone_rows(backbone, paths, config, log=print):
     return [row]
 
 
+def run_phone(config, log=print):
+    """The phone rows alone (`scripts/bench.py --preset=phone`) over `config.tflite_tasks` random
+    tasks; returns `(rows, table)`."""
+    from tf_piggyback.backbones import load_backbone
+    from tf_piggyback.taskfile import read_manifest
+
+    backbone = load_backbone(config.model, "none", config.image_size)
+    paths = random_tasks(backbone, config.tflite_tasks, os.path.join(config.workdir, "tasks"), log=log)
+    rows = phone_rows(backbone, paths, config, log=log)
+    return rows, (f"{config.model} at {config.image_size} px, {config.tflite_tasks} random tasks; medians of "
+                  f"{config.repeats} fresh processes.\n" + phone_file_table(rows, read_manifest(paths[0])["params"] / 8))
+
+
 def phone_file_table(rows, packed_bytes):
     """Markdown of `phone_rows`."""
-    text = ("\nThe phone file (`export/tflite.py --phone`) against the first task's own float32 file; warm calls "
-            "measured in one process in turn; a switching call rebuilds the interpreter from patched bytes:\n\n"
-            "| tasks | bytes (bound) | RSS, one task called (bound) | warm call (single file's) (ratio) | "
-            "call that switches (of it: rebuild) |\n|---|---|---|---|---|\n")
+    text = ("\nThe phone file (`export/tflite.py --phone`) against the first task's own file of its precision; "
+            "warm calls measured in one process in turn; a switching call rebuilds the interpreter from patched "
+            "bytes:\n\n| tasks | precision | bytes (bound) | RSS, one task called (bound) | warm call (single "
+            "file's) (ratio) | call that switches (of it: rebuild) |\n|---|---|---|---|---|---|\n")
     for r in rows:
         bound = r["single_bytes"] + r["tasks"] * packed_bytes * 1.1
-        text += (f"| {r['tasks']} | {r['bytes'] / 1e6:,.1f} MB ({bound / 1e6:,.1f} MB + heads) | "
+        precision = {"none": "float32"}.get(r["quantize"], r["quantize"])
+        text += (f"| {r['tasks']} | {precision} | {r['bytes'] / 1e6:,.1f} MB ({bound / 1e6:,.1f} MB + heads) | "
                  f"{r['rss'] / 1e6:,.0f} MB ({r['rss_bound'] / 1e6:,.0f} MB) | {r['warm_b1_s'] * 1000:,.1f} ms "
                  f"({r['single_warm_b1_s'] * 1000:,.1f} ms) ({r['warm_ratio']:.2f}) | "
                  f"{r['switch_call_b1_s'] * 1000:,.0f} ms ({r['switch_s'] * 1000:,.0f} ms) |\n")
