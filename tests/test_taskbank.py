@@ -12,9 +12,11 @@ import tensorflow as tf
 
 import tf_piggyback as pb
 from conftest import REPO, digits_task_files
+from tf_piggyback.bankstore import STORE
 from tf_piggyback.export import export_saved_model, export_tflite, list_tasks
 from tf_piggyback.taskbank import TaskBank
 from tf_piggyback.taskfile import TaskRecord
+
 
 @pytest.fixture(scope="module")
 def task_files(tmp_path_factory):
@@ -103,6 +105,37 @@ def test_saved_model_one_backbone_for_every_task(task_files, tmp_path):
                           f"image={json.dumps(images[:2].tolist())};task=[1,3]"], capture_output=True, text=True)
     assert run.returncode == 0 and "Result for output key num_classes" in run.stdout, run.stderr[-2000:]
     assert "[4 4]" in run.stdout
+
+
+def test_an_exported_bank_reads_its_tasks_from_its_files(task_files, tmp_path):
+    """A multi-task SavedModel keeps each task's packed masks and own weights in files in its
+    assets, not in variables: loading restores none of them, and the version answers every
+    task from wherever it is loaded (here a copy, the original deleted). A task whose file is
+    missing fails that task's calls only, naming the file."""
+    import shutil
+
+    paths, images, expected = task_files
+    path = export_saved_model(pb.digits_backbone(), [f"{n}={p}" for n, p in paths.items()], str(tmp_path / "m"),
+                              slots=1)
+    listing = list_tasks(path)
+    assert listing["store"] == STORE
+    files = sorted(os.listdir(os.path.join(path, "assets", STORE)))
+    assert files == sorted(t["blob"] + s for t in listing["tasks"] for s in (".masks", ".own"))
+    copy = shutil.copytree(path, str(tmp_path / "copy" / "1"))
+    shutil.rmtree(str(tmp_path / "m"))
+    loaded = tf.saved_model.load(copy)
+    restored = dict(tf.train.list_variables(os.path.join(copy, "variables", "variables")))
+    assert not [n for n in restored if n.startswith(("packed", "own"))] and restored["ids/.ATTRIBUTES/VARIABLE_VALUE"] == [16]
+    for _ in range(2):  # each call with one slot is a fill: the task's masks are read from its file
+        for name in paths:
+            np.testing.assert_allclose(loaded.signatures[name](image=tf.constant(images))["logits"], expected[name],
+                                       atol=1e-5)
+    missing = {t["name"]: t["blob"] for t in listing["tasks"]}["ter"] + ".masks"
+    os.remove(os.path.join(copy, "assets", STORE, missing))
+    with pytest.raises(tf.errors.NotFoundError, match=missing):
+        loaded.signatures["ter"](image=tf.constant(images))
+    np.testing.assert_allclose(loaded.signatures["bin"](image=tf.constant(images))["logits"], expected["bin"],
+                               atol=1e-5)
 
 
 def test_list_tasks_of_saved_model_and_tflite(task_files, tmp_path):
@@ -308,13 +341,19 @@ def test_a_new_version_decodes_only_the_task_files_the_last_one_lacks(task_files
     export_saved_model(backbone, [paths["ter"], paths["bn"]], base)
     assert decoded == set()
     assert [t["name"] for t in list_tasks(os.path.join(base, "4"))["tasks"]] == ["ter", "bn"]
-    # a latest version whose variables cannot be read offers nothing: the files are decoded
-    data = [f for f in os.listdir(os.path.join(base, "4", "variables")) if f.startswith("variables.data")]
-    with open(os.path.join(base, "4", "variables", data[0]), "r+b") as f:
+    # the tasks' files are linked from the latest version, not written again
+    blobs = [{t["name"]: t["blob"] for t in list_tasks(os.path.join(base, v))["tasks"]} for v in ("3", "4")]
+    store = [os.path.join(base, v, "assets", STORE) for v in ("3", "4")]
+    for name in ("ter", "bn"):
+        for suffix in (".masks", ".own"):
+            assert os.path.samefile(os.path.join(store[0], blobs[0][name] + suffix),
+                                    os.path.join(store[1], blobs[1][name] + suffix))
+    # a latest version with a damaged task file offers that task no more: its task file is decoded
+    with open(os.path.join(store[1], blobs[1]["ter"] + ".masks"), "r+b") as f:
         f.truncate(100)
     decoded.clear()
     loaded = tf.saved_model.load(export_saved_model(backbone, [paths["bn"], paths["ter"]], base))
-    assert decoded == {"bn", "ter"}
+    assert decoded == {"ter"}
     np.testing.assert_allclose(loaded.signatures["ter"](image=tf.constant(images))["logits"], expected["ter"],
                                atol=1e-5)
 

@@ -99,15 +99,21 @@ class PackedLayout:
         """Floats in one slot's kernels (each aligned), without the id entries."""
         return sum(aligned(size) for _, size in self.kernels)
 
-    def pack(self, masks, kind, uid):
+    def pack(self, masks, kind, uid=None):
         """`{kernel path: packed, aligned mask}` of a task (a kernel it does not mask is all ones)
-        and its uid -> one uint8 array (empty for a classifier-only task, `kind` "none")."""
+        and its uid (None: without it, as a task's file holds it, `bankstore`) -> one uint8 array
+        (empty for a classifier-only task, `kind` "none")."""
         if kind == "none":
             return np.zeros(0, np.uint8)
         segments = [masks[path] if path in masks else coding.pack(np.ones(aligned(size), np.int8), kind)
                     for path, size in self.kernels]
-        bits = np.unpackbits(np.array([uid], ">u2").view(np.uint8)).astype(np.int8)
-        return np.concatenate(segments + [coding.pack(bits, kind)])
+        return np.concatenate(segments + ([] if uid is None else [self.id_bytes(uid, kind)]))
+
+    @staticmethod
+    def id_bytes(uid, kind):
+        """The packed id entries that end a task's packed masks (`ID_WEIGHTS`): 2 bytes for
+        binary masks, 4 for ternary."""
+        return coding.pack(np.unpackbits(np.array([uid], ">u2").view(np.uint8)).astype(np.int8), kind)
 
     def split(self, packed, kind):
         """Inverse of `pack`, less the uid: `{kernel path: packed, aligned mask}`."""
@@ -138,6 +144,8 @@ class GraphSpec:
         image: the input's `(shape, dtype)`.
         signatures: `(name, task index or None, classes or None)` of each exported signature
             (None: the signature takes the task per example); empty for the Python API.
+        store: where the tasks are: None, in variables; `bankstore.STORE`, in files in the
+            SavedModel's assets (`bankmodule.BankModule`).
         runtime: library code digest, TensorFlow and Keras versions.
     """
 
@@ -151,6 +159,7 @@ class GraphSpec:
     image: tuple
     signatures: tuple = ()
     runtime: tuple = ()
+    store: str = None
 
     @property
     def flat_size(self):
@@ -253,8 +262,9 @@ class BankGraph(tf.Module):
 
     # ---- masked kernels ------------------------------------------------------------------
     def kernels(self, packed, kind, uid):
-        """`[flat_size + ID_BITS]`: the masked kernels of the task whose packed masks are `packed`
-        (flat, aligned), then its id's entries.
+        """`[flat_size + ID_BITS]`: the masked kernels of the task whose packed masks (flat,
+        aligned, then its id) `packed()` gives (called only to fill a slot: it may read a file),
+        then its id's entries.
 
         A hit reads a slot without a lock. A miss takes the fill lock, looks again (a request
         that waited may find its task filled by the one before it) and otherwise fills the
@@ -294,7 +304,7 @@ class BankGraph(tf.Module):
         lock = tf.raw_ops.MutexLock(mutex=tf.raw_ops.MutexV2(shared_name=self._lock_name))
         with tf.control_dependencies([lock]):
             hit, slot, held = self._slot_holding(uid)
-            kernels = tf.cond(hit, lambda: self._used(slot, held), lambda: self._fill(packed, kind, uid))
+            kernels = tf.cond(hit, lambda: self._used(slot, held), lambda: self._fill(packed(), kind, uid))
             check = tf.debugging.assert_equal(tf.reduce_sum(kernels[-ID_BITS:]), uid,
                                               message="a working slot holds another task's kernels")
         with tf.control_dependencies([kernels, check]):

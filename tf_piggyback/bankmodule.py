@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback.bankgraph import KINDS, PackedLayout
+from tf_piggyback.bankstore import STORE, task_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +29,11 @@ class BankTask:
             `bankgraph.ALIGN` values}` (`PackedLayout.pack` lays them out);
             a kernel the task does not mask (`mask_from`) is absent: all ones in the bank.
         own: `{backbone variable path: value}` for per-task BatchNormalization.
-        head: `(kernel [F, C], bias [C])` (None for a task served alone).
-        info: manifest summary for listings (classes, sparsity, source file SHA-256).
+        head: `(kernel [F, C], bias [C])` (None for a task served alone, or in files).
+        info: manifest summary for listings (classes, head input width `features`, sparsity,
+            source file SHA-256).
+        blob: the name of the task's files when they hold its masks and own weights
+            (`bankstore`; the values of `masks` and `own` are then None), else None.
     """
 
     name: str
@@ -39,6 +43,7 @@ class BankTask:
     own: dict
     head: tuple
     info: dict
+    blob: str = None
 
 
 class BankVersion:
@@ -71,6 +76,11 @@ class BankVersion:
     def served(self):
         """Whether any task is served from the bank (not listed only)."""
         return any(t.kind != "alone" for t in self.tasks)
+
+    @property
+    def features(self):
+        """The heads' input width (0 if no task is served)."""
+        return next((t.info["features"] for t in self.tasks if t.kind != "alone"), 0)
 
     @property
     def own_paths(self):
@@ -114,6 +124,11 @@ class BankModule(tf.Module):
     that serve them, `forward` (one task) and `mixed` (a task per example). Never changed once
     built: a bank with other tasks is another `BankModule` (`TaskBank` swaps them whole).
 
+    The tasks are in variables, or, for an export, in files (`blob`, `bankstore`): then a call
+    reads its task's own weights from its file, and a fill its packed masks, so memory holds no
+    task's masks whatever the number of tasks. The files are in the folder beside the asset
+    `listing` (`assets/`), which `export.export_saved_model` sets before it saves the module.
+
     It tracks raw `tf.Variable`s only, never Keras objects: a SavedModel that tracks Keras
     variables loads in TF2 but not in TF1-style loaders such as TensorFlow Serving.
 
@@ -130,21 +145,27 @@ class BankModule(tf.Module):
             raise ValueError(f"task {alone[0].name!r} {alone[0].info['alone']}; export it on its own")
         self.graph = graph
         self.refills = graph.refills  # `loaded.refills`, as the serving bench reads it
-        spec, values = graph.spec, graph.own_defaults
-        # Per task: own weights (per-task normalization, then the head) one segment each, packed masks.
-        segments = [np.concatenate([t.own.get(p, values[p]).ravel() for p, _, _ in spec.own]
-                                   + [t.head[0].ravel(), t.head[1].ravel()]) for t in tasks]
-        packed = [layout.pack(t.masks, t.kind, t.uid) for t in tasks]
+        on_disk = any(t.blob for t in tasks)
+        self.spec = dataclasses.replace(graph.spec, store=STORE if on_disk else None)
 
         # Shaped [None]: the traced functions do not depend on how many tasks there are or which
         # (a new version of the bank can keep the last one's graph: `export.export_saved_model`).
         def per_task(value, dtype, name=None):
             return tf.Variable(tf.constant(value, dtype), shape=tf.TensorShape([None]), trainable=False, name=name)
 
-        self.own = per_task(np.concatenate(segments), tf.float32, "own")
-        self.own_offsets = per_task(np.cumsum([0] + [s.size for s in segments]), tf.int64)
-        self.packed = per_task(np.concatenate(packed), tf.uint8, "packed")
-        self.packed_offsets = per_task(np.cumsum([0] + [p.size for p in packed]), tf.int64)
+        if on_disk:  # each task's file name, and its id's packed entries in 4 bytes (2 used for binary masks)
+            self.blobs = per_task([t.blob for t in tasks], tf.string, "blobs")
+            self.ids = per_task(np.concatenate([np.resize(layout.id_bytes(t.uid, t.kind if t.kind != "none" else "binary"), 4)
+                                                for t in tasks]), tf.uint8, "ids")
+        else:  # per task: own weights (per-task normalization, then the head) one segment each, packed masks
+            values = graph.own_defaults
+            segments = [np.concatenate([t.own.get(p, values[p]).ravel() for p, _, _ in self.spec.own]
+                                       + [t.head[0].ravel(), t.head[1].ravel()]) for t in tasks]
+            packed = [layout.pack(t.masks, t.kind, t.uid) for t in tasks]
+            self.own = per_task(np.concatenate(segments), tf.float32, "own")
+            self.own_offsets = per_task(np.cumsum([0] + [s.size for s in segments]), tf.int64)
+            self.packed = per_task(np.concatenate(packed), tf.uint8, "packed")
+            self.packed_offsets = per_task(np.cumsum([0] + [p.size for p in packed]), tf.int64)
         self.kinds = per_task([KINDS[t.kind] for t in tasks], tf.int32)
         self.uids = per_task([float(t.uid) for t in tasks], tf.float32)
         self.num_classes = per_task([t.info["num_classes"] for t in tasks], tf.int32)
@@ -157,10 +178,21 @@ class BankModule(tf.Module):
 
     def _forward(self, image, task):
         """The task's logits: its kernels from a slot (stateful), then `compute` (stateless)."""
-        graph = self.graph
-        own = self.own[self.own_offsets[task]:self.own_offsets[task + 1]]
-        packed = self.packed[self.packed_offsets[task]:self.packed_offsets[task + 1]]
-        kernels = graph.kernels(packed, self.kinds[task], self.uids[task])
+        graph, kind = self.graph, self.kinds[task]
+        if self.spec.store:  # the task's files, in the folder beside the listing asset
+            folder = tf.strings.regex_replace(self.listing.asset_path, "[^/\\\\]*$", "") + self.spec.store + "/"
+            masks, own = task_paths(folder, self.blobs[task])
+            own = tf.io.decode_raw(tf.io.read_file(own), tf.float32)
+
+            def packed():
+                ids = self.ids[4 * task:4 * task + tf.where(tf.equal(kind, KINDS["binary"]), 2, 4)]
+                return tf.concat([tf.io.decode_raw(tf.io.read_file(masks), tf.uint8), ids], 0)
+        else:
+            own = self.own[self.own_offsets[task]:self.own_offsets[task + 1]]
+
+            def packed():
+                return self.packed[self.packed_offsets[task]:self.packed_offsets[task + 1]]
+        kernels = graph.kernels(packed, kind, self.uids[task])
         return graph.compute(image, kernels, graph.shared.read_value(), own, self.num_classes[task],
                              [variable.read_value() for variable in graph.non_float32])
 

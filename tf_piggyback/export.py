@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from tf_piggyback.signatures import input_spec, signature, with_outputs
 from tf_piggyback.surgery import bake
-from tf_piggyback.taskbank import DEFAULT_SLOTS, LISTING, TaskBank
+from tf_piggyback.bankstore import LISTING, STORE
+from tf_piggyback.taskbank import DEFAULT_SLOTS, TaskBank
 from tf_piggyback.taskfile import load_task, named_tasks, parse_task, task_name
 from tf_piggyback.tflite import QUANTIZATIONS, REPRESENTATIVE_SAMPLES, export_tflite, representative_images
 
@@ -26,7 +27,8 @@ __all__ = ["LISTING", "QUANTIZATIONS", "REPRESENTATIVE_SAMPLES", "build_serving_
            "export_tflite", "list_tasks", "next_version", "parse_task", "representative_images", "task_name"]
 
 
-def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_signatures=True, previous=None):
+def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_signatures=True, previous=None,
+                         store=None):
     """A `tf.Module` and `{name: tf.function}`: the signatures of a SavedModel (BUILD.md, "Interfaces").
 
     One task: its baked model (`bake`), signature `serving_default` and the task's name.
@@ -38,6 +40,9 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     is the key of all the traced functions depend on (`bankgraph.GraphSpec.key`), when the
     backbone has a Keras config. Tasks that the multi-task
     SavedModel `previous` holds are taken from it, not decoded again (`TaskBank.add_all`).
+    With `store` (the `assets/tf_piggyback_tasks` folder of the SavedModel being written) the
+    tasks go to files there, not to variables (`bankstore`); the module must then be given the
+    listing as its `listing` asset before it is saved.
 
     The module tracks the raw `tf.Variable`s behind the Keras variables, never a Keras model or
     Keras variable: those save a SavedModel that TF2 loads but TF1-style loaders (TensorFlow
@@ -46,7 +51,9 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     """
     names, paths = named_tasks(task_paths)
     bank = TaskBank(backbone, slots=slots)
-    bank.add_all(paths, names, previous=previous)
+    if len(paths) > 1 and store is not None:
+        os.makedirs(store, exist_ok=True)
+    bank.add_all(paths, names, previous=previous, store=store if len(paths) > 1 else None)
     if len(paths) > 1:
         module, signatures, spec = bank.serving_module(per_task_signatures)
         listing, key = bank.listing(), spec.key()
@@ -104,13 +111,14 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
         raise ValueError(f"{final} exists; pick another --version, omit it for the next free one, or pass --overwrite")
     previous = [os.path.join(output_dir, str(v)) for v in _versions(output_dir)
                 if os.path.isfile(os.path.join(output_dir, str(v), "assets", LISTING))]
-    module, signatures, listing = build_serving_module(backbone, task_paths, slots, per_task_signatures,
-                                                       previous[-1] if previous else None)
-    key = listing.get("graph")
-    same_graph = previous and key and _graph_key(previous[-1]) == key
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=output_dir)
     try:
+        module, signatures, listing = build_serving_module(backbone, task_paths, slots, per_task_signatures,
+                                                           previous[-1] if previous else None,
+                                                           store=os.path.join(tmp, "assets", STORE))
+        key = listing.get("graph")
+        same_graph = previous and key and _graph_key(previous[-1]) == key
         with tempfile.TemporaryDirectory() as scratch:
             listing_path = os.path.join(scratch, LISTING)
             with open(listing_path, "w") as f:
@@ -118,7 +126,7 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
             module.listing = tf.saved_model.Asset(listing_path)  # copied to assets/
             if same_graph:  # what tf.saved_model.save would write, without tracing the backbone
                 shutil.copy(os.path.join(previous[-1], "saved_model.pb"), tmp)
-                os.makedirs(os.path.join(tmp, "assets"))
+                os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
                 shutil.copy(listing_path, os.path.join(tmp, "assets", LISTING))
                 tf.train.Checkpoint(root=module).write(os.path.join(tmp, "variables", "variables"))
             else:

@@ -64,6 +64,32 @@ def read_npz_digest(path, file_format, version):
         raise TaskFileError(
             f"{path!r} is not a readable tf_piggyback {kind} (truncated or corrupted: {e}); write it again"
         ) from None
+    _check_format(manifest, path, file_format, version, kind)
+    checksums = manifest.get("sha256") or {}
+    if set(checksums) != set(arrays) or any(sha256(arrays[name]) != digest for name, digest in checksums.items()):
+        raise TaskFileError(f"{path!r} is corrupted: its arrays do not match the manifest's SHA-256 checksums")
+    return manifest, arrays, hashlib.sha256(data).hexdigest()
+
+
+def read_npz_manifest(path, file_format, version):
+    """The manifest of a file `read_npz` reads, reading only its manifest (an export plans a
+    bank's layout from every task's manifest, then reads each file once: `TaskBank.add_all`).
+    The arrays' checksums are checked when the file is read."""
+    kind = f"{file_format.rsplit('.', 1)[-1]} file"
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            manifest = json.loads(archive["manifest"].tobytes().decode("utf-8"))
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as e:
+        if not os.path.isfile(path):
+            raise TaskFileError(f"{kind} {path!r} does not exist; pass the file that training wrote") from None
+        raise TaskFileError(
+            f"{path!r} is not a readable tf_piggyback {kind} (truncated or corrupted: {e}); write it again"
+        ) from None
+    _check_format(manifest, path, file_format, version, kind)
+    return manifest
+
+
+def _check_format(manifest, path, file_format, version, kind):
     if not isinstance(manifest, dict) or manifest.get("format") != file_format:
         raise TaskFileError(f"{path!r} is not a tf_piggyback {kind} (its manifest has no format {file_format!r})")
     if manifest.get("version") != version:
@@ -71,10 +97,6 @@ def read_npz_digest(path, file_format, version):
             f"{path!r} has {kind} version {manifest.get('version')!r}; this tf_piggyback reads "
             f"version {version}: upgrade tf_piggyback or write the file again"
         )
-    checksums = manifest.get("sha256") or {}
-    if set(checksums) != set(arrays) or any(sha256(arrays[name]) != digest for name, digest in checksums.items()):
-        raise TaskFileError(f"{path!r} is corrupted: its arrays do not match the manifest's SHA-256 checksums")
-    return manifest, arrays, hashlib.sha256(data).hexdigest()
 
 
 def sha256(array):

@@ -26,8 +26,6 @@ backbone, many tasks at about 1 bit per parameter each).
 
 import concurrent.futures
 import dataclasses
-import json
-import logging
 import os
 import threading
 
@@ -35,16 +33,16 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback import coding, methods
-from tf_piggyback.bankgraph import KINDS, MAX_UID, BankGraph, PackedLayout, aligned
+from tf_piggyback.bankgraph import MAX_UID, BankGraph, PackedLayout, aligned
 from tf_piggyback.bankmodule import BankTask, BankVersion
+from tf_piggyback.bankstore import STORE, Exported, blob_name, packed_bytes, write_blob
+from tf_piggyback.files import read_npz_manifest
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.surgery import HEAD_NAME, feature_model
-from tf_piggyback.taskfile import TaskFileError, TaskRecord, task_name
+from tf_piggyback.taskfile import FORMAT, VERSION, TaskFileError, TaskRecord, task_name
 
 DEFAULT_SLOTS = 2
 MIXED_SIGNATURES = ("tasks", "tasks_by_name")
-LISTING = "tf_piggyback_tasks.json"  # in a SavedModel's assets/: `TaskBank.listing`, what `export/list_tasks.py` prints
-_VARIABLE = "{}/.ATTRIBUTES/VARIABLE_VALUE"  # a `BankModule` variable's key in a SavedModel's checkpoint
 
 
 class TaskBank:
@@ -118,7 +116,7 @@ class TaskBank:
         """Adds a task file; returns its name (default from the path, `taskfile.task_name`)."""
         return self.add_all([path], [name])[0]
 
-    def add_all(self, paths, names=None, workers=None, previous=None):
+    def add_all(self, paths, names=None, workers=None, previous=None, store=None):
         """Adds task files in order; returns their names (`add`'s defaults). If one cannot be
         added, none is.
 
@@ -129,10 +127,18 @@ class TaskBank:
         `previous`: a multi-task SavedModel folder that `export_saved_model` wrote. A file whose
         bytes (SHA-256) it lists for this backbone is taken from it, already packed, instead of
         being decoded again: a new version with one more task decodes one file.
+
+        `store`: a folder (an export's `assets/tf_piggyback_tasks`) to write each task's packed
+        masks and own weights to as it is read, keeping none of them in memory (`bankstore`): a
+        task the latest version holds with the same bytes is linked from it, not written. The
+        layout is planned from every file's manifest first, then each file is read once. Only an
+        empty bank takes a store: its module is then for export, not for calls.
         """
         names = [name or task_name(path) for path, name in zip(paths, names or [None] * len(paths))]
         with self._changing:
             current = self._version
+            if store is not None and current.tasks:
+                raise ValueError("a bank whose tasks are in files is written whole: give every task to one add_all")
             taken = set(current.names)
             for name in names:
                 if name in taken:
@@ -143,10 +149,11 @@ class TaskBank:
             if self._next_uid + len(paths) - 1 > MAX_UID:
                 raise ValueError(f"this bank would be given {self._next_uid + len(paths):,} tasks, more than its slot "
                                  f"ids tell apart ({MAX_UID + 1:,}); make a new TaskBank")
-            previous = _Exported(previous, self.fingerprint) if previous else None
+            previous = Exported(previous, self.fingerprint) if previous else None
+            plan = self._plan(paths, store) if store is not None else None
             workers = workers or max(1, min(len(paths), os.cpu_count() or 1))
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                read = list(pool.map(lambda path: self._read(path, previous), paths))
+                read = list(pool.map(lambda path: self._read(path, previous, plan), paths))
             served, layer, variables = current.served, current.feature_layer, current.variables
             for path, (feature_layer, feature_variables, task) in zip(paths, read):
                 if task.kind == "alone":
@@ -184,35 +191,73 @@ class TaskBank:
         if isinstance(self.backbone.input, dict):
             raise ValueError(f"a TaskBank serves backbones of one image input; {self.backbone.name!r} takes "
                              f"{', '.join(self.backbone.input)}: export each of its tasks on its own")
-        features = int(version.tasks[0].head[0].shape[0]) if version.tasks[0].head is not None else 0
-        key = (version.feature_layer, version.layout, tuple(version.own_paths), features)
+        key = (version.feature_layer, version.layout, tuple(version.own_paths), version.features)
         with self._reading:  # a call's first build and a change's may ask at once: one graph a layout
             if self._graph[0] != key:
                 self._graph = key, BankGraph(self.backbone, version.feature_layer, version.layout, version.own_paths,
-                                             features, self.slots)
+                                             version.features, self.slots)
             return self._graph[1]
 
-    def _read(self, path, previous=None):
+    def _plan(self, paths, store):
+        """`(store, layout, own paths)` for `add_all`'s `store`: the kernels any task masks and the
+        weights any owns, read from the files' manifests alone."""
+        masked, owned, layer = set(), set(), None
+        for path in paths:
+            manifest = read_npz_manifest(path, FORMAT, VERSION)
+            if not _served_alone(manifest):
+                layer = manifest.get("options", {}).get("feature_layer")
+                head = manifest.get("head_name", HEAD_NAME)
+                masked.update(entry["name"] for entry in manifest["layers"])
+                owned.update(w["name"] for w in manifest["weights"] if not w["name"].startswith(f"{head}/"))
+        variables = self._feature_model_variables(layer)
+        layout = PackedLayout(tuple((p, int(np.prod(v.shape))) for p, v in variables.items() if p in masked))
+        return store, layout, [p for p in variables if p in owned]
+
+    def _read(self, path, previous=None, plan=None):
         """`(feature_layer, {path: variable} of its feature model, BankTask)` of a task file, not
         yet named or numbered (`add_all` runs this on several threads at once); from `previous`
-        (an `_Exported`) when it holds the file's task. The file is read once: its SHA-256 is
-        that of the bytes decoded (`TaskRecord.sha256`)."""
+        (an `Exported`) when it holds the file's task; into files when `plan` (`_plan`) says
+        where. The file is read once: its SHA-256 is that of the bytes decoded (`TaskRecord.sha256`)."""
         record = TaskRecord(path, self.backbone, fingerprint=self.fingerprint)
         manifest = record.manifest
         feature_layer = manifest.get("options", {}).get("feature_layer")
         alone = _served_alone(manifest)
+        blob = None
         if alone:  # listed (a single-task export's listing), never served (see BankModule): nothing to lay out
             variables, kind, masks, own, head = None, "alone", {}, {}, None
         else:
             variables = self._feature_model_variables(feature_layer)
-            packed = previous.masks(record.sha256) if previous is not None and record.mask_names else None
-            kind, masks = self._pack_masks(record, variables, packed)
             own, head = self._own_and_head(record, variables)
+            if plan is not None:
+                blob, kind, masks, own = self._store(record, variables, previous, plan, own, head)
+            else:
+                packed = previous.masks(record.sha256) if previous is not None and record.mask_names else None
+                kind, masks = self._pack_masks(record, variables, packed)
         info = {"num_classes": int(manifest["num_classes"]), "class_names": manifest.get("class_names"),
                 "method": manifest["method"], "mask_type": kind, "sparsity": float(manifest.get("sparsity", 0.0)),
-                "image_size": manifest.get("image_size"), "packed_bytes": sum(m.size for m in masks.values()),
-                "source_sha256": record.sha256, **({"alone": alone} if alone else {})}
-        return feature_layer, variables, BankTask(None, None, kind, masks, own, head, info)
+                "image_size": manifest.get("image_size"),
+                "packed_bytes": sum(m.size for m in masks.values() if m is not None), "source_sha256": record.sha256,
+                **({"alone": alone} if alone else {"features": int(head[0].shape[0])})}
+        return feature_layer, variables, BankTask(None, None, kind, masks, own, None if blob else head, info, blob)
+
+    def _store(self, record, variables, previous, plan, own, head):
+        """`(blob, kind, masks, own)` of a task whose files go to `plan`'s folder (`add_all`'s
+        `store`): linked from `previous` when it holds them, else packed and written. `masks` and
+        `own` name the paths only (values None: they are in the files)."""
+        folder, layout, own_paths = plan
+        if not set(record.mask_names) <= set(layout.paths) or not set(own) <= set(own_paths):
+            raise TaskFileError(f"{record.path!r} changed while it was being exported; export again")
+        name = blob_name(record.sha256, layout, own_paths)
+        kind = record.manifest["options"].get("mask_type", "binary") if record.mask_names else "none"
+        sizes = (packed_bytes(layout, kind), 4 * (sum(int(np.prod(variables[p].shape)) for p in own_paths)
+                                                  + head[0].size + head[1].size))
+        if previous is None or not previous.link(name, folder, sizes):
+            _, masks = self._pack_masks(record, variables, previous.masks(record.sha256) if previous else None)
+            defaults = {p: np.asarray(variables[p], np.float32) for p in own_paths if p not in own}
+            write_blob(folder, name, layout.pack(masks, kind),
+                       np.concatenate([own.get(p, defaults.get(p)).ravel() for p in own_paths]
+                                      + [head[0].ravel(), head[1].ravel()]))
+        return name, kind, dict.fromkeys(record.mask_names), dict.fromkeys(own)
 
     def _feature_model_variables(self, feature_layer):
         """`{path: variable}` of the feature model ending at `feature_layer`, built once."""
@@ -316,7 +361,7 @@ class TaskBank:
         tasks = version.tasks if per_task else version.tasks[:1]
         entries = [(t.name, i, t.info["num_classes"]) for i, t in enumerate(tasks)]
         entries = [e for e in entries if per_task] + [("serving_default", *entries[0][1:])]
-        spec = dataclasses.replace(module.graph.spec, signatures=tuple(entries) + tuple(
+        spec = dataclasses.replace(module.spec, signatures=tuple(entries) + tuple(
             (name, None, None) for name in MIXED_SIGNATURES))
         image = module.graph.image_spec()
         signatures, by_task = {}, {}
@@ -336,52 +381,12 @@ class TaskBank:
         version = self._version
         listing = {"format": "tf_piggyback.bank", "version": 1, "backbone": {"name": self.backbone.name,
                    "fingerprint": self.fingerprint}, "slots": self.slots,
-                   "tasks": [{"name": t.name, **t.info} for t in version.tasks]}
-        if version.served:  # how `BankModule.packed` lays masks out (`_Exported`)
+                   "tasks": [{"name": t.name, **t.info, **({"blob": t.blob} if t.blob else {})} for t in version.tasks]}
+        if version.served:  # how masks are packed (`bankstore.Exported` reads them back)
             listing["kernels"] = [list(kernel) for kernel in version.layout.kernels]
+        if any(t.blob for t in version.tasks):
+            listing["store"] = STORE
         return listing
-
-
-class _Exported:
-    """The packed masks of the tasks a multi-task SavedModel holds, by their task file's SHA-256
-    (`add_all`'s `previous`), read back from its variables with the `PackedLayout` its listing
-    records (`kernels`).
-
-    Only a SavedModel of a bank (a `packed` variable) over the same backbone (fingerprint) offers
-    tasks; any other offers none, says why in one line (logged), and its files are decoded."""
-
-    def __init__(self, path, fingerprint):
-        listing_path = os.path.join(path, "assets", LISTING)
-        if not os.path.isfile(listing_path):
-            raise ValueError(f"{path} holds no assets/{LISTING}: not a SavedModel written by export_saved_model")
-        self._indices, self._arrays, why = {}, None, None
-        try:  # anything unreadable offers nothing (IndexError: truncated variables): the files are decoded
-            with open(listing_path) as f:
-                listing = json.load(f)
-            reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
-            if listing.get("kernels") is None or not reader.has_tensor(_VARIABLE.format("packed")):
-                why = "it holds no packed masks (a single task's export)"
-            elif listing["backbone"]["fingerprint"] != fingerprint:
-                why = "it was exported for another backbone"
-            else:
-                self._layout = PackedLayout(tuple((p, int(size)) for p, size in listing["kernels"]))
-                # ~3 MB per ResNet-50 task; read now, while an error can still just mean "decode every file"
-                self._arrays = {n: reader.get_tensor(_VARIABLE.format(n)) for n in ("packed", "packed_offsets", "kinds")}
-                self._indices = {t["source_sha256"]: i for i, t in enumerate(listing["tasks"])}
-        except (ValueError, KeyError, TypeError, IndexError, tf.errors.OpError) as e:
-            self._indices, why = {}, f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-        if why:
-            logging.warning("every task file is decoded: the latest version %s offers no tasks, since %s", path, why)
-
-    def masks(self, digest):
-        """`{kernel path: packed mask}` of the task whose file has SHA-256 `digest` (all kernels
-        of the layout, those it does not mask all ones), or None if there is no such task."""
-        if digest not in self._indices:
-            return None
-        index = self._indices[digest]
-        start, end = self._arrays["packed_offsets"][index:index + 2]
-        kind = "binary" if int(self._arrays["kinds"][index]) == KINDS["binary"] else "ternary"
-        return self._layout.split(self._arrays["packed"][start:end], kind)
 
 
 def _warm_up(module, version):
