@@ -579,7 +579,12 @@ def patched(content, table, name):
             shape[entry["channel_axis"]] = -1
             values = (values * scales[index].reshape(shape)).astype(values.dtype)
         if index in masks:
-            values = values * coding.unpack(span(masks[index]), values.size, task["mask_type"]).reshape(values.shape)
+            mask = coding.unpack(span(masks[index]), values.size, task["mask_type"]).reshape(values.shape)
+            if values.dtype == np.float16:  # NumPy multiplies float16 in software: select and negate (exact)
+                values = np.where(mask != 0, values, np.float16(0))
+                values = np.where(mask < 0, -values, values) if task["mask_type"] == "ternary" else values
+            else:
+                values = values * mask
         writes[entry["offset"]] = values
     pieces, at = [], 0
     view = memoryview(content)
