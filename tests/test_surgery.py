@@ -86,6 +86,24 @@ def test_train_bn_gives_the_task_its_own_batchnorm():
     assert {"bn1/gamma", "bn1/beta", "bn2/gamma", "bn2/beta"} <= {w.path for w in own.trainable_weights}
 
 
+def test_a_task_model_bakes_from_its_own_backbone_whatever_was_built_since():
+    """`bake` copies a task's layers from one copy of its backbone through keras.saving. It found
+    that backbone in process-wide state keyed by layer, which the last backbone to hold a layer
+    overwrote: a task built later on a model holding the same backbone and a layer keras.saving
+    cannot load made the first task's `bake` refuse. Each task model now carries its own."""
+
+    class Unregistered(keras.layers.Layer):  # not registered: its model does not load back
+        def call(self, x):
+            return x
+
+    backbone = tiny_backbone()
+    model = piggyback(backbone, 3, mask_init="uniform", mask_scale=0.02)
+    image = keras.Input(backbone.input.shape[1:])
+    piggyback(keras.Model(image, Unregistered()(backbone(image))), 4)
+    x = np.random.default_rng(0).normal(size=(4, 12, 12, 3)).astype("float32")
+    np.testing.assert_allclose(bake(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_tasks_share_backbone_weights():
     backbone = tiny_backbone()
     a, b = piggyback(backbone, 3), piggyback(backbone, 4)

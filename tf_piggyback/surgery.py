@@ -7,7 +7,6 @@ for deployment.
 import collections
 import dataclasses
 import json
-import weakref
 
 import keras
 import numpy as np
@@ -165,7 +164,6 @@ def feature_model(backbone, feature_layer=None):
         raise ValueError(
             f"backbone must be a built functional or Sequential keras.Model. Received: {type(backbone).__name__}"
         )
-    _remember(backbone)
     paths = collections.Counter(w.path for w in backbone.weights)
     if max(paths.values(), default=1) > 1:  # keras-hub 0.32's SmolLM: every "o_proj/kernel"
         raise ValueError(f"{type(backbone).__name__} {backbone.name!r} has several weights at one path "
@@ -276,24 +274,30 @@ def owned_layers(head, *names):
     return (*names, *(layer.name for layer in _head_layers(head))) if head is not None else (*names, HEAD_NAME)
 
 
-def rebuilt(layer, **changes):
-    """A new layer of `layer`'s class from its config with `changes` applied: for Keras' own
-    normalization layers (per-task copies). Other layers are copied by `layer_copies`."""
-    return type(layer).from_config(layer.get_config() | changes)
-
-
 def _line(error):
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
-    """A backbone's config as a `.keras` file stores it (`Model.to_json`), or why it has none."""
+class BackboneSource:
+    """A backbone's config as a `.keras` file stores it (`Model.to_json`), or why it has none, and
+    which of its layers each layer of a task model stands for: what `layer_copies` copies from
+    after the backbone object is gone. A task model holds its own as `model.backbone_source`."""
 
     name: str
     class_name: str
     config: str = None
     error: str = None
+    # Per layer of `iter_layers(task model)`: the index in `iter_layers(backbone)` of the backbone
+    # layer it is (or wraps, or copies), else None (the head).
+    indices: tuple = ()
+
+    @classmethod
+    def of(cls, backbone):
+        try:
+            return cls(backbone.name, type(backbone).__name__, backbone.to_json())
+        except Exception as e:  # refused when a copy is asked for (`copy`), not before
+            return cls(backbone.name, type(backbone).__name__, error=_line(e))
 
     def copy(self):
         """A new model from `config` as `keras.saving` loads one, fresh weights; parsed anew each
@@ -308,50 +312,39 @@ class _Source:
                          "so it cannot be copied to bake or adapt; use a backbone that saves and loads")
 
 
-# Each backbone layer a method reads (`feature_model`) -> (its backbone's `_Source`, its index in
-# `iter_layers(backbone)`), so `layer_copies` works after the backbone object is gone; each backbone
-# -> its `_Source`, written once. Weak keys: entries live as long as their keys; values hold no layer.
-_ORIGINS = weakref.WeakKeyDictionary()
-_SOURCES = weakref.WeakKeyDictionary()
+def remember_backbone(model, source, backbone, stand_ins=None):
+    """Sets `model.backbone_source`: `source` (`BackboneSource.of(backbone)`) with the backbone
+    index of each of `model`'s layers. `stand_ins`: `{id(layer of model): backbone layer}` for the
+    layers a method put in place of the backbone's (mask wrappers, copies)."""
+    index = {id(layer): i for i, layer in enumerate(iter_layers(backbone))}
+    stand_ins = stand_ins or {}
+    indices = tuple(index.get(id(stand_ins.get(id(layer), layer))) for layer in iter_layers(model))
+    model.backbone_source = dataclasses.replace(source, indices=indices)
+    return model
 
 
-def _remember(backbone):
-    if backbone not in _SOURCES:
-        try:
-            _SOURCES[backbone] = _Source(backbone.name, type(backbone).__name__, backbone.to_json())
-        except Exception as e:  # refused when a copy is asked for (`_Source.copy`), not before
-            _SOURCES[backbone] = _Source(backbone.name, type(backbone).__name__, error=_line(e))
-    for index, layer in enumerate(iter_layers(backbone)):
-        _ORIGINS[layer] = (_SOURCES[backbone], index)
-
-
-def layer_copies(layers, values=lambda layer: layer.get_weights()):
-    """`{id(layer): copy}` for backbone `layers`, each taken from one copy of its backbone made by
-    Keras' own contract (`keras.saving`), so that a layer whose own config does not rebuild it
-    (keras-hub 0.32's Qwen 3 decoder, MiT encoder) is copied all the same, weights `values(layer)`.
-    A copy (LoRA's) is copied from the same backbone again. Raises ValueError (one line naming the
-    class) where the backbone does not load back alike, or for a layer no method read.
+def layer_copies(source, layers, values=lambda layer: layer.get_weights()):
+    """`{id(layer): copy}` for `[(layer, index)]`, layers of the backbone `source` describes (or
+    stand-ins for them) at those indices of `iter_layers(backbone)`, each copy taken from one copy
+    of the backbone made by Keras' own contract (`keras.saving`), so that a layer whose own config
+    does not rebuild it (keras-hub 0.32's Qwen 3 decoder, MiT encoder) is copied all the same,
+    weights `values(layer)`, frozen as `layer` is. Raises ValueError (one line naming the class)
+    where the backbone does not load back alike.
     """
-    groups, copies = {}, {}
-    for layer in layers:
-        if layer not in _ORIGINS:
-            raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) is not from a backbone that "
-                             "tf_piggyback built a task model on; build the task with piggyback or lora")
-        groups.setdefault(id(_ORIGINS[layer][0]), (_ORIGINS[layer][0], []))[1].append(layer)
-    for source, members in groups.values():
-        inner = list(iter_layers(source.copy()))
-        for layer in members:
-            index, weights = _ORIGINS[layer][1], values(layer)
-            copy = inner[index] if index < len(inner) else None
-            shapes = [tuple(w.shape) for w in getattr(copy, "weights", ())]
-            if type(copy) is not type(layer) or shapes != [tuple(np.shape(v)) for v in weights]:
-                raise ValueError(f"{source.class_name} {source.name!r} loads back from its keras.saving config with "
-                                 f"{layer.name!r} ({type(layer).__name__}) other than it was (weights of shapes "
-                                 f"{shapes}); it cannot be copied to bake or adapt")
-            copy.set_weights(weights)
-            copy.trainable = layer.trainable  # frozen as its source: keras-hub 0.32's DeepLab pooling
-            _ORIGINS[copy] = (source, index)  # runs its BatchNormalization in training mode otherwise
-            copies[id(layer)] = copy
+    if not layers:
+        return {}
+    inner, copies = list(iter_layers(source.copy())), {}
+    for layer, index in layers:
+        weights = values(layer)
+        copy = inner[index] if index is not None and index < len(inner) else None
+        shapes = [tuple(w.shape) for w in getattr(copy, "weights", ())]
+        if type(copy) is not type(layer) or shapes != [tuple(np.shape(v)) for v in weights]:
+            raise ValueError(f"{source.class_name} {source.name!r} loads back from its keras.saving config with "
+                             f"{layer.name!r} ({type(layer).__name__}) other than it was (weights of shapes "
+                             f"{shapes}); it cannot be copied to bake or adapt")
+        copy.set_weights(weights)
+        copy.trainable = layer.trainable  # frozen as its source: keras-hub 0.32's DeepLab pooling
+        copies[id(layer)] = copy  # runs its BatchNormalization in training mode otherwise
     return copies
 
 
@@ -392,16 +385,24 @@ def bake_with_layers(model):
 
     A plain layer's `weights` are in the order of `wrapper.layer.weights` (the backbone's).
     """
-    values = {}
-    for layer in iter_layers(model):
+    values, where = {}, []
+    for position, layer in enumerate(iter_layers(model)):
         if lora_adapters(layer):
             values[id(layer)] = (None, layer, [keras.ops.convert_to_numpy(w) for w in _merged(layer)])
         elif isinstance(layer, MaskedWrapper):
             products = {k.path: k_m for k, k_m in zip(layer.kernels, layer.masked_kernels())}
             values[id(layer)] = (layer, layer.layer, [keras.ops.convert_to_numpy(products.get(w.path, w))
                                                       for w in layer.layer.weights])
-    weights = {id(source): arrays for _, source, arrays in values.values()}
-    copies = layer_copies([source for _, source, _ in values.values()], lambda source: weights[id(source)])
+        else:
+            continue
+        where.append((values[id(layer)][1], position))
+    source = getattr(model, "backbone_source", None)
+    if where and source is None:
+        raise ValueError(f"model {model.name!r} was not built by piggyback or lora (it has no backbone_source); "
+                         "build the task with them or load_task")
+    weights = {id(layer): arrays for _, layer, arrays in values.values()}
+    copies = layer_copies(source, [(layer, source.indices[position]) for layer, position in where],
+                          lambda layer: weights[id(layer)])
     baked = []
 
     def clone(layer):

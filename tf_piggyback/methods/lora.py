@@ -7,8 +7,8 @@ import numpy as np
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.layers import is_composite
 from tf_piggyback.methods.base import Method, register, schedule
-from tf_piggyback.surgery import TaskSpec, add_head, feature_model, freeze_backbone, lora_adapters, lora_targets, \
-    iter_layers, layer_copies, task_weights
+from tf_piggyback.surgery import BackboneSource, TaskSpec, add_head, feature_model, freeze_backbone, iter_layers, \
+    layer_copies, lora_adapters, lora_targets, remember_backbone, task_weights
 
 
 def lora(backbone, num_classes, *, rank, feature_layer=None):
@@ -39,7 +39,9 @@ def lora(backbone, num_classes, *, rank, feature_layer=None):
                          f"{', ...' if len(unreached) > 4 else ''}. Use piggyback, which masks them")
     # Copied through the backbone's own save and load (keras-hub 0.32's Qwen 3 decoder does not
     # rebuild from its own config), weights set before any adapter is added.
-    copies = layer_copies([layer for layer in iter_layers(features) if lora_targets(layer)])
+    source, index = BackboneSource.of(backbone), {id(layer): i for i, layer in enumerate(iter_layers(backbone))}
+    targets = [layer for layer in iter_layers(features) if lora_targets(layer)]
+    copies = layer_copies(source, [(layer, index[id(layer)]) for layer in targets])
     for copy in copies.values():
         for target in lora_targets(copy):
             target.enable_lora(int(rank))
@@ -55,7 +57,7 @@ def lora(backbone, num_classes, *, rank, feature_layer=None):
     model.task_spec = TaskSpec("lora", backbone.name, fingerprint(backbone), int(num_classes),
                                {"rank": int(rank), "feature_layer": feature_layer})
     freeze_backbone(model)
-    return model
+    return remember_backbone(model, source, backbone, {id(copies[id(layer)]): layer for layer in targets})
 
 
 @register

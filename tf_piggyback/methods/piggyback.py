@@ -9,8 +9,8 @@ from tf_piggyback.binarizers import DEFAULT_THRESHOLD
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.layers import DEFAULT_MASK_SCALE, MaskedEmbedding, wrapper_for
 from tf_piggyback.methods.base import Method, register
-from tf_piggyback.surgery import (TaskSpec, add_head, feature_model, iter_layers, kernel_weights, owned_layers, rebuilt,
-                                  task_head)
+from tf_piggyback.surgery import (BackboneSource, TaskSpec, add_head, feature_model, iter_layers, kernel_weights,
+                                  layer_copies, owned_layers, remember_backbone, task_head)
 
 
 def _upstream_layers(features, mask_from):
@@ -102,7 +102,13 @@ def piggyback(
             + ". Pass skip_unsupported=True to keep them frozen and unmasked."
         )
     options = dict(threshold=threshold, mask_init=mask_init, mask_scale=mask_scale, mask_type=mask_type)
-    bn_copies = []
+    source = BackboneSource.of(backbone)
+    index = {id(layer): i for i, layer in enumerate(iter_layers(backbone))}
+    norms = [layer for layer in iter_layers(features) if train_bn and id(layer) not in kept
+             and isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization))]
+    # Per-task norm copies (§5.3) from one copy of the backbone through keras.saving, as bake makes its copies.
+    bn_copies = layer_copies(source, [(layer, index[id(layer)]) for layer in norms])
+    stand_ins = {}
 
     def clone(layer):
         if id(layer) in kept:
@@ -112,10 +118,13 @@ def piggyback(
         if cls is MaskedEmbedding and not mask_embeddings:
             cls = None
         if cls is not None:
-            return cls(layer, **options)
-        if train_bn and isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
-            copy = rebuilt(layer, trainable=True)
-            bn_copies.append((copy, layer))
+            wrapper = cls(layer, **options)
+            stand_ins[id(wrapper)] = layer
+            return wrapper
+        if id(layer) in bn_copies:
+            copy = bn_copies[id(layer)]
+            copy.trainable = True
+            stand_ins[id(copy)] = layer
             return copy
         layer.trainable = False
         return layer
@@ -125,16 +134,14 @@ def piggyback(
     except ValueError as e:  # Keras cannot re-run this graph (keras-hub 0.32's DINOv3): refused in one line
         raise ValueError(f"{type(backbone).__name__} {backbone.name!r} cannot be masked: keras.models.clone_model "
                          f"cannot rebuild its graph ({str(e).strip().splitlines()[0][:160]})") from None
-    for copy, layer in bn_copies:
-        copy.set_weights(layer.get_weights())
     head, stored = task_head(head)
     model = add_head(body, num_classes, name=f"piggyback_{backbone.name}", head=head)
     options = {**options, "train_bn": bool(train_bn), "feature_layer": feature_layer,
                "skip_unsupported": bool(skip_unsupported), "mask_from": mask_from,
                "mask_embeddings": bool(mask_embeddings), **stored}
-    owned = owned_layers(head, *(copy.name for copy, _ in bn_copies))
+    owned = owned_layers(head, *(copy.name for copy in bn_copies.values()))
     model.task_spec = TaskSpec("piggyback", backbone.name, fingerprint(backbone), int(num_classes), options, owned)
-    return model
+    return remember_backbone(model, source, backbone, stand_ins)
 
 
 @register
