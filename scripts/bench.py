@@ -8,6 +8,7 @@ python scripts/bench.py --preset=serving        # 1, 10, 100 ResNet50 tasks in o
 python scripts/bench.py --preset=phone          # the phone file (3 ResNet50 tasks, 96 px): float32, float16, int8
 python scripts/bench.py --preset=phone --tflite_tasks=10 --image_size=224 --phone_quantize=int8
 python scripts/bench.py --preset=pipeline --dataset=folder:runs/wikiart_like --image_size=224
+python scripts/bench.py --preset=many_tasks     # 10 to 10,000 ResNet50 tasks read from a version's files (64 GB disk)
 
 Prints a table and writes --output (bench.json).
 """
@@ -22,6 +23,7 @@ import json
 import keras
 from absl import app, flags
 
+from benchmarks import many_tasks as bench_many_tasks
 from benchmarks import pipeline as bench_pipeline
 from benchmarks import serving as bench_serving
 from benchmarks import suite as bench
@@ -35,7 +37,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_enum("preset", "cpu", [*bench.PRESETS, "serving", "phone", "pipeline"],
+    flags.DEFINE_enum("preset", "cpu", [*bench.PRESETS, "serving", "phone", "pipeline", "many_tasks"],
                       "cpu (small, fast), train (the train step at 160 px: floor, finetune, mask_from, profile), "
                       "methods (piggyback, LoRA, classifier-only and finetune steps on the digits backbones), "
                       "gpu (cpu's and train's rows at the paper's sizes), serving (many tasks in one SavedModel), "
@@ -95,6 +97,17 @@ def _serving():
     return config, rows
 
 
+def _many_tasks():
+    settings = {name: getattr(FLAGS, name) for name in ("model", "image_size", "slots", "workdir")
+                if getattr(FLAGS, name) is not None}
+    if FLAGS.tasks:
+        settings["tasks"] = tuple(sorted({int(n) for n in FLAGS.tasks}))
+    config = bench_many_tasks.ManyTasksConfig(**settings)
+    rows, table = bench_many_tasks.run(config)
+    print("\n" + table)
+    return config, rows
+
+
 def _pipeline():
     if not FLAGS.dataset:
         raise ValueError("--preset=pipeline needs --dataset (e.g. folder:runs/wikiart_like)")
@@ -117,6 +130,8 @@ def main(argv):
         return
     if FLAGS.preset in ("serving", "phone"):
         config, rows = _serving()
+    elif FLAGS.preset == "many_tasks":
+        config, rows = _many_tasks()
     else:
         settings = dict(bench.PRESETS[FLAGS.preset])
         for name in ("model", "image_size", "batch_size", "repeats", "jit_compile", "mixed_precision", "mask_from"):

@@ -51,3 +51,18 @@ def test_phone_preset_rows_in_every_precision(tmp_path):
     assert [(r["tasks"], r["quantize"]) for r in rows] == [(2, "float16"), (2, "int8")]
     assert rows[1]["single_bytes"] < rows[0]["single_bytes"] and all(r["warm_ratio"] > 0 for r in rows)
     assert "| 2 | int8 |" in table and "| 2 | float16 |" in table
+
+
+@pytest.mark.slow
+def test_many_tasks_preset_measures_every_count(tmp_path):
+    """`--preset=many_tasks` at digits size: synthetic task files that load as task files, a row
+    per count against the baked task, each version's tasks in its files (no timing is asserted)."""
+    from benchmarks import many_tasks
+
+    config = many_tasks.ManyTasksConfig(model="digits", image_size=None, tasks=(3,), samples=4, calls=2,
+                                        workdir=str(tmp_path))
+    rows, table = many_tasks.run(config, log=lambda line: None)
+    assert [r["tasks"] for r in rows] == [1, 3]
+    assert rows[1]["cold_p99_s"] > 0 and rows[1]["next_version_s"] > 0 and rows[1]["bytes"] > rows[0]["bytes"]
+    assert "| 1 (baked) |" in table and "| 3 |" in table
+    assert not (tmp_path / "model_3").exists()  # measured, then deleted
