@@ -20,6 +20,7 @@ LEVELS = [
     {"taskfile"},
     {"trainer"},
     {"bankgraph", "tflite", "ondevice"},
+    {"bankstore"},
     {"bankmodule"},
     {"taskbank", "phone"},
     {"export"},

@@ -358,6 +358,35 @@ def test_a_new_version_decodes_only_the_task_files_the_last_one_lacks(task_files
                                atol=1e-5)
 
 
+def test_a_new_version_reads_only_the_task_files_that_changed(task_files, tmp_path, monkeypatch):
+    """A task file whose path, size, times and inode are as the latest version recorded them is
+    not read again (its manifest alone is, checked against the backbone), and its task's files
+    are linked: a new version with one more task of the same layout reads one task file (one
+    that owns other weights lays the others out anew, so they are read). A file replaced (here by
+    another task's bytes) is read again, and the new version serves what it holds now."""
+    import shutil
+
+    paths, images, expected = task_files
+    files = {n: shutil.copy(paths[n], tmp_path / f"{n}.npz") for n in ("bin", "ter", "bn", "cls")}
+    backbone, base = pb.digits_backbone(), str(tmp_path / "model")
+    read, original = [], TaskRecord.__init__
+    monkeypatch.setattr(TaskRecord, "__init__", lambda record, path, *args, **kwargs: read.append(
+        os.path.basename(path)) or original(record, path, *args, **kwargs))
+    tasks = [f"{n}={files[n]}" for n in ("bin", "bn")]
+    export_saved_model(backbone, tasks, base)
+    read.clear()
+    export_saved_model(backbone, tasks + [f"ter={files['ter']}"], base)
+    assert read == ["ter.npz"]
+    os.replace(shutil.copy(files["cls"], tmp_path / "new.npz"), files["ter"])
+    read.clear()
+    latest = export_saved_model(backbone, tasks + [f"ter={files['ter']}"], base)
+    assert read == ["ter.npz"]
+    loaded = tf.saved_model.load(latest)
+    for name, task in (("bin", "bin"), ("ter", "cls"), ("bn", "bn")):
+        np.testing.assert_allclose(loaded.signatures[name](image=tf.constant(images))["logits"], expected[task],
+                                   atol=1e-5)
+
+
 def test_a_new_version_without_per_task_signatures_keeps_the_last_graph(task_files, tmp_path, monkeypatch):
     """Without per-task signatures, a new version with one more task keeps the latest version's
     graph and writes only its variables: the backbone is not traced. It answers every task as

@@ -1,7 +1,8 @@
 """One version of a `TaskBank`: its tasks (`BankTask`), in order, and their layout
 (`BankVersion`), never changed once made; and the `BankModule` that serves them: the tasks as
-variables over a shared `bankgraph.BankGraph`, and the functions `forward` (one task) and `mixed`
-(a task per example). What a multi-task SavedModel holds.
+variables (or files) over a shared `bankgraph.BankGraph`, and the functions `forward` (one task)
+and `mixed` (a task per example). What a multi-task SavedModel holds. And what a task file gives
+a bank: `own_and_head`, `pack_masks`, and `served_alone` for tasks a bank cannot serve.
 
 Reference: §3, last paragraph (only the thresholded masks are kept); §5 (a mask per task).
 """
@@ -12,8 +13,11 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from tf_piggyback.bankgraph import KINDS, PackedLayout
+from tf_piggyback import coding, methods
+from tf_piggyback.bankgraph import KINDS, PackedLayout, aligned
 from tf_piggyback.bankstore import STORE, task_paths
+from tf_piggyback.surgery import HEAD_NAME
+from tf_piggyback.taskfile import TaskFileError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +28,7 @@ class BankTask:
         name: signature / lookup name.
         uid: an id never reused in this bank (slots are tagged with it, `ID_WEIGHTS`).
         kind: "none" (classifier-only), "binary", "ternary" or "alone" (listed only, never served:
-            `taskbank._served_alone`).
+            `served_alone`).
         masks: `{backbone kernel path: its mask packed (`coding.pack`), padded to a multiple of
             `bankgraph.ALIGN` values}` (`PackedLayout.pack` lays them out);
             a kernel the task does not mask (`mask_from`) is absent: all ones in the bank.
@@ -229,3 +233,52 @@ class BankModule(tf.Module):
             lambda i, *_: i < tf.size(groups), body, (tf.constant(0), zeros, zeros),
             shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, None]), tf.TensorShape([None, None])))
         return {"logits": logits, "probabilities": probabilities, "num_classes": tf.gather(self.num_classes, task)}
+
+
+def own_and_head(record, variables):
+    """`(BankTask.own, BankTask.head)` of a task file: its per-task backbone weights by path,
+    and its Dense head's kernel and bias."""
+    own, heads = {}, []
+    head = record.manifest.get("head_name", HEAD_NAME)  # another name where the backbone has a "head"
+    for name in record.weight_names:
+        if name.startswith(f"{head}/"):
+            heads.append(np.asarray(record.weight(name), np.float32))
+        elif name not in variables:
+            raise TaskFileError(f"{record.path!r}: task weight {name} does not fit this backbone")
+        else:
+            own[name] = np.asarray(record.weight(name, variables[name].shape), np.float32)
+    num_classes = record.manifest["num_classes"]
+    if len(heads) != 2 or heads[0].ndim != 2 or heads[0].shape[1] != num_classes:
+        raise TaskFileError(f"{record.path!r} has no Dense head of {num_classes} classes")
+    return own, (heads[0], heads[1])
+
+def pack_masks(record, variables, packed=None):
+    """`(kind, BankTask.masks)` of a task file's masks, by the path of the kernel each masks;
+    taken from `packed` (`{path: packed mask}` of the same file, `bankstore.Exported.masks`) when given,
+    else decoded (most of what adding a task costs)."""
+    if not record.mask_names:
+        return "none", {}
+    kind = record.manifest["options"].get("mask_type", "binary")
+    masks = {}
+    for name in record.mask_names:
+        if name not in variables:
+            raise TaskFileError(f"{record.path!r} masks {name}, which the backbone does not have (a bank "
+                                "finds kernels by name: give the backbone's layers fixed names)")
+        if packed is not None and name in packed:
+            masks[name] = packed[name]
+            continue
+        mask = record.mask(name, variables[name].shape).ravel()
+        if mask.size != aligned(mask.size):
+            mask = np.pad(mask, (0, aligned(mask.size) - mask.size))
+        masks[name] = coding.pack(mask, kind)
+    return kind, masks
+
+
+def served_alone(manifest):
+    """Why a task cannot share a bank's one traced backbone and Dense heads (None if it can)."""
+    reason = methods.get(manifest["method"]).served_alone(manifest)
+    if reason:
+        return reason
+    if "head" in manifest.get("options", {}):
+        return "has its own head layers (options.head), and a bank serves Dense heads over pooled features"
+    return None

@@ -57,6 +57,17 @@ def task_paths(folder, name):
     return [folder + name + suffix for suffix in _SUFFIXES]
 
 
+def file_stat(path):
+    """What `taskbank.TaskBank`, for an unchanged task file compares: real path, size, modification and change times, inode."""
+    stat = os.stat(path)
+    return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def blob_sizes(layout, kind, variables, own_paths, head_size):
+    """The sizes in bytes of a task's `.masks` and `.own` files (`bankstore`)."""
+    return packed_bytes(layout, kind), 4 * (sum(int(np.prod(variables[p].shape)) for p in own_paths) + head_size)
+
+
 class Exported:
     """The tasks that the latest multi-task SavedModel under a base path offers the next version
     (`TaskBank.add_all`'s `previous`): by their task file's SHA-256, a task's packed masks read back
@@ -71,7 +82,7 @@ class Exported:
         if not os.path.isfile(listing_path):
             raise ValueError(f"{path} holds no assets/{LISTING}: not a SavedModel written by export_saved_model")
         self._folder = os.path.join(path, "assets", STORE)
-        self._tasks, self._arrays, why = {}, None, None
+        self._tasks, self._stats, self._arrays, why = {}, {}, None, None
         try:  # anything unreadable offers nothing (IndexError: truncated variables): the files are decoded
             with open(listing_path) as f:
                 listing = json.load(f)
@@ -86,10 +97,17 @@ class Exported:
                 if reader:  # ~3 MB per ResNet-50 task, read now, while an error can still be handled
                     self._arrays = {n: reader.get_tensor(_VARIABLE.format(n)) for n in ("packed", "packed_offsets")}
                 self._tasks = {t["source_sha256"]: (i, t) for i, t in enumerate(listing["tasks"])}
+                self._stats = {json.dumps(t["source_stat"]): t for t in listing["tasks"]
+                               if t.get("source_stat") and t.get("blob")}
         except (ValueError, KeyError, TypeError, IndexError, tf.errors.OpError) as e:
             self._tasks, why = {}, f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
         if why:
             logging.warning("every task file is decoded: the latest version %s offers no tasks, since %s", path, why)
+
+    def entry(self, stat):
+        """The listing's entry of the task whose file had `stat` (`file_stat`) when this
+        version read it, if it is in files; else None."""
+        return self._stats.get(json.dumps(stat))
 
     def masks(self, digest):
         """`{kernel path: packed mask}` of the task whose file has SHA-256 `digest` (all kernels

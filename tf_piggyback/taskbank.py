@@ -32,12 +32,11 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from tf_piggyback import coding, methods
-from tf_piggyback.bankgraph import MAX_UID, BankGraph, PackedLayout, aligned
-from tf_piggyback.bankmodule import BankTask, BankVersion
-from tf_piggyback.bankstore import STORE, Exported, blob_name, packed_bytes, write_blob
+from tf_piggyback.bankgraph import MAX_UID, BankGraph, PackedLayout
+from tf_piggyback.bankmodule import BankTask, BankVersion, own_and_head, pack_masks, served_alone
+from tf_piggyback.bankstore import STORE, Exported, blob_name, blob_sizes, file_stat, write_blob
 from tf_piggyback.files import read_npz_manifest
-from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.fingerprint import check_backbone, fingerprint
 from tf_piggyback.surgery import HEAD_NAME, feature_model
 from tf_piggyback.taskfile import FORMAT, VERSION, TaskFileError, TaskRecord, task_name
 
@@ -204,7 +203,7 @@ class TaskBank:
         masked, owned, layer = set(), set(), None
         for path in paths:
             manifest = read_npz_manifest(path, FORMAT, VERSION)
-            if not _served_alone(manifest):
+            if not served_alone(manifest):
                 layer = manifest.get("options", {}).get("feature_layer")
                 head = manifest.get("head_name", HEAD_NAME)
                 masked.update(entry["name"] for entry in manifest["layers"])
@@ -217,28 +216,61 @@ class TaskBank:
         """`(feature_layer, {path: variable} of its feature model, BankTask)` of a task file, not
         yet named or numbered (`add_all` runs this on several threads at once); from `previous`
         (an `Exported`) when it holds the file's task; into files when `plan` (`_plan`) says
-        where. The file is read once: its SHA-256 is that of the bytes decoded (`TaskRecord.sha256`)."""
+        where. The file is read once: its SHA-256 is that of the bytes decoded (`TaskRecord.sha256`).
+        Into files, a task file that is as `previous` recorded it (`_unchanged`) is not read."""
+        stat = file_stat(path)  # before the read: a file changed after it is read again next time
+        if plan is not None and previous is not None:
+            unchanged = self._unchanged(path, stat, previous, plan)
+            if unchanged:
+                return unchanged
         record = TaskRecord(path, self.backbone, fingerprint=self.fingerprint)
         manifest = record.manifest
         feature_layer = manifest.get("options", {}).get("feature_layer")
-        alone = _served_alone(manifest)
+        alone = served_alone(manifest)
         blob = None
         if alone:  # listed (a single-task export's listing), never served (see BankModule): nothing to lay out
             variables, kind, masks, own, head = None, "alone", {}, {}, None
         else:
             variables = self._feature_model_variables(feature_layer)
-            own, head = self._own_and_head(record, variables)
+            own, head = own_and_head(record, variables)
             if plan is not None:
                 blob, kind, masks, own = self._store(record, variables, previous, plan, own, head)
             else:
                 packed = previous.masks(record.sha256) if previous is not None and record.mask_names else None
-                kind, masks = self._pack_masks(record, variables, packed)
+                kind, masks = pack_masks(record, variables, packed)
         info = {"num_classes": int(manifest["num_classes"]), "class_names": manifest.get("class_names"),
                 "method": manifest["method"], "mask_type": kind, "sparsity": float(manifest.get("sparsity", 0.0)),
                 "image_size": manifest.get("image_size"),
                 "packed_bytes": sum(m.size for m in masks.values() if m is not None), "source_sha256": record.sha256,
+                "source_stat": stat,
                 **({"alone": alone} if alone else {"features": int(head[0].shape[0])})}
         return feature_layer, variables, BankTask(None, None, kind, masks, own, None if blob else head, info, blob)
+
+    def _unchanged(self, path, stat, previous, plan):
+        """`_read`'s result for a task file that the latest version recorded with the same path,
+        size, modification and change times and inode (`source_stat`, what git's index compares),
+        and whose files it holds: its manifest alone is read (checked against the backbone), its
+        files are linked. None otherwise (the file is read)."""
+        entry = previous.entry(stat)
+        if entry is None:
+            return None
+        manifest = read_npz_manifest(path, FORMAT, VERSION)
+        check_backbone(self.backbone, manifest, path, TaskFileError, actual=self.fingerprint)
+        if served_alone(manifest):
+            return None
+        feature_layer = manifest.get("options", {}).get("feature_layer")
+        variables = self._feature_model_variables(feature_layer)
+        folder, layout, own_paths = plan
+        head = manifest.get("head_name", HEAD_NAME)
+        own = [w["name"] for w in manifest["weights"] if not w["name"].startswith(f"{head}/")]
+        head_size = sum(int(np.prod(w["shape"])) for w in manifest["weights"] if w["name"].startswith(f"{head}/"))
+        name = blob_name(entry["source_sha256"], layout, own_paths)
+        if not previous.link(name, folder, blob_sizes(layout, entry["mask_type"], variables, own_paths, head_size)):
+            return None
+        info = {k: v for k, v in entry.items() if k not in ("name", "blob")}
+        masks = dict.fromkeys(layer["name"] for layer in manifest["layers"])
+        return feature_layer, variables, BankTask(None, None, entry["mask_type"], masks, dict.fromkeys(own), None,
+                                                  info, name)
 
     def _store(self, record, variables, previous, plan, own, head):
         """`(blob, kind, masks, own)` of a task whose files go to `plan`'s folder (`add_all`'s
@@ -249,10 +281,9 @@ class TaskBank:
             raise TaskFileError(f"{record.path!r} changed while it was being exported; export again")
         name = blob_name(record.sha256, layout, own_paths)
         kind = record.manifest["options"].get("mask_type", "binary") if record.mask_names else "none"
-        sizes = (packed_bytes(layout, kind), 4 * (sum(int(np.prod(variables[p].shape)) for p in own_paths)
-                                                  + head[0].size + head[1].size))
+        sizes = blob_sizes(layout, kind, variables, own_paths, head[0].size + head[1].size)
         if previous is None or not previous.link(name, folder, sizes):
-            _, masks = self._pack_masks(record, variables, previous.masks(record.sha256) if previous else None)
+            _, masks = pack_masks(record, variables, previous.masks(record.sha256) if previous else None)
             defaults = {p: np.asarray(variables[p], np.float32) for p in own_paths if p not in own}
             write_blob(folder, name, layout.pack(masks, kind),
                        np.concatenate([own.get(p, defaults.get(p)).ravel() for p in own_paths]
@@ -266,46 +297,6 @@ class TaskBank:
                 self._feature_variables[feature_layer] = {
                     v.path: v for v in feature_model(self.backbone, feature_layer).variables}
             return self._feature_variables[feature_layer]
-
-    @staticmethod
-    def _own_and_head(record, variables):
-        """`(BankTask.own, BankTask.head)` of a task file: its per-task backbone weights by path,
-        and its Dense head's kernel and bias."""
-        own, heads = {}, []
-        head = record.manifest.get("head_name", HEAD_NAME)  # another name where the backbone has a "head"
-        for name in record.weight_names:
-            if name.startswith(f"{head}/"):
-                heads.append(np.asarray(record.weight(name), np.float32))
-            elif name not in variables:
-                raise TaskFileError(f"{record.path!r}: task weight {name} does not fit this backbone")
-            else:
-                own[name] = np.asarray(record.weight(name, variables[name].shape), np.float32)
-        num_classes = record.manifest["num_classes"]
-        if len(heads) != 2 or heads[0].ndim != 2 or heads[0].shape[1] != num_classes:
-            raise TaskFileError(f"{record.path!r} has no Dense head of {num_classes} classes")
-        return own, (heads[0], heads[1])
-
-    @staticmethod
-    def _pack_masks(record, variables, packed=None):
-        """`(kind, BankTask.masks)` of a task file's masks, by the path of the kernel each masks;
-        taken from `packed` (`{path: packed mask}` of the same file, `_Exported.masks`) when given,
-        else decoded (most of what adding a task costs)."""
-        if not record.mask_names:
-            return "none", {}
-        kind = record.manifest["options"].get("mask_type", "binary")
-        masks = {}
-        for name in record.mask_names:
-            if name not in variables:
-                raise TaskFileError(f"{record.path!r} masks {name}, which the backbone does not have (a bank "
-                                    "finds kernels by name: give the backbone's layers fixed names)")
-            if packed is not None and name in packed:
-                masks[name] = packed[name]
-                continue
-            mask = record.mask(name, variables[name].shape).ravel()
-            if mask.size != aligned(mask.size):
-                mask = np.pad(mask, (0, aligned(mask.size) - mask.size))
-            masks[name] = coding.pack(mask, kind)
-        return kind, masks
 
     @property
     def kernel_paths(self):
@@ -401,16 +392,6 @@ def _warm_up(module, version):
             module.forward(blank, tf.constant(index, tf.int32))
             module.mixed(blank, tf.constant([index], tf.int32))
             return
-
-
-def _served_alone(manifest):
-    """Why a task cannot share a bank's one traced backbone and Dense heads (None if it can)."""
-    reason = methods.get(manifest["method"]).served_alone(manifest)
-    if reason:
-        return reason
-    if "head" in manifest.get("options", {}):
-        return "has its own head layers (options.head), and a bank serves Dense heads over pooled features"
-    return None
 
 
 def _task_signature(module, index, num_classes, spec, name):
