@@ -121,6 +121,8 @@ def test_an_exported_bank_reads_its_tasks_from_its_files(task_files, tmp_path):
     assert listing["store"] == STORE
     files = sorted(os.listdir(os.path.join(path, "assets", STORE)))
     assert files == sorted(t["blob"] + s for t in listing["tasks"] for s in (".masks", ".own"))
+    assert [os.path.getsize(os.path.join(path, "assets", STORE, t["blob"] + ".masks")) for t in listing["tasks"]] == [
+        t["packed_bytes"] for t in listing["tasks"]] and listing["tasks"][0]["packed_bytes"] > 0
     copy = shutil.copytree(path, str(tmp_path / "copy" / "1"))
     shutil.rmtree(str(tmp_path / "m"))
     loaded = tf.saved_model.load(copy)

@@ -107,9 +107,10 @@ class TaskBank:
         return self._version.index(name)
 
     def tasks(self):
-        """One dict per task: `name`, `num_classes`, `class_names`, `method`, `mask_type`,
-        `sparsity`, `image_size`, `packed_bytes` (in memory), `source_sha256` (of the task file)."""
-        return [{"name": t.name, **t.info} for t in self._version.tasks]
+        """One dict per task, as `listing` lists them: `name`, `num_classes`, `class_names`,
+        `method`, `mask_type`, `features` (the head's input width), `sparsity`, `image_size`,
+        `packed_bytes`, `source_sha256` and `source_stat` (of the task file), `blob` (in files)."""
+        return self.listing()["tasks"]
 
     def add(self, path, name=None):
         """Adds a task file; returns its name (default from the path, `taskfile.task_name`)."""
@@ -234,14 +235,14 @@ class TaskBank:
             variables = self._feature_model_variables(feature_layer)
             own, head = own_and_head(record, variables)
             if plan is not None:
-                blob, kind, masks, own = self._store(record, variables, previous, plan, own, head)
+                blob, kind, masks, own, nbytes = self._store(record, variables, previous, plan, own, head)
             else:
                 packed = previous.masks(record.sha256) if previous is not None and record.mask_names else None
                 kind, masks = pack_masks(record, variables, packed)
         info = {"num_classes": int(manifest["num_classes"]), "class_names": manifest.get("class_names"),
                 "method": manifest["method"], "mask_type": kind, "sparsity": float(manifest.get("sparsity", 0.0)),
                 "image_size": manifest.get("image_size"),
-                "packed_bytes": sum(m.size for m in masks.values() if m is not None), "source_sha256": record.sha256,
+                "packed_bytes": nbytes if blob else sum(m.size for m in masks.values()), "source_sha256": record.sha256,
                 "source_stat": stat,
                 **({"alone": alone} if alone else {"features": int(head[0].shape[0])})}
         return feature_layer, variables, BankTask(None, None, kind, masks, own, None if blob else head, info, blob)
@@ -273,9 +274,9 @@ class TaskBank:
                                                   info, name)
 
     def _store(self, record, variables, previous, plan, own, head):
-        """`(blob, kind, masks, own)` of a task whose files go to `plan`'s folder (`add_all`'s
-        `store`): linked from `previous` when it holds them, else packed and written. `masks` and
-        `own` name the paths only (values None: they are in the files)."""
+        """`(blob, kind, masks, own, packed bytes)` of a task whose files go to `plan`'s folder
+        (`add_all`'s `store`): linked from `previous` when it holds them, else packed and written.
+        `masks` and `own` name the paths only (values None: they are in the files)."""
         folder, layout, own_paths = plan
         if not set(record.mask_names) <= set(layout.paths) or not set(own) <= set(own_paths):
             raise TaskFileError(f"{record.path!r} changed while it was being exported; export again")
@@ -288,7 +289,7 @@ class TaskBank:
             write_blob(folder, name, layout.pack(masks, kind),
                        np.concatenate([own.get(p, defaults.get(p)).ravel() for p in own_paths]
                                       + [head[0].ravel(), head[1].ravel()]))
-        return name, kind, dict.fromkeys(record.mask_names), dict.fromkeys(own)
+        return name, kind, dict.fromkeys(record.mask_names), dict.fromkeys(own), sizes[0]
 
     def _feature_model_variables(self, feature_layer):
         """`{path: variable}` of the feature model ending at `feature_layer`, built once."""
