@@ -59,10 +59,11 @@ def test_many_tasks_preset_measures_every_count(tmp_path):
     per count against the baked task, each version's tasks in its files (no timing is asserted)."""
     from benchmarks import many_tasks
 
-    config = many_tasks.ManyTasksConfig(model="digits", image_size=None, tasks=(3,), samples=4, calls=2,
-                                        workdir=str(tmp_path))
+    config = many_tasks.ManyTasksConfig(model="digits", image_size=None, tasks=(3,), samples=4, calls=2, compare=3,
+                                        rounds=1, workdir=str(tmp_path))
     rows, table = many_tasks.run(config, log=lambda line: None)
-    assert [r["tasks"] for r in rows] == [1, 3]
+    assert [r["tasks"] for r in rows] == [1, 3, 3, 3] and [r.get("form") for r in rows[2:]] == ["files", "variables"]
+    assert "| variables |" in table
     assert rows[1]["cold_p99_s"] > 0 and rows[1]["next_version_s"] > 0 and rows[1]["bytes"] > rows[0]["bytes"]
     assert "| 1 (baked) |" in table and "| 3 |" in table
     assert not (tmp_path / "model_3").exists()  # measured, then deleted

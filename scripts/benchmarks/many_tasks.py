@@ -39,6 +39,10 @@ class ManyTasksConfig:
     model: str = "ResNet50"
     image_size: int = 128
     tasks: tuple = (10, 100, 1000, 10000)
+    # Tasks in files against tasks in variables (exports before `bankstore`) at this N, served
+    # in turn `rounds` times each (0: skipped).
+    compare: int = 100
+    rounds: int = 3
     slots: int = 2
     samples: int = 200  # cold calls measured, tasks in turn (distinct where N allows)
     calls: int = 20  # warm calls measured
@@ -87,13 +91,20 @@ def _backbone(model, image_size):
     return load_backbone(model, "none", image_size)
 
 
-def export_child(model, image_size, paths, folder, slots):
-    """Exports all of `paths` but the last as version 1 of `folder`, then all of them as version 2
-    (one more task: the others' files are linked from version 1); seconds of each, peak memory."""
-    from tf_piggyback.export import export_saved_model
+def export_child(model, image_size, tasks_folder, count, folder, slots, in_variables=False):
+    """Exports the first `count` task files of `tasks_folder` as version 1 of `folder`, then one
+    more as version 2 (the others' files are linked from version 1); seconds of each, peak memory.
+    `in_variables`: version 1 alone, its tasks in variables, as exports were before `bankstore`."""
+    import tensorflow as tf
+
+    from tf_piggyback.export import build_serving_module, export_saved_model
 
     backbone = _backbone(model, image_size)
-    tasks = [f"t{i:05d}={p}" for i, p in enumerate(paths)]
+    tasks = [f"t{i:05d}={os.path.join(tasks_folder, f't{i:05d}.npz')}" for i in range(count + 1)]
+    if in_variables:
+        module, signatures, _ = build_serving_module(backbone, tasks[:-1], slots, per_task_signatures=False)
+        tf.saved_model.save(module, os.path.join(folder, "1"), signatures=signatures)
+        return {}
     result = {}
     for key, these in (("export", tasks[:-1]), ("next_version", tasks)):
         start = time.perf_counter()
@@ -150,21 +161,56 @@ def _disk_bytes(folder):
 def run(config, log=print):
     """Builds the task files, exports and measures each N; returns `(rows, table)`."""
     backbone = _backbone(config.model, config.image_size)
-    paths = synthetic_tasks(backbone, max(config.tasks) + 1, os.path.join(config.workdir, "tasks"), log=log)
+    paths = synthetic_tasks(backbone, max(*config.tasks, config.compare) + 1, os.path.join(config.workdir, "tasks"),
+                            log=log)
     shape = list(backbone.inputs[0].shape[1:])
     rows = []
     for n in (1, *config.tasks):
         folder = os.path.join(config.workdir, f"model_{n}")
         shutil.rmtree(folder, ignore_errors=True)
-        exported = _child("export_child", model=config.model, image_size=config.image_size, paths=paths[:n + 1],
-                          folder=folder, slots=config.slots)
+        exported = _child("export_child", model=config.model, image_size=config.image_size,
+                          tasks_folder=os.path.dirname(paths[0]), count=n, folder=folder, slots=config.slots)
         version_bytes = _disk_bytes(os.path.join(folder, "1"))
         served = _child("serve_child", path=os.path.join(folder, "1" if n == 1 else "2"), count=n if n == 1 else n + 1,
                         image_shape=shape, samples=config.samples, calls=config.calls)
         rows.append({"tasks": n, "bytes": version_bytes, **exported, **served})
         log(json.dumps(rows[-1]))
         shutil.rmtree(folder)
-    return rows, markdown(rows, config)
+    comparison = compare(config, os.path.dirname(paths[0]), shape, log) if config.compare else []
+    return rows + comparison, markdown(rows, config) + "\n\n" + compare_markdown(comparison)
+
+
+def compare(config, tasks_folder, shape, log=print):
+    """`config.compare` tasks in files and in variables, each served in a fresh process, in turn."""
+    folders = {"files": os.path.join(config.workdir, "compare_files"),
+               "variables": os.path.join(config.workdir, "compare_variables")}
+    for form, folder in folders.items():
+        shutil.rmtree(folder, ignore_errors=True)
+        _child("export_child", model=config.model, image_size=config.image_size, tasks_folder=tasks_folder,
+               count=config.compare, folder=folder, slots=config.slots, in_variables=form == "variables")
+    rounds = {form: [] for form in folders}
+    for _ in range(config.rounds):
+        for form, folder in folders.items():
+            rounds[form].append(_child("serve_child", path=os.path.join(folder, "1"), count=config.compare,
+                                       image_shape=shape, samples=config.samples, calls=config.calls))
+            log(json.dumps({form: rounds[form][-1]}))
+    for folder in folders.values():
+        shutil.rmtree(folder)
+    return [{"form": form, "tasks": config.compare, "rounds": samples,
+             **{key: float(np.median([s[key] for s in samples])) for key in samples[0]}}
+            for form, samples in rounds.items()]
+
+
+def compare_markdown(rows):
+    if not rows:
+        return ""
+    lines = [f"{rows[0]['tasks']} tasks, medians of {len(rows[0]['rounds'])} fresh processes per form, in turn:", "",
+             "| tasks in | RSS loaded | RSS after calls | cold p50 / p99 | warm |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['form']} | {row['rss_loaded'] / 1e6:,.0f} MB | {row['rss_called'] / 1e6:,.0f} MB | "
+                     f"{1000 * row['cold_p50_s']:,.0f} ms / {1000 * row['cold_p99_s']:,.0f} ms | "
+                     f"{1000 * row['warm_s']:,.0f} ms |")
+    return "\n".join(lines)
 
 
 def markdown(rows, config):
