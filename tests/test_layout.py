@@ -19,7 +19,7 @@ LEVELS = [
     {"methods"},
     {"taskfile"},
     {"trainer"},
-    {"bankgraph", "tflite", "ondevice"},
+    {"bankgraph", "tflite", "ondevice", "phonebytes"},
     {"bankstore"},
     {"bankmodule"},
     {"taskbank", "phone"},

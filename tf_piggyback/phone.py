@@ -24,6 +24,8 @@ from ai_edge_litert import schema_py_generated as schema
 
 from tf_piggyback import coding
 from tf_piggyback.files import write_atomic
+from tf_piggyback.phonebytes import (DTYPES, LAYOUTS, AlignedBuffer, Payload, add_mask, buffer_data, buffer_spans,
+                                     channel_scale, in_layout, int8_tasks, refused, tensor_list, vector_span)
 from tf_piggyback.surgery import bake_with_layers
 from tf_piggyback.taskfile import load_task, named_tasks
 from tf_piggyback.tflite import model_flatbuffer
@@ -32,48 +34,7 @@ FORMAT, VERSION = "tf_piggyback.phone", 1
 METADATA = "tf_piggyback"  # the model metadata entry that holds the table (UTF-8 JSON)
 SIGNATURE = "unmasked"  # the stored bytes are the backbone with every mask 1: run a task through the table
 PAD_LOGIT = -1e9  # a task with fewer classes than the file's widest: its extra logits (exp() is 0)
-ALIGN = 16  # every buffer's data, as the TFLite converter aligns them
-DTYPES = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16,
-          schema.TensorType.INT8: np.int8}
 QUANTIZE = ("none", "float16", "int8")
-# int8: the ops whose filter (input 1) is quantized per channel, with their input (0) and bias (2)
-FILTER_OPS = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D,
-              schema.BuiltinOperator.FULLY_CONNECTED)
-# Keras kernel -> TFLite filter: (axes of the transpose, channel axis in the TFLite layout, name),
-# the layouts LiteRT's ops take: CONV_2D OHWI, DEPTHWISE_CONV_2D 1HW(I*M), TRANSPOSE_CONV
-# (Keras H,W,O,I) OHWI, FULLY_CONNECTED (O, I); else the Keras layout.
-LAYOUTS = {4: [((3, 0, 1, 2), 0, "OHWI"), (None, 3, "1HW(IM)"), ((2, 0, 1, 3), 0, "OHWI")],
-           2: [((1, 0), 0, "OI"), ((0, 1), 1, "IO")]}
-
-
-def _layout(kernel, layout):
-    axes, _, name = layout
-    if axes is None:  # depthwise (H, W, I, M) -> (1, H, W, I*M)
-        return kernel.reshape(1, *kernel.shape[:2], -1)
-    return np.ascontiguousarray(np.transpose(kernel, axes))
-
-
-def _tensors(model):
-    """`[(name, shape, dtype, buffer index)]` of a flatbuffer's first subgraph."""
-    graph = model.Subgraphs(0)
-    return [(t.Name().decode(), tuple(t.ShapeAsNumpy()) if t.ShapeLength() else (), t.Type(), t.Buffer())
-            for t in (graph.Tensors(i) for i in range(graph.TensorsLength()))]
-
-
-def _data(model, buffer):
-    data = model.Buffers(buffer).DataAsNumpy()
-    return None if isinstance(data, int) else data
-
-
-def _channel_scale(base, other, axis, tolerance):
-    """`q` (float32, one per index of `axis`) with `base * q == other` within `tolerance`
-    (relative to each channel's largest value), or None. `q` is the least-squares fit."""
-    moved_b, moved_o = (np.moveaxis(a.astype(np.float64), axis, 0).reshape(a.shape[axis], -1) for a in (base, other))
-    norm = (moved_b * moved_b).sum(axis=1)
-    q = np.divide((moved_b * moved_o).sum(axis=1), norm, out=np.zeros_like(norm), where=norm != 0)
-    error = np.abs(moved_b * q[:, None] - moved_o).max(axis=1)
-    scale = np.maximum(np.abs(moved_b).max(axis=1), np.abs(moved_o).max(axis=1))
-    return q.astype(np.float32) if np.all(error <= tolerance * np.maximum(scale, 1e-30)) else None
 
 
 def _padded(model, classes, logit=PAD_LOGIT):
@@ -121,35 +82,15 @@ def _locate(model, tensors, kernel, tolerance):
     """The tensor whose constant data is `kernel` in one of `LAYOUTS` (times a per-channel scale,
     where the converter folded a BatchNormalization): `(tensor index, layout)`, or None."""
     for layout in LAYOUTS.get(kernel.ndim, []) + [((tuple(range(kernel.ndim))), kernel.ndim - 1, "keras")]:
-        candidate = _layout(kernel, layout)
+        candidate = in_layout(kernel, layout)
         for index, (_, shape, dtype, buffer) in enumerate(tensors):
             if shape != candidate.shape or dtype not in DTYPES:
                 continue
-            data = _data(model, buffer)
+            data = buffer_data(model, buffer)
             if data is not None and data.size == candidate.nbytes // 4 * np.dtype(DTYPES[dtype]).itemsize and \
-                    _channel_scale(candidate, data.view(DTYPES[dtype]).reshape(shape), layout[1], tolerance) is not None:
+                    channel_scale(candidate, data.view(DTYPES[dtype]).reshape(shape), layout[1], tolerance) is not None:
                 return index, layout
     return None
-
-
-class _Payload:
-    """The bytes a file carries after its model: each task's masks, scales and own tensors."""
-
-    def __init__(self):
-        self.parts, self.size = [], 0
-
-    def add(self, data):
-        data = np.ascontiguousarray(data).view(np.uint8).ravel()
-        start = self.size
-        self.parts.append(data)
-        self.size += len(data)
-        if self.size % ALIGN:
-            self.parts.append(np.zeros(ALIGN - self.size % ALIGN, np.uint8))
-            self.size += ALIGN - self.size % ALIGN
-        return [start, len(data)]  # offset within the payload (the file offset once written)
-
-    def array(self):
-        return np.concatenate(self.parts) if self.parts else np.zeros(0, np.uint8)
 
 
 def export_phone(backbone, task_paths, output_path, quantize="none", representative=None):
@@ -162,7 +103,7 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
         output_path: the `.tflite` file.
         quantize: `"none"` (float32), `"float16"` (float16 weights) or `"int8"` (full integer:
             the backbone's filters quantized once, per channel; each task's activation ranges
-            calibrated on its own model, `_int8_tasks`).
+            calibrated on its own model, `phonebytes.int8_tasks`).
         representative: for int8, a NumPy array of raw images `[N, H, W, C]`.
 
     Returns:
@@ -190,14 +131,14 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
         width = max(classes) + all(_width_key(m.layers[-1]) for m in models)
         files = [model_flatbuffer(_padded(plain, width), quantize) for plain, _ in unmasked]
     converted = [schema.Model.GetRootAs(file) for file in files]
-    tensors = _tensors(converted[0])
+    tensors = tensor_list(converted[0])
     for name, other in zip(names[1:], converted[1:]):
-        if [t[1:3] for t in _tensors(other)] != [t[1:3] for t in tensors]:
+        if [t[1:3] for t in tensor_list(other)] != [t[1:3] for t in tensors]:
             raise ValueError(f"the TFLite converter made another graph for task {name!r} than for {names[0]!r}; "
                              "export the tasks to separate files")
     kernels = {path: value for _, masks in unmasked for path, (value, _, _) in masks.items()}
     if quantize == "int8":
-        base, filters, own, tasks, payload = _int8_tasks(names, classes, [m for _, m in unmasked], converted,
+        base, filters, own, tasks, payload = int8_tasks(names, classes, [m for _, m in unmasked], converted,
                                                          kernels, tolerance)
     else:
         base, (filters, own, tasks, payload) = converted[0], _float_tasks(
@@ -207,35 +148,30 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
     return len(flatbuffer)
 
 
-def _refused(path):
-    return ValueError(f"kernel {path!r} is not one constant filter of the TFLite model; export the tasks "
-                      "with export_tflite instead")
-
-
 def _float_tasks(names, classes, task_masks, converted, kernels, tolerance):
     """Float32/float16: `(filters, own, tasks, payload)`, every task against the first's conversion."""
     base = converted[0]
-    tensors = _tensors(base)
+    tensors = tensor_list(base)
     filters, where = [], {}
     for path, kernel in kernels.items():
         found = _locate(base, tensors, kernel, tolerance)
         if found is None or found[0] in where:
-            raise _refused(path)
+            raise refused(path)
         where[found[0]] = len(filters)
         filters.append({"path": path, "tensor_index": found[0], "layout": found[1]})
     own = {}  # (tensor index, "data") -> own entry, for non-filter tensors some task changes
-    payload, tasks = _Payload(), []
+    payload, tasks = Payload(), []
     for name, count, masks, model in zip(names, classes, task_masks, converted):
         task = {"name": name, "classes": count, "mask_type": None, "masks": [], "scales": [], "own": []}
-        for i, ((tensor_name, shape, dtype, buffer), (_, _, _, theirs)) in enumerate(zip(tensors, _tensors(model))):
-            mine, data = _data(base, buffer), _data(model, theirs)
+        for i, ((tensor_name, shape, dtype, buffer), (_, _, _, theirs)) in enumerate(zip(tensors, tensor_list(model))):
+            mine, data = buffer_data(base, buffer), buffer_data(model, theirs)
             if mine is None or data is None:
                 continue
             if i in where:
                 entry = filters[where[i]]
-                _add_mask(task, payload, entry, where[i], masks)
+                add_mask(task, payload, entry, where[i], masks)
                 if not np.array_equal(mine, data):
-                    q = _channel_scale(mine.view(DTYPES[dtype]).reshape(shape), data.view(DTYPES[dtype]).reshape(shape),
+                    q = channel_scale(mine.view(DTYPES[dtype]).reshape(shape), data.view(DTYPES[dtype]).reshape(shape),
                                        entry["layout"][1], tolerance)
                     if q is None:
                         raise ValueError(f"task {name!r} changes filter {tensor_name!r} beyond a per-channel scale")
@@ -247,174 +183,12 @@ def _float_tasks(names, classes, task_masks, converted, kernels, tolerance):
     return filters, own, tasks, payload
 
 
-def _add_mask(task, payload, entry, index, masks):
-    """Adds the task's mask of filter `index` (packed in the filter's TFLite order) to `task`."""
-    if entry["path"] in masks:
-        _, mask, mask_type = masks[entry["path"]]
-        task["mask_type"] = mask_type
-        if np.any(mask != 1):
-            task["masks"].append({"filter": index, "at": payload.add(coding.pack(_layout(mask, entry["layout"]),
-                                                                                  mask_type))})
-
-
-def _quantization(model, index):
-    """`({"scale": float32 array, "zero_point": int64 array}, quantized dimension)` of a tensor."""
-    q = model.Subgraphs(0).Tensors(index).Quantization()
-    if q is None:
-        return {}, 0
-    fields = {"scale": q.ScaleAsNumpy(), "zero_point": q.ZeroPointAsNumpy()}
-    return {k: v for k, v in fields.items() if not isinstance(v, int)}, q.QuantizedDimension()
-
-
-def _filter_ops(model):
-    """`{filter tensor index: (input tensor index, bias tensor index or -1)}` of `FILTER_OPS`."""
-    codes = [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
-             for i in range(model.OperatorCodesLength())]
-    graph, ops = model.Subgraphs(0), {}
-    for i in range(graph.OperatorsLength()):
-        op = graph.Operators(i)
-        if codes[op.OpcodeIndex()] in FILTER_OPS:
-            inputs = [int(x) for x in op.InputsAsNumpy()]
-            ops[inputs[1]] = (inputs[0], inputs[2] if len(inputs) > 2 else -1)
-    return ops
-
-
-def _dequantized(model, tensors, index):
-    _, shape, _, buffer = tensors[index]
-    quantization, axis = _quantization(model, index)
-    values = _data(model, buffer).view(np.int8).reshape(shape).astype(np.float64)
-    scale = np.asarray(quantization["scale"], np.float64)
-    return values * (scale.reshape([-1 if a == axis else 1 for a in range(len(shape))]) if scale.size > 1 else scale)
-
-
-def _int8_tasks(names, classes, task_masks, converted, kernels, tolerance):
-    """int8: `(base model, filters, own, tasks, payload)`.
-
-    Each task's own baked model was converted to int8 (its activation ranges, calibrated on the
-    representative images). The file stores each masked filter once, `Q = round(W / s)` with the
-    backbone's per-channel scale `s = max|W| / 127`, so a task's filter `Q ⊙ m` is masked exactly
-    (a zeroed value stays 0, a ternary -1 negates, within ±127); the task's filter scale is the
-    least-squares fit of its own quantized filter on `Q ⊙ m` (a per-task BatchNormalization folded
-    in: a negative one is a sign, stored as a `scales` entry of ±1), and its biases are requantized
-    to it. Every other difference from the first task (activation scales and zero points, biases,
-    head) is an `own` entry: a tensor's data, or its quantization's `scale` or `zero_point` vector.
-    """
-    base = converted[0]
-    tensors = _tensors(base)
-    ops = _filter_ops(base)
-    filters, stored = [], {}
-    for path, kernel in kernels.items():
-        mask = task_masks[0][path][1] if path in task_masks[0] else 1
-        found = None
-        for index in ops:
-            _, axis = _quantization(base, index)
-            if tensors[index][2] != schema.TensorType.INT8 or index in stored:
-                continue
-            for layout in LAYOUTS.get(kernel.ndim, []):
-                candidate = _layout(kernel * mask, layout)
-                if candidate.shape == tensors[index][1] and layout[1] == axis and _channel_scale(
-                        candidate, _dequantized(base, tensors, index), axis, tolerance) is not None:
-                    found = (index, layout)
-                    break
-            if found:
-                break
-        if found is None:
-            raise _refused(path)
-        values = _layout(kernel, found[1]).astype(np.float64)
-        moved = np.moveaxis(np.abs(values), found[1][1], 0).reshape(values.shape[found[1][1]], -1)
-        scale = moved.max(axis=1) / 127
-        scale[scale == 0] = 1
-        shape = [-1 if a == found[1][1] else 1 for a in range(values.ndim)]
-        stored[found[0]] = (np.clip(np.round(values / scale.reshape(shape)), -127, 127).astype(np.int8), scale, shape)
-        filters.append({"path": path, "tensor_index": found[0], "layout": found[1]})
-    # each task's values of every patchable part: (tensor index, "data" | "scale" | "zero_point") -> array
-    payload, tasks, values = _Payload(), [], []
-    for name, count, masks, model in zip(names, classes, task_masks, converted):
-        task = {"name": name, "classes": count, "mask_type": None, "masks": [], "scales": [], "own": []}
-        mine = {}
-        for i, (_, _, _, buffer) in enumerate(tensors):
-            data = _data(model, buffer)
-            if data is not None and i not in stored:
-                mine[i, "data"] = data
-            for field, vector in _quantization(model, i)[0].items():
-                mine[i, field] = vector
-        for f, entry in enumerate(filters):
-            index = entry["tensor_index"]
-            q, backbone_scale, shape = stored[index]
-            _add_mask(task, payload, entry, f, masks)
-            mask = _layout(masks[entry["path"]][1], entry["layout"]) if entry["path"] in masks else 1
-            fit = _channel_scale(q * mask * backbone_scale.reshape(shape), _dequantized(model, tensors, index),
-                                 entry["layout"][1], 3 / 127)
-            if fit is None:
-                raise ValueError(f"task {name!r} changes filter {tensors[index][0]!r} beyond a per-channel scale")
-            if np.any(fit < 0):
-                task["scales"].append({"filter": f, "at": payload.add(np.where(fit < 0, -1, 1).astype(np.float32))})
-            scale = (backbone_scale * np.where(fit == 0, 1, np.abs(fit))).astype(np.float32)
-            inputs, bias = ops[index]
-            if bias >= 0:  # requantized to the new filter scale: bias scale = input scale x filter scale
-                old = mine[index, "scale"].astype(np.float64)
-                ints = mine[bias, "data"].view(np.int32).astype(np.float64)
-                mine[bias, "data"] = np.clip(np.round(ints * old / scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
-                mine[bias, "scale"] = (mine[inputs, "scale"][0] * scale).astype(np.float32)
-            mine[index, "scale"] = scale
-        tasks.append(task)
-        values.append({key: np.ascontiguousarray(v).view(np.uint8).ravel() for key, v in mine.items()})
-    own = {}
-    for task, mine in zip(tasks, values):
-        for key, data in mine.items():
-            if data.nbytes != values[0][key].nbytes:
-                raise ValueError(f"task {task['name']!r} quantizes tensor {tensors[key[0]][0]!r} differently "
-                                 f"from {names[0]!r}; export the tasks to separate files")
-            if not np.array_equal(data, values[0][key]):
-                own.setdefault(key, len(own))
-                task["own"].append({"own": own[key], "at": payload.add(data)})
-    # the base: the first task's values, every filter unmasked (`Q`); a shared buffer is split
-    model = schema.ModelT.InitFromObj(base)
-    graph = model.subgraphs[0]
-    users = np.bincount([t.buffer for g in model.subgraphs for t in g.tensors], minlength=len(model.buffers))
-    writes = {i: data for (i, field), data in values[0].items() if field == "data"}
-    writes.update({i: stored[i][0].view(np.uint8).ravel() for i in stored})
-    for i, data in writes.items():
-        tensor = graph.tensors[i]
-        if np.array_equal(np.asarray(model.buffers[tensor.buffer].data, np.uint8), data):
-            continue
-        if users[tensor.buffer] > 1:
-            users[tensor.buffer] -= 1
-            tensor.buffer = len(model.buffers)
-            model.buffers.append(schema.BufferT())
-        model.buffers[tensor.buffer].data = np.array(data, np.uint8)
-    for (i, field), data in values[0].items():
-        if field != "data":
-            vector = data.view(np.float32 if field == "scale" else np.int64)
-            setattr(graph.tensors[i].quantization, "scale" if field == "scale" else "zeroPoint", vector)
-    builder = flatbuffers.Builder(2 ** 20)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return schema.Model.GetRootAs(builder.Output()), filters, own, tasks, payload
-
-
-class _AlignedBuffer(schema.BufferT):
-    """A buffer whose data the builder aligns to `ALIGN` bytes (the object API aligns to 1)."""
-
-    def Pack(self, builder):
-        data = None
-        if self.data is not None and len(self.data):
-            payload = np.asarray(self.data, np.uint8).tobytes()
-            builder.StartVector(1, len(payload), ALIGN)
-            builder.head -= len(payload)
-            builder.Bytes[builder.head:builder.head + len(payload)] = payload
-            data = builder.EndVector(len(payload))
-        schema.BufferStart(builder)
-        if data is not None:
-            schema.BufferAddData(builder, data)
-        return schema.BufferEnd(builder)
-
-
 def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
     """The base model's flatbuffer with each patched tensor on a buffer of its own, the payload
     and the table (`METADATA`) as two more buffers, every offset in the table a file offset."""
     model = schema.ModelT.InitFromObj(base)
     model.signatureDefs[0].signatureKey = SIGNATURE  # the converter names one function serving_default
-    buffers = [_AlignedBuffer() for _ in model.buffers]
+    buffers = [AlignedBuffer() for _ in model.buffers]
     for mine, theirs in zip(buffers, model.buffers):
         mine.data = theirs.data
     model.buffers = buffers
@@ -423,11 +197,11 @@ def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
     patched = [f["tensor_index"] for f in filters] + [i for i, field in own if field == "data"]
     for index in patched:  # a buffer the converter shares between equal constants is split
         if users[graph.tensors[index].buffer] > 1:
-            copy = _AlignedBuffer()
+            copy = AlignedBuffer()
             copy.data = np.array(buffers[graph.tensors[index].buffer].data)
             graph.tensors[index].buffer = len(buffers)
             buffers.append(copy)
-    data_buffer, table_buffer = _AlignedBuffer(), _AlignedBuffer()
+    data_buffer, table_buffer = AlignedBuffer(), AlignedBuffer()
     data_buffer.data = payload.array()
     buffers += [data_buffer, table_buffer]
     model.metadata = (model.metadata or []) + [schema.MetadataT() for _ in range(2)]
@@ -460,33 +234,14 @@ def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
     width = len(json.dumps(table({"payload": 10 ** 15, **{key: {"offset": 10 ** 15, "bytes": 10 ** 15}
                                                           for key in [*patched, *own]}})).encode())
     packed = bytearray(pack(b" " * width))
-    offsets = _offsets(packed)
+    offsets = buffer_spans(packed)
     spans = {i: {"offset": offsets[graph.tensors[i].buffer][0], "bytes": offsets[graph.tensors[i].buffer][1]}
              for i in patched}
-    spans.update({key: spans[key[0]] if key[1] == "data" else _vector_span(packed, *key) for key in own})
+    spans.update({key: spans[key[0]] if key[1] == "data" else vector_span(packed, *key) for key in own})
     text = json.dumps(table({"payload": offsets[len(buffers) - 2][0], **spans})).encode()
     start = offsets[len(buffers) - 1][0]
     packed[start:start + width] = text.ljust(width)
     return bytes(packed)
-
-
-def _vector_span(flatbuffer, index, field):
-    """`{"offset", "bytes"}` of a tensor's quantization `scale` or `zero_point` vector."""
-    quantization = schema.Model.GetRootAs(flatbuffer).Subgraphs(0).Tensors(index).Quantization()
-    vector = quantization.ScaleAsNumpy() if field == "scale" else quantization.ZeroPointAsNumpy()
-    origin = np.frombuffer(flatbuffer, np.uint8).ctypes.data
-    return {"offset": vector.ctypes.data - origin, "bytes": vector.nbytes}
-
-
-def _offsets(flatbuffer):
-    """`[(file offset, length)]` of every buffer's data."""
-    model = schema.Model.GetRootAs(flatbuffer)
-    origin = np.frombuffer(flatbuffer, np.uint8).ctypes.data
-    spans = []
-    for i in range(model.BuffersLength()):
-        data = model.Buffers(i).DataAsNumpy()
-        spans.append((0, 0) if isinstance(data, int) else (data.ctypes.data - origin, data.size))
-    return spans
 
 
 def read_table(content):
