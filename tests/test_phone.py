@@ -183,6 +183,8 @@ def test_int8_phone_file_agrees_with_each_tasks_own_int8_file(phone, tmp_path):
     content = open(file, "rb").read()
     table = read_table(content)
     assert table["quantize"] == "int8" and {f["dtype"] for f in table["filters"]} == {"int8"}
+    plain = Interpreter(model_path=file).get_signature_runner("unmasked")(image=x[:2])  # a valid int8 model
+    assert plain["logits"].shape == (2, 7) and np.isfinite(plain["logits"]).all()
     tasks, outputs, references = PhoneTasks(file), {}, _reference(singles)
 
     def rms(a, b):
