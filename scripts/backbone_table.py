@@ -2,7 +2,7 @@ r"""Writes BUILD.md's "Which backbones work" table from the keras-hub sweep, so 
 drift from the code: runs `tests/test_backbone_sweep.py` (its slow part too) with each test writing
 its row, then replaces the table between BUILD.md's markers.
 
-python scripts/backbone_table.py              # the whole sweep, about 20 min on 2 cores
+python scripts/backbone_table.py              # the whole sweep, exports included, about 40 min on 2 cores
 python scripts/backbone_table.py --only=Qwen3Backbone,MiTBackbone   # rows of these, the others kept
 """
 
@@ -33,10 +33,27 @@ def sweep(only):
         rows = os.path.join(tmp, "rows.jsonl")
         select = ["-k", " or ".join(f"[{name}]" for name in only)] if only else []
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow",
-                        "tests/test_backbone_sweep.py::test_backbone", *select], cwd=REPO,
+                        "tests/test_backbone_sweep.py::test_backbone", "tests/test_backbone_sweep.py::test_backbone_exports",
+                        *select], cwd=REPO,
                        env={**os.environ, "TF_PIGGYBACK_SWEEP": rows}, check=False)
         with open(rows) as f:
-            return {row["class"]: row for row in map(json.loads, f)}
+            return merged(map(json.loads, f))
+
+
+def merged(rows):
+    """`{class: row}`, each class's `exports` row (test_backbone_exports) added to its own row:
+    what the exports checked after what the task checked, their refusals after its note (an
+    `export crash` makes the class's status `crash`)."""
+    rows, exports = list(rows), ("exports", "export crash")
+    table = {row["class"]: row for row in rows if row["status"] not in exports}
+    for row in rows:
+        if row["status"] in exports and row["class"] in table:
+            own = table[row["class"]]
+            own["checked"] = own["checked"] + row["checked"]
+            own["note"] = "; ".join(note for note in (own["note"], row["note"]) if note)
+            if row["status"] == "export crash":
+                own["status"] = "crash"
+    return table
 
 
 def table(rows):
