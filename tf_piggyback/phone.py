@@ -7,7 +7,9 @@ with the first task's own weights; a table in its metadata says where each maske
 each task-owned tensor sits in the bytes, and each task's packed masks, per-channel filter scales
 (a per-task BatchNormalization folded into the filter) and own tensors follow in the file.
 Switching to a task writes `W ⊙ m` (and its own tensors) into a copy of the bytes and builds a
-new interpreter from it (`PhoneTasks`); calls then run at the single-task file's speed.
+new interpreter from it (`PhoneTasks`); calls then run at the single-task file's speed. An int8
+file stores the backbone's filters quantized once and each task's own activation ranges
+(`phonebytes.int8_tasks`).
 
 Reference: Mallya et al., ECCV 2018, §3 (`W ⊙ m`, 1 bit per parameter per task), §5.3 (per-task
 BatchNormalization).
