@@ -111,6 +111,7 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
         raise ValueError(f"{final} exists; pick another --version, omit it for the next free one, or pass --overwrite")
     previous = [os.path.join(output_dir, str(v)) for v in _versions(output_dir)
                 if os.path.isfile(os.path.join(output_dir, str(v), "assets", LISTING))]
+    created = not os.path.isdir(output_dir)  # removed again if nothing is exported
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=output_dir)
     try:
@@ -136,6 +137,8 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not os.listdir(output_dir):
+            os.rmdir(output_dir)
         raise
     return final
 
