@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import tf_piggyback as pb
 from conftest import REPO, digits_task_files
+from tf_piggyback import taskbank
 from tf_piggyback.bankstore import STORE
 from tf_piggyback.export import export_saved_model, export_tflite, list_tasks
 from tf_piggyback.taskbank import TaskBank
@@ -374,11 +375,14 @@ def test_a_new_version_reads_only_the_task_files_that_changed(task_files, tmp_pa
     read, original = [], TaskRecord.__init__
     monkeypatch.setattr(TaskRecord, "__init__", lambda record, path, *args, **kwargs: read.append(
         os.path.basename(path)) or original(record, path, *args, **kwargs))
+    manifests, read_manifest = [], taskbank.read_npz_manifest
+    monkeypatch.setattr(taskbank, "read_npz_manifest", lambda path, *args: manifests.append(
+        os.path.basename(path)) or read_manifest(path, *args))
     tasks = [f"{n}={files[n]}" for n in ("bin", "bn")]
     export_saved_model(backbone, tasks, base)
-    read.clear()
+    read.clear(), manifests.clear()
     export_saved_model(backbone, tasks + [f"ter={files['ter']}"], base)
-    assert read == ["ter.npz"]
+    assert read == manifests == ["ter.npz"]
     os.replace(shutil.copy(files["cls"], tmp_path / "new.npz"), files["ter"])
     read.clear()
     latest = export_saved_model(backbone, tasks + [f"ter={files['ter']}"], base)

@@ -97,8 +97,9 @@ class Exported:
                 if reader:  # ~3 MB per ResNet-50 task, read now, while an error can still be handled
                     self._arrays = {n: reader.get_tensor(_VARIABLE.format(n)) for n in ("packed", "packed_offsets")}
                 self._tasks = {t["source_sha256"]: (i, t) for i, t in enumerate(listing["tasks"])}
-                self._stats = {json.dumps(t["source_stat"]): t for t in listing["tasks"]
-                               if t.get("source_stat") and t.get("blob")}
+                if reader is None:
+                    self._own, self.feature_layer = listing["own"], listing["feature_layer"]
+                    self._stats = {json.dumps(t["source_stat"]): t for t in listing["tasks"] if t.get("blob")}
         except (ValueError, KeyError, TypeError, IndexError, tf.errors.OpError) as e:
             self._tasks, why = {}, f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
         if why:
@@ -108,6 +109,13 @@ class Exported:
         """The listing's entry of the task whose file had `stat` (`file_stat`) when this
         version read it, if it is in files; else None."""
         return self._stats.get(json.dumps(stat))
+
+    def claims(self, entry):
+        """`(masked, owned)`: what a new version counts the unchanged task of listing `entry` as
+        masking and owning (`TaskBank._plan`): the whole layout, or nothing for a classifier-only
+        task, and every owned weight; at most more than it does (an unmasked kernel is all ones,
+        an unowned weight the backbone's), so its files stay valid while the layout is the same."""
+        return ([] if entry["mask_type"] == "none" else self._layout.paths), list(self._own)
 
     def masks(self, digest):
         """`{kernel path: packed mask}` of the task whose file has SHA-256 `digest` (all kernels

@@ -36,7 +36,7 @@ from tf_piggyback.bankgraph import MAX_UID, BankGraph, PackedLayout
 from tf_piggyback.bankmodule import BankTask, BankVersion, own_and_head, pack_masks, served_alone
 from tf_piggyback.bankstore import STORE, Exported, blob_name, blob_sizes, file_stat, write_blob
 from tf_piggyback.files import read_npz_manifest
-from tf_piggyback.fingerprint import check_backbone, fingerprint
+from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.surgery import HEAD_NAME, feature_model
 from tf_piggyback.taskfile import FORMAT, VERSION, TaskFileError, TaskRecord, task_name
 
@@ -150,7 +150,7 @@ class TaskBank:
                 raise ValueError(f"this bank would be given {self._next_uid + len(paths):,} tasks, more than its slot "
                                  f"ids tell apart ({MAX_UID + 1:,}); make a new TaskBank")
             previous = Exported(previous, self.fingerprint) if previous else None
-            plan = self._plan(paths, store) if store is not None else None
+            plan = self._plan(paths, store, previous) if store is not None else None
             workers = workers or max(1, min(len(paths), os.cpu_count() or 1))
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 read = list(pool.map(lambda path: self._read(path, previous, plan), paths))
@@ -198,11 +198,18 @@ class TaskBank:
                                              version.features, self.slots)
             return self._graph[1]
 
-    def _plan(self, paths, store):
+    def _plan(self, paths, store, previous):
         """`(store, layout, own paths)` for `add_all`'s `store`: the kernels any task masks and the
-        weights any owns, read from the files' manifests alone."""
+        weights any owns, read from the files' manifests alone, or for a file `previous` recorded
+        as it is now, from what `previous.claims` for it (nothing is read)."""
         masked, owned, layer = set(), set(), None
         for path in paths:
+            entry = previous.entry(file_stat(path)) if previous is not None else None
+            if entry is not None:
+                layer = previous.feature_layer
+                masked.update(previous.claims(entry)[0])
+                owned.update(previous.claims(entry)[1])
+                continue
             manifest = read_npz_manifest(path, FORMAT, VERSION)
             if not served_alone(manifest):
                 layer = manifest.get("options", {}).get("feature_layer")
@@ -250,28 +257,23 @@ class TaskBank:
     def _unchanged(self, path, stat, previous, plan):
         """`_read`'s result for a task file that the latest version recorded with the same path,
         size, modification and change times and inode (`source_stat`, what git's index compares),
-        and whose files it holds: its manifest alone is read (checked against the backbone), its
-        files are linked. None otherwise (the file is read)."""
+        and whose files it holds: nothing is read (the latest version checked the file against
+        this backbone: its fingerprint is this one's), its files are linked. It masks and owns, as
+        far as the layout goes, what `previous.claims` (as `_plan` counted it). None otherwise
+        (the file is read)."""
         entry = previous.entry(stat)
-        if entry is None:
+        if entry is None or entry.get("image_size") != list(self.backbone.inputs[0].shape[1:]):
             return None
-        manifest = read_npz_manifest(path, FORMAT, VERSION)
-        check_backbone(self.backbone, manifest, path, TaskFileError, actual=self.fingerprint)
-        if served_alone(manifest):
-            return None
-        feature_layer = manifest.get("options", {}).get("feature_layer")
-        variables = self._feature_model_variables(feature_layer)
+        variables = self._feature_model_variables(previous.feature_layer)
         folder, layout, own_paths = plan
-        head = manifest.get("head_name", HEAD_NAME)
-        own = [w["name"] for w in manifest["weights"] if not w["name"].startswith(f"{head}/")]
-        head_size = sum(int(np.prod(w["shape"])) for w in manifest["weights"] if w["name"].startswith(f"{head}/"))
         name = blob_name(entry["source_sha256"], layout, own_paths)
+        head_size = (entry["features"] + 1) * entry["num_classes"]
         if not previous.link(name, folder, blob_sizes(layout, entry["mask_type"], variables, own_paths, head_size)):
             return None
+        masked, owned = previous.claims(entry)
         info = {k: v for k, v in entry.items() if k not in ("name", "blob")}
-        masks = dict.fromkeys(layer["name"] for layer in manifest["layers"])
-        return feature_layer, variables, BankTask(None, None, entry["mask_type"], masks, dict.fromkeys(own), None,
-                                                  info, name)
+        return previous.feature_layer, variables, BankTask(None, None, entry["mask_type"], dict.fromkeys(masked),
+                                                           dict.fromkeys(owned), None, info, name)
 
     def _store(self, record, variables, previous, plan, own, head):
         """`(blob, kind, masks, own, packed bytes)` of a task whose files go to `plan`'s folder
@@ -376,8 +378,8 @@ class TaskBank:
                    "tasks": [{"name": t.name, **t.info, **({"blob": t.blob} if t.blob else {})} for t in version.tasks]}
         if version.served:  # how masks are packed (`bankstore.Exported` reads them back)
             listing["kernels"] = [list(kernel) for kernel in version.layout.kernels]
-        if any(t.blob for t in version.tasks):
-            listing["store"] = STORE
+        if any(t.blob for t in version.tasks):  # what `bankstore.Exported.claims` reads back
+            listing.update(store=STORE, own=version.own_paths, feature_layer=version.feature_layer)
         return listing
 
 
