@@ -42,17 +42,14 @@ def sweep(only):
 
 def merged(rows):
     """`{class: row}`, each class's `exports` row (test_backbone_exports) added to its own row:
-    what the exports checked after what the task checked, their refusals after its note (an
-    `export crash` makes the class's status `crash`)."""
-    rows, exports = list(rows), ("exports", "export crash")
-    table = {row["class"]: row for row in rows if row["status"] not in exports}
+    what the exports checked after what the task checked, their refusals after its note."""
+    rows = list(rows)
+    table = {row["class"]: row for row in rows if row["status"] != "exports"}
     for row in rows:
-        if row["status"] in exports and row["class"] in table:
+        if row["status"] == "exports" and row["class"] in table:
             own = table[row["class"]]
             own["checked"] = own["checked"] + row["checked"]
             own["note"] = "; ".join(note for note in (own["note"], row["note"]) if note)
-            if row["status"] == "export crash":
-                own["status"] = "crash"
     return table
 
 

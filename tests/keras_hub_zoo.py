@@ -231,12 +231,6 @@ NOT_BUILT["MoonshineBackbone"] = ("its audio encoder's first convolution (kernel
 # cannot re-run, is refused in one line).
 CRASHES = {}
 # keras-hub backbones whose task exports crash today (in export.py's tracing, not this library's masks).
-EXPORT_CRASHES = {
-    "RWKV7Backbone": "keras-hub 0.32's RWKV-7 time mixing loops over the sequence length in Python, which a "
-                     "signature taking token_ids of unknown length cannot trace: TypeError, not a one-line refusal",
-}
-
-
 def names():
     """Every `*Backbone` class in `keras_hub.models`, and SigLIP's vision encoder."""
     import keras_hub

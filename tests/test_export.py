@@ -243,3 +243,20 @@ def test_serving_config(tasks, tmp_path):
     assert config.count("config {") == 2 and f'base_path: "{models}/upper"' in config
     body = json.loads((models / "request.json").read_text())
     assert np.array(body["instances"][0]["image"]).shape == (32, 32, 1)
+
+
+def test_a_model_that_cannot_be_traced_is_refused_in_one_line(tmp_path):
+    """A layer that loops in Python over a size known only when called (keras-hub 0.32's RWKV-7)
+    cannot be traced over inputs of unknown size: the export says so in one line, naming the
+    model, instead of TensorFlow's page-long `TypeError` (the sweep's RWKV-7 row is `slow`)."""
+    from tf_piggyback.signatures import save
+
+    def loop(tokens):
+        for _ in range(tf.shape(tokens)[1]):
+            tokens = tokens + 1
+        return {"logits": tokens}
+
+    serve = tf.function(loop, input_signature=[tf.TensorSpec([None, None], tf.float32)], autograph=False)
+    with pytest.raises(ValueError, match=r"^Looper cannot be traced into a signature over inputs of unknown size "
+                                         r"\(.*SymbolicTensor.*\); its tasks train and save, but do not export$"):
+        save(tf.Module(), str(tmp_path / "m"), {"serving_default": serve}, "Looper")

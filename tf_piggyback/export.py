@@ -15,7 +15,7 @@ import tempfile
 
 import tensorflow as tf
 
-from tf_piggyback.signatures import input_spec, signature, with_outputs
+from tf_piggyback.signatures import input_spec, save, signature, with_outputs
 from tf_piggyback.surgery import bake
 from tf_piggyback.bankstore import LISTING, STORE
 from tf_piggyback.taskbank import DEFAULT_SLOTS, TaskBank
@@ -131,7 +131,7 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
                 shutil.copy(listing_path, os.path.join(tmp, "assets", LISTING))
                 tf.train.Checkpoint(root=module).write(os.path.join(tmp, "variables", "variables"))
             else:
-                tf.saved_model.save(module, tmp, signatures=signatures)
+                save(module, tmp, signatures, type(backbone).__name__)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -2,6 +2,8 @@
 0-255 pixels; the backbone's preprocessing is inside), `logits` and `probabilities` out. A
 backbone that takes a dict (keras-hub's text backbones) takes its entries by name instead."""
 
+import re
+
 import tensorflow as tf
 
 
@@ -37,3 +39,17 @@ def signature(forward, spec, name):
 def with_outputs(forward):
     """`forward` (image -> logits) as image -> `outputs`."""
     return lambda image: outputs(forward(image))
+
+
+def save(module, path, signatures, name):
+    """`tf.saved_model.save`, refusing in one line a model `name` that cannot be traced over
+    inputs of unknown size (a layer looping in Python over a sequence's length: keras-hub 0.32's
+    RWKV-7) instead of raising TensorFlow's page-long `TypeError`."""
+    try:
+        tf.saved_model.save(module, path, signatures=signatures)
+    except TypeError as e:
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+        last = max((i for i, line in enumerate(lines) if line.startswith("TypeError")), default=len(lines) - 1)
+        cause = " ".join(line for line in lines[last:last + 3] if line).removeprefix("TypeError: ")
+        raise ValueError(f"{name} cannot be traced into a signature over inputs of unknown size ({cause}); its "
+                         "tasks train and save, but do not export") from None

@@ -18,7 +18,7 @@ from tensorflow.lite.python.convert_phase import ConverterError
 
 from tf_piggyback.coding import pack_words, unpack_words
 from tf_piggyback.files import write_atomic
-from tf_piggyback.signatures import input_spec, signature, with_outputs
+from tf_piggyback.signatures import input_spec, save, signature, with_outputs
 from tf_piggyback.surgery import bake, bake_with_layers
 from tf_piggyback.taskfile import load_task, named_tasks
 
@@ -216,7 +216,7 @@ def _convert(backbone, module, signatures, quantize, representative, switching=F
     # Through a SavedModel: functions restored from one read plain tf.Variables, which the
     # converter freezes into the flatbuffer (Keras variables in memory stay READ_VARIABLE ops).
     with tempfile.TemporaryDirectory() as tmp:
-        tf.saved_model.save(module, tmp, signatures=signatures)
+        save(module, tmp, signatures, type(backbone).__name__)
         if switching:  # its variables stay variables: straight from the SavedModel, as ondevice does
             converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=names)
             converter.experimental_enable_resource_variables = True
