@@ -399,6 +399,8 @@ def test_a_new_version_without_per_task_signatures_keeps_the_last_graph(task_fil
     its baked model does, through the TF2 loader and TF1-style (`saved_model_cli`, as TensorFlow
     Serving loads). A version whose graph would differ (per-task signatures, another layout of
     the tasks' own weights) is traced; one with the same per-task signatures keeps its graph too."""
+    import shutil
+
     from tf_piggyback.bankgraph import BankGraph
 
     paths, images, expected = task_files
@@ -424,7 +426,9 @@ def test_a_new_version_without_per_task_signatures_keeps_the_last_graph(task_fil
     run = subprocess.run([cli, "run", "--dir", latest, "--tag_set", "serve", "--signature_def", "tasks", "--input_exprs",
                           f"image={json.dumps(images[:2].tolist())};task=[3,1]"], capture_output=True, text=True)
     assert run.returncode == 0 and "[4 5]" in run.stdout, run.stderr[-2000:]  # ter: 4 classes, bn: 5
-    export_saved_model(backbone, [paths["bin"], paths["cls"]], base, per_task_signatures=False)  # no per-task BN
+    # no per-task BN (files read anew: unchanged files keep the layout they were written with, `_unchanged`)
+    copies = [shutil.copy(paths[n], tmp_path / f"{n}.npz") for n in ("bin", "cls")]
+    export_saved_model(backbone, [f"{n}={c}" for n, c in zip(("bin", "cls"), copies)], base, per_task_signatures=False)
     assert traced and list_tasks(os.path.join(base, "3"))["graph"] != list_tasks(latest)["graph"]
     traced.clear()
     export_saved_model(backbone, [paths["bin"], paths["cls"]], base)  # per-task signatures: a graph of their own
