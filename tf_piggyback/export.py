@@ -18,6 +18,7 @@ import tensorflow as tf
 from tf_piggyback.signatures import input_spec, save, signature, with_outputs
 from tf_piggyback.surgery import bake
 from tf_piggyback.bankstore import LISTING, STORE
+from tf_piggyback.files import require_file
 from tf_piggyback.taskbank import DEFAULT_SLOTS, TaskBank
 from tf_piggyback.taskfile import load_task, named_tasks, parse_task, task_name
 from tf_piggyback.tflite import QUANTIZATIONS, REPRESENTATIVE_SAMPLES, export_tflite, representative_images
@@ -111,6 +112,8 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
         raise ValueError(f"{final} exists; pick another --version, omit it for the next free one, or pass --overwrite")
     previous = [os.path.join(output_dir, str(v)) for v in _versions(output_dir)
                 if os.path.isfile(os.path.join(output_dir, str(v), "assets", LISTING))]
+    for path in named_tasks(task_paths)[1]:  # before anything is written
+        require_file(path)
     created = not os.path.isdir(output_dir)  # removed again if nothing is exported
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=output_dir)

@@ -52,8 +52,7 @@ def read_npz_digest(path, file_format, version):
     """`read_npz` and the SHA-256 of the bytes it decoded: the file is read once, so a file
     replaced meanwhile cannot pair one version's digest with another's contents."""
     kind = f"{file_format.rsplit('.', 1)[-1]} file"  # "task file", "packnet file"
-    if not os.path.isfile(path):
-        raise TaskFileError(f"{kind} {path!r} does not exist; pass the file that training wrote")
+    require_file(path, kind)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -80,13 +79,18 @@ def read_npz_manifest(path, file_format, version):
         with np.load(path, allow_pickle=False) as archive:
             manifest = json.loads(archive["manifest"].tobytes().decode("utf-8"))
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as e:
-        if not os.path.isfile(path):
-            raise TaskFileError(f"{kind} {path!r} does not exist; pass the file that training wrote") from None
+        require_file(path, kind)
         raise TaskFileError(
             f"{path!r} is not a readable tf_piggyback {kind} (truncated or corrupted: {e}); write it again"
         ) from None
     _check_format(manifest, path, file_format, version, kind)
     return manifest
+
+
+def require_file(path, kind="task file"):
+    """Raises `TaskFileError` (one line) unless `path` is a file."""
+    if not os.path.isfile(path):
+        raise TaskFileError(f"{kind} {path!r} does not exist; pass the file that training wrote")
 
 
 def _check_format(manifest, path, file_format, version, kind):
