@@ -58,13 +58,14 @@ def task_paths(folder, name):
 
 
 def file_stat(path):
-    """What `taskbank.TaskBank`, for an unchanged task file compares: real path, size, modification and change times, inode."""
+    """What a new version compares to find a task file unchanged (`TaskBank._unchanged`): its
+    real path, size, modification and change times, and inode."""
     stat = os.stat(path)
     return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 def blob_sizes(layout, kind, variables, own_paths, head_size):
-    """The sizes in bytes of a task's `.masks` and `.own` files (`bankstore`)."""
+    """The sizes in bytes of a task's `.masks` and `.own` files."""
     return packed_bytes(layout, kind), 4 * (sum(int(np.prod(variables[p].shape)) for p in own_paths) + head_size)
 
 
@@ -111,10 +112,9 @@ class Exported:
         return self._stats.get(json.dumps(stat))
 
     def claims(self, entry):
-        """`(masked, owned)`: what a new version counts the unchanged task of listing `entry` as
-        masking and owning (`TaskBank._plan`): the whole layout, or nothing for a classifier-only
-        task, and every owned weight; at most more than it does (an unmasked kernel is all ones,
-        an unowned weight the backbone's), so its files stay valid while the layout is the same."""
+        """`(masked, owned)`: what a new version's plan counts the unchanged task of listing `entry`
+        as masking and owning (`TaskBank._plan`): this version's whole layout, or nothing for a
+        classifier-only task, and every owned weight, which its files are written over."""
         return ([] if entry["mask_type"] == "none" else self._layout.paths), list(self._own)
 
     def masks(self, digest):

@@ -259,9 +259,8 @@ class TaskBank:
         """`_read`'s result for a task file that the latest version recorded with the same path,
         size, modification and change times and inode (`source_stat`, what git's index compares),
         and whose files it holds: nothing is read (the latest version checked the file against
-        this backbone: its fingerprint is this one's), its files are linked. It masks and owns, as
-        far as the layout goes, what `previous.claims` (as `_plan` counted it). None otherwise
-        (the file is read)."""
+        this backbone: its fingerprint is this one's), its files are linked. None otherwise (the
+        file is read)."""
         entry = previous.entry(stat)
         if entry is None or entry.get("image_size") != list(self.backbone.inputs[0].shape[1:]):
             return None
@@ -271,15 +270,14 @@ class TaskBank:
         head_size = (entry["features"] + 1) * entry["num_classes"]
         if not previous.link(name, folder, blob_sizes(layout, entry["mask_type"], variables, own_paths, head_size)):
             return None
-        masked, owned = previous.claims(entry)
         info = {k: v for k, v in entry.items() if k not in ("name", "blob")}
-        return previous.feature_layer, variables, BankTask(None, None, entry["mask_type"], dict.fromkeys(masked),
-                                                           dict.fromkeys(owned), None, info, name)
+        masks, own = _claimed(plan, entry["mask_type"])
+        return previous.feature_layer, variables, BankTask(None, None, entry["mask_type"], masks, own, None, info, name)
 
     def _store(self, record, variables, previous, plan, own, head):
         """`(blob, kind, masks, own, packed bytes)` of a task whose files go to `plan`'s folder
         (`add_all`'s `store`): linked from `previous` when it holds them, else packed and written.
-        `masks` and `own` name the paths only (values None: they are in the files)."""
+        `masks` and `own` name the paths only (`_claimed`; values None: they are in the files)."""
         folder, layout, own_paths = plan
         if not set(record.mask_names) <= set(layout.paths) or not set(own) <= set(own_paths):
             raise TaskFileError(f"{record.path!r} changed while it was being exported; export again")
@@ -292,7 +290,7 @@ class TaskBank:
             write_blob(folder, name, layout.pack(masks, kind),
                        np.concatenate([own.get(p, defaults.get(p)).ravel() for p in own_paths]
                                       + [head[0].ravel(), head[1].ravel()]))
-        return name, kind, dict.fromkeys(record.mask_names), dict.fromkeys(own), sizes[0]
+        return (name, kind, *_claimed(plan, kind), sizes[0])
 
     def _feature_model_variables(self, feature_layer):
         """`{path: variable}` of the feature model ending at `feature_layer`, built once."""
@@ -382,6 +380,15 @@ class TaskBank:
         if any(t.blob for t in version.tasks):  # what `bankstore.Exported.claims` reads back
             listing.update(store=STORE, own=version.own_paths, feature_layer=version.feature_layer)
         return listing
+
+
+def _claimed(plan, kind):
+    """`(BankTask.masks, BankTask.own)` of a task in files: the plan's whole layout (none for a
+    classifier-only task) and every owned weight, which its files are written over, so the
+    version's layout is the plan's whatever each task masks (an unmasked kernel is all ones, an
+    unowned weight the backbone's)."""
+    _, layout, own_paths = plan
+    return dict.fromkeys(layout.paths if kind != "none" else []), dict.fromkeys(own_paths)
 
 
 def _warm_up(module, version):
