@@ -37,7 +37,8 @@ class BankTask:
         info: manifest summary for listings (classes, head input width `features`, sparsity,
             source file SHA-256).
         blob: the name of the task's files when they hold its masks and own weights
-            (`bankstore`; the values of `masks` and `own` are then None), else None.
+            (`bankstore`; `masks` and `own` then name what the files are written over, with
+            values None), else None.
     """
 
     name: str

@@ -16,7 +16,8 @@ never pairs one task list with another's module. Versions with one layout share 
 backbone and the working slots (`bankmodule.BankGraph`): a change retraces no backbone.
 
 The same `tf.Module` is what `export_saved_model` saves for several tasks, so the Python API
-and TensorFlow Serving run one implementation.
+and TensorFlow Serving run one implementation; an export keeps each task in files of its own
+(`bankstore`) rather than in variables, so a loaded version's memory does not grow with its tasks.
 
 The TensorFlow side, and how concurrent requests stay correct, is `bankmodule.BankModule`.
 
