@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import typing
 
 import numpy as np
 import tensorflow as tf
@@ -64,9 +65,19 @@ def file_stat(path):
     return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
-def blob_sizes(layout, kind, variables, own_paths, head_size):
-    """The sizes in bytes of a task's `.masks` and `.own` files."""
-    return packed_bytes(layout, kind), 4 * (sum(int(np.prod(variables[p].shape)) for p in own_paths) + head_size)
+class Plan(typing.NamedTuple):
+    """Where an export writes its tasks' files and what they are written over
+    (`TaskBank._plan`): the folder, the layout, the owned weights' paths and how many floats
+    they hold (counted once: asking Keras for shapes per task cost seconds at 10,000 tasks)."""
+
+    folder: str
+    layout: PackedLayout
+    own_paths: list
+    own_size: int
+
+    def sizes(self, kind, head_size):
+        """The sizes in bytes of a task's `.masks` and `.own` files."""
+        return packed_bytes(self.layout, kind), 4 * (self.own_size + head_size)
 
 
 class Exported:

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from tf_piggyback.bankgraph import MAX_UID, BankGraph, PackedLayout
 from tf_piggyback.bankmodule import BankTask, BankVersion, own_and_head, pack_masks, served_alone
-from tf_piggyback.bankstore import STORE, Exported, blob_name, blob_sizes, file_stat, write_blob
+from tf_piggyback.bankstore import STORE, Exported, Plan, blob_name, file_stat, write_blob
 from tf_piggyback.files import read_npz_manifest
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.surgery import HEAD_NAME, feature_model
@@ -201,7 +201,7 @@ class TaskBank:
             return self._graph[1]
 
     def _plan(self, paths, store, previous):
-        """`(store, layout, own paths)` for `add_all`'s `store`: the kernels any task masks and the
+        """The `bankstore.Plan` for `add_all`'s `store`: the kernels any task masks and the
         weights any owns, read from the files' manifests alone, or for a file `previous` recorded
         as it is now, from what `previous.claims` for it (nothing is read)."""
         masked, owned, layer = set(), set(), None
@@ -209,8 +209,9 @@ class TaskBank:
             entry = previous.entry(file_stat(path)) if previous is not None else None
             if entry is not None:
                 layer = previous.feature_layer
-                masked.update(previous.claims(entry)[0])
-                owned.update(previous.claims(entry)[1])
+                claimed = previous.claims(entry)
+                masked.update(claimed[0])
+                owned.update(claimed[1])
                 continue
             manifest = read_npz_manifest(path, FORMAT, VERSION)
             if not served_alone(manifest):
@@ -220,7 +221,8 @@ class TaskBank:
                 owned.update(w["name"] for w in manifest["weights"] if not w["name"].startswith(f"{head}/"))
         variables = self._feature_model_variables(layer)
         layout = PackedLayout(tuple((p, int(np.prod(v.shape))) for p, v in variables.items() if p in masked))
-        return store, layout, [p for p in variables if p in owned]
+        own_paths = [p for p in variables if p in owned]
+        return Plan(store, layout, own_paths, sum(int(np.prod(variables[p].shape)) for p in own_paths))
 
     def _read(self, path, previous=None, plan=None):
         """`(feature_layer, {path: variable} of its feature model, BankTask)` of a task file, not
@@ -266,10 +268,9 @@ class TaskBank:
         if entry is None or entry.get("image_size") != list(self.backbone.inputs[0].shape[1:]):
             return None
         variables = self._feature_model_variables(previous.feature_layer)
-        folder, layout, own_paths = plan
-        name = blob_name(entry["source_sha256"], layout, own_paths)
+        name = blob_name(entry["source_sha256"], plan.layout, plan.own_paths)
         head_size = (entry["features"] + 1) * entry["num_classes"]
-        if not previous.link(name, folder, blob_sizes(layout, entry["mask_type"], variables, own_paths, head_size)):
+        if not previous.link(name, plan.folder, plan.sizes(entry["mask_type"], head_size)):
             return None
         info = {k: v for k, v in entry.items() if k not in ("name", "blob")}
         masks, own = _claimed(plan, entry["mask_type"])
@@ -279,12 +280,12 @@ class TaskBank:
         """`(blob, kind, masks, own, packed bytes)` of a task whose files go to `plan`'s folder
         (`add_all`'s `store`): linked from `previous` when it holds them, else packed and written.
         `masks` and `own` name the paths only (`_claimed`; values None: they are in the files)."""
-        folder, layout, own_paths = plan
+        folder, layout, own_paths, _ = plan
         if not set(record.mask_names) <= set(layout.paths) or not set(own) <= set(own_paths):
             raise TaskFileError(f"{record.path!r} changed while it was being exported; export again")
         name = blob_name(record.sha256, layout, own_paths)
         kind = record.manifest["options"].get("mask_type", "binary") if record.mask_names else "none"
-        sizes = blob_sizes(layout, kind, variables, own_paths, head[0].size + head[1].size)
+        sizes = plan.sizes(kind, head[0].size + head[1].size)
         if previous is None or not previous.link(name, folder, sizes):
             _, masks = pack_masks(record, variables, previous.masks(record.sha256) if previous else None)
             defaults = {p: np.asarray(variables[p], np.float32) for p in own_paths if p not in own}
@@ -388,8 +389,7 @@ def _claimed(plan, kind):
     classifier-only task) and every owned weight, which its files are written over, so the
     version's layout is the plan's whatever each task masks (an unmasked kernel is all ones, an
     unowned weight the backbone's)."""
-    _, layout, own_paths = plan
-    return dict.fromkeys(layout.paths if kind != "none" else []), dict.fromkeys(own_paths)
+    return dict.fromkeys(plan.layout.paths if kind != "none" else []), dict.fromkeys(plan.own_paths)
 
 
 def _warm_up(module, version):
