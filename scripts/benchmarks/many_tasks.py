@@ -16,22 +16,13 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from benchmarks import CHILD_PATH
+from benchmarks import run_child
 from benchmarks.serving import random_tasks
 from benchmarks.suite import memory_bytes
-
-CHILD = """
-import json, sys
-sys.path.insert(0, sys.argv[3])
-from benchmarks import many_tasks
-print(json.dumps(getattr(many_tasks, sys.argv[1])(**json.loads(sys.argv[2]))))
-"""
 
 
 @dataclasses.dataclass
@@ -141,9 +132,7 @@ def serve_child(path, count, image_shape, samples, calls):
 
 
 def _child(function, **kwargs):
-    out = subprocess.run([sys.executable, "-c", CHILD, function, json.dumps(kwargs), CHILD_PATH], check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("many_tasks", function, **kwargs)
 
 
 def _disk_bytes(folder):

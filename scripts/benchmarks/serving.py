@@ -11,24 +11,14 @@ Export times: N tasks from their files, and as the next version beside N-1 of th
 """
 
 import dataclasses
-import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from benchmarks import CHILD_PATH
+from benchmarks import run_child
 from benchmarks.suite import memory_bytes
-
-SERVING_CHILD = """
-import json, sys
-sys.path.insert(0, sys.argv[3])
-from benchmarks import serving
-print(json.dumps(getattr(serving, sys.argv[1])(**json.loads(sys.argv[2]))))
-"""
 
 
 @dataclasses.dataclass
@@ -512,9 +502,7 @@ def export_rows(paths, config):
 
 
 def _child(function, **kwargs):
-    out = subprocess.run([sys.executable, "-c", SERVING_CHILD, function, json.dumps(kwargs), CHILD_PATH], check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("serving", function, **kwargs)
 
 
 def run(config, log=print):
