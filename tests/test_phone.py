@@ -98,6 +98,15 @@ def test_the_file_runs_in_a_plain_interpreter_and_holds_the_backbone_once(phone)
     bits = sum(pb.read_manifest(s.split("=")[1])["params"] * (2 if "ternary" in s else 1) for s in specs)
     single = os.path.getsize(singles["plain"])
     assert os.path.getsize(file) <= single + 1.1 * bits / 8 + 20_000 * len(specs), (os.path.getsize(file), single)
+    # the payload follows the model: a switch copies the model's bytes alone
+    from tf_piggyback.phone import patched
+
+    content = open(file, "rb").read()
+    table = read_table(content)
+    end, payload = table["model_bytes"], [m for t in table["tasks"] for m in t["masks"] + t["scales"] + t["own"]]
+    assert all(f["offset"] + f["bytes"] <= end for f in table["filters"] + table["own"])
+    assert min(p["offset"] for p in payload) >= end and max(p["offset"] + p["bytes"] for p in payload) <= len(content)
+    assert all(len(patched(content, table, name)) == end for name, _, _ in TASKS)
 
 
 class PhoneCalls(RuleBasedStateMachine):

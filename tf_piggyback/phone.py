@@ -5,9 +5,10 @@ filters must be constants when it runs. The file is an ordinary TFLite model of 
 every mask 1 (its filters `W`, as the converter stores them: OHWI, BatchNormalization folded in),
 with the first task's own weights; a table in its metadata says where each masked filter and
 each task-owned tensor sits in the bytes, and each task's packed masks, per-channel filter scales
-(a per-task BatchNormalization folded into the filter) and own tensors follow in the file.
-Switching to a task writes `W ⊙ m` (and its own tensors) into a copy of the bytes and builds a
-new interpreter from it (`PhoneTasks`); calls then run at the single-task file's speed. An int8
+(a per-task BatchNormalization folded into the filter) and own tensors follow the model in the
+file (the payload: trailing bytes, which LiteRT ignores). Switching to a task writes `W ⊙ m` (and
+its own tensors) into a copy of the model's bytes and builds a new interpreter from it
+(`PhoneTasks`); calls then run at the single-task file's speed. An int8
 file stores the backbone's filters quantized once and each task's own activation ranges
 (`phonebytes.int8_tasks`).
 
@@ -26,13 +27,14 @@ from ai_edge_litert import schema_py_generated as schema
 
 from tf_piggyback import coding
 from tf_piggyback.files import write_atomic
-from tf_piggyback.phonebytes import (DTYPES, LAYOUTS, AlignedBuffer, Payload, add_mask, buffer_data, buffer_spans,
-                                     channel_scale, in_layout, int8_tasks, refused, tensor_list, vector_span)
+from tf_piggyback.phonebytes import (ALIGN, DTYPES, LAYOUTS, AlignedBuffer, Payload, add_mask, buffer_data,
+                                     buffer_spans, channel_scale, in_layout, int8_tasks, refused, tensor_list,
+                                     vector_span)
 from tf_piggyback.surgery import bake_with_layers
 from tf_piggyback.taskfile import load_task, named_tasks
 from tf_piggyback.tflite import model_flatbuffer
 
-FORMAT, VERSION = "tf_piggyback.phone", 1
+FORMAT, VERSION = "tf_piggyback.phone", 2  # 2: the payload follows the model
 METADATA = "tf_piggyback"  # the model metadata entry that holds the table (UTF-8 JSON)
 SIGNATURE = "unmasked"  # the stored bytes are the backbone with every mask 1: run a task through the table
 PAD_LOGIT = -1e9  # a task with fewer classes than the file's widest: its extra logits (exp() is 0)
@@ -186,8 +188,9 @@ def _float_tasks(names, classes, task_masks, converted, kernels, tolerance):
 
 
 def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
-    """The base model's flatbuffer with each patched tensor on a buffer of its own, the payload
-    and the table (`METADATA`) as two more buffers, every offset in the table a file offset."""
+    """The base model's flatbuffer with each patched tensor on a buffer of its own and the table
+    (`METADATA`) as one more buffer, followed by the payload (aligned to `ALIGN`); every offset in
+    the table is a file offset, and `model_bytes` is where the model ends (what a switch copies)."""
     model = schema.ModelT.InitFromObj(base)
     model.signatureDefs[0].signatureKey = SIGNATURE  # the converter names one function serving_default
     buffers = [AlignedBuffer() for _ in model.buffers]
@@ -203,11 +206,9 @@ def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
             copy.data = np.array(buffers[graph.tensors[index].buffer].data)
             graph.tensors[index].buffer = len(buffers)
             buffers.append(copy)
-    data_buffer, table_buffer = AlignedBuffer(), AlignedBuffer()
-    data_buffer.data = payload.array()
-    buffers += [data_buffer, table_buffer]
-    model.metadata = (model.metadata or []) + [schema.MetadataT() for _ in range(2)]
-    model.metadata[-2].name, model.metadata[-2].buffer = METADATA + ".payload", len(buffers) - 2
+    table_buffer = AlignedBuffer()
+    buffers.append(table_buffer)
+    model.metadata = (model.metadata or []) + [schema.MetadataT()]
     model.metadata[-1].name, model.metadata[-1].buffer = METADATA, len(buffers) - 1
 
     def table(offsets):
@@ -215,6 +216,7 @@ def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
             return {"offset": offsets["payload"] + span[0], "bytes": span[1]}
         return {
             "format": FORMAT, "version": VERSION, "signature": SIGNATURE, "quantize": quantize,
+            "model_bytes": offsets["model_bytes"],
             "filters": [{"tensor": tensors[f["tensor_index"]][0], **offsets[f["tensor_index"]],
                          "dtype": np.dtype(DTYPES[tensors[f["tensor_index"]][2]]).name,
                          "shape": [int(s) for s in tensors[f["tensor_index"]][1]], "layout": f["layout"][2],
@@ -227,23 +229,23 @@ def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
 
     def pack(text):
         table_buffer.data = np.frombuffer(text, np.uint8)
-        builder = flatbuffers.Builder(size + len(data_buffer.data) + len(text) + 2 ** 20)
+        builder = flatbuffers.Builder(size + len(text) + 2 ** 20)
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
         return builder.Output()
 
     # Offsets are known once packed: pack with a table as long as the final one can be, read the
     # offsets, then write the final table over it (space-padded JSON: the layout is unchanged).
-    width = len(json.dumps(table({"payload": 10 ** 15, **{key: {"offset": 10 ** 15, "bytes": 10 ** 15}
-                                                          for key in [*patched, *own]}})).encode())
+    width = len(json.dumps(table({"payload": 10 ** 15, "model_bytes": 10 ** 15,
+                                  **{key: {"offset": 10 ** 15, "bytes": 10 ** 15} for key in [*patched, *own]}})).encode())
     packed = bytearray(pack(b" " * width))
     offsets = buffer_spans(packed)
     spans = {i: {"offset": offsets[graph.tensors[i].buffer][0], "bytes": offsets[graph.tensors[i].buffer][1]}
              for i in patched}
     spans.update({key: spans[key[0]] if key[1] == "data" else vector_span(packed, *key) for key in own})
-    text = json.dumps(table({"payload": offsets[len(buffers) - 2][0], **spans})).encode()
-    start = offsets[len(buffers) - 1][0]
-    packed[start:start + width] = text.ljust(width)
-    return bytes(packed)
+    start = -len(packed) % ALIGN + len(packed)
+    text = json.dumps(table({"payload": start, "model_bytes": len(packed), **spans})).encode()
+    packed[offsets[-1][0]:offsets[-1][0] + width] = text.ljust(width)
+    return bytes(packed) + bytes(start - len(packed)) + payload.array().tobytes()
 
 
 def read_table(content):
@@ -317,8 +319,9 @@ class PhoneTasks:
 
 
 def patched(content, table, name):
-    """The file's bytes with task `name` written in: for each filter, its stored values (times
-    the task's per-channel scale, if any) times its mask, and the task's own tensors."""
+    """The model's bytes (the file's up to `model_bytes`, without the payload) with task `name`
+    written in: for each filter, its stored values (times the task's per-channel scale, if any)
+    times its mask, and the task's own tensors."""
     task = next(t for t in table["tasks"] if t["name"] == name)
     filters = table["filters"]
 
@@ -344,7 +347,7 @@ def patched(content, table, name):
                 values = values * mask
         writes[entry["offset"]] = values
     pieces, at = [], 0
-    view = memoryview(content)
+    view = memoryview(content)[:table["model_bytes"]]
     for offset in sorted(writes):
         pieces += [view[at:offset], writes[offset]]
         at = offset + writes[offset].nbytes
