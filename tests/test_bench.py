@@ -39,18 +39,20 @@ def test_methods_preset_times_every_method():
     assert rows[0]["ratio"] == 1.0 and all(row["median"] > 0 for row in rows)
 
 
-@pytest.mark.slow
-def test_phone_preset_rows_in_every_precision(tmp_path):
+@pytest.mark.parametrize("precisions", [("none",), pytest.param(("float16", "int8"), marks=pytest.mark.slow)])
+def test_phone_preset_rows_in_every_precision(tmp_path, precisions):
     """`--preset=phone` at digits size: a row per precision, each against the first task's own
     file of it (no timing is asserted)."""
     from benchmarks import serving as bench_serving
 
     config = bench_serving.ServingConfig(model="digits", image_size=None, repeats=1, calls=1, workdir=str(tmp_path),
-                                         tflite_tasks=2, phone_quantize=("float16", "int8"))
+                                         tflite_tasks=2, phone_quantize=precisions)
     rows, table = bench_serving.run_phone(config, log=lambda line: None)
-    assert [(r["tasks"], r["quantize"]) for r in rows] == [(2, "float16"), (2, "int8")]
-    assert rows[1]["single_bytes"] < rows[0]["single_bytes"] and all(r["warm_ratio"] > 0 for r in rows)
-    assert "| 2 | int8 |" in table and "| 2 | float16 |" in table
+    assert [(r["tasks"], r["quantize"]) for r in rows] == [(2, p) for p in precisions]
+    assert all(r["warm_ratio"] > 0 and r["switch_s"] > 0 and r["bytes"] > r["single_bytes"] for r in rows)
+    assert all(f"| 2 | {dict(none='float32').get(p, p)} |" in table for p in precisions)
+    if "int8" in precisions:
+        assert rows[1]["single_bytes"] < rows[0]["single_bytes"]
 
 
 @pytest.mark.slow

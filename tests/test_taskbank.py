@@ -168,23 +168,32 @@ def test_list_tasks_of_saved_model_and_tflite(task_files, tmp_path):
 
 
 def test_serving_bench_runs(tmp_path):
-    """The serving preset end to end at digits size (no timing is asserted)."""
+    """The serving preset's SavedModel, export and concurrency rows at digits size (no timing is
+    asserted); its TFLite rows too in `test_serving_bench_runs_every_table` (slow), the phone
+    file's in `test_bench.py`."""
+    from benchmarks import serving as bench_serving
+
+    config = bench_serving.ServingConfig(model="digits", image_size=None, tasks=(1, 3), repeats=1, calls=1,
+                                         workdir=str(tmp_path), tflite_tasks=0, clients=(4,), concurrent_requests=4)
+    rows, table = bench_serving.run(config, log=lambda line: None)
+    _check_serving_rows(rows, table)
+    assert {r["format"] for r in rows} == {"saved_model", "export", "concurrency"}
+
+
+@pytest.mark.slow
+def test_serving_bench_runs_every_table(tmp_path):
+    """The serving preset end to end at digits size, its TFLite rows included (no timing is asserted)."""
     from benchmarks import serving as bench_serving
 
     config = bench_serving.ServingConfig(model="digits", image_size=None, tasks=(1, 3), repeats=1, calls=1,
                                          workdir=str(tmp_path), tflite_tasks=2, clients=(4,), concurrent_requests=4,
                                          filter_channels=64, filter_side=2)
     rows, table = bench_serving.run(config, log=lambda line: None)
-    busy = [r for r in rows if r["format"] == "concurrency"]
-    assert [(r["model"], r["clients"]) for r in busy] == [("baked", 4), ("n3-shared", 4)]
-    assert all(r["requests_per_s"] > 0 and r["p99_s"] >= r["p50_s"] for r in busy) and busy[0]["fill_rate"] == 0
-    assert "| n3-shared | 4 |" in table
+    _check_serving_rows(rows, table)
     filters = [(r["kernel"], r["filter"]) for r in rows if r["format"] == "tflite_filter" and r["default_ms"] > 0]
     assert filters == [(1, "constant"), (1, "variable"), (1, "variable, FULLY_CONNECTED"), (3, "constant"),
                        (3, "variable")] and "| 3x3, 16 channels | variable |" in table
     lite = [r for r in rows if r["format"] == "tflite"]
-    rows_all, rows = rows, [r for r in rows if r["format"] == "saved_model"]
-    assert [(r["tasks"], r["per_task_signatures"]) for r in rows] == [(1, True), (3, True), (3, False)]
     # one copy of the backbone (the n/8 x 1.1 bound is for ResNet-50, whose masks dwarf a
     # signature's graph; BUILD.md's table checks it)
     assert [(r["tasks"], r["switching"], r["quantize"]) for r in lite] == [
@@ -194,9 +203,20 @@ def test_serving_bench_runs(tmp_path):
     assert lite[3]["bytes"] < lite[4]["bytes"] < lite[0]["bytes"] and lite[5]["bytes"] < lite[1]["bytes"]
     assert lite[2]["switch_call_b1_s"] > 0 and "| 2 (--switching) |" in table
     assert "| 2 single-task files, int8 |" in table and "| one file, float16, unpacked per call |" in table
-    assert rows[1]["cold_b8_s"] > 0 and rows[1]["graph_ratio"] > 0 and "signature_first_call_s" not in rows[2]
+    assert [(r["tasks"], r["quantize"]) for r in rows if r["format"] == "phone"] == [(2, "none")]
+
+
+def _check_serving_rows(rows, table):
+    """What both serving-bench tests check: the concurrency, SavedModel and export rows."""
+    busy = [r for r in rows if r["format"] == "concurrency"]
+    assert [(r["model"], r["clients"]) for r in busy] == [("baked", 4), ("n3-shared", 4)]
+    assert all(r["requests_per_s"] > 0 and r["p99_s"] >= r["p50_s"] for r in busy) and busy[0]["fill_rate"] == 0
+    assert "| n3-shared | 4 |" in table
+    models = [r for r in rows if r["format"] == "saved_model"]
+    assert [(r["tasks"], r["per_task_signatures"]) for r in models] == [(1, True), (3, True), (3, False)]
+    assert models[1]["cold_b8_s"] > 0 and models[1]["graph_ratio"] > 0 and "signature_first_call_s" not in models[2]
     assert "| 3 |" in table and "| 3 (no per-task signatures) |" in table
-    exports = [r for r in rows_all if r["format"] == "export"]
+    exports = [r for r in rows if r["format"] == "export"]
     assert [(r["tasks"], r["per_task_signatures"]) for r in exports] == [(3, True), (3, False)]
     assert all(r["from_files_s"] > 0 and r["next_version_s"] > 0 for r in exports) and "| 3, `--noper_task" in table
 
