@@ -4,8 +4,7 @@ python export/tflite.py --backbone=digits --task=runs/demo/upper/piggyback/task.
     --output=upper.tflite --quantize=int8 --representative=digits:upper
 
 Several --task give one signature per task (the backbone stored once, masks packed); a single
-task gives `serving_default`. `--switching` keeps the active task's masked kernels unpacked
-between calls (see `tf_piggyback.export.export_tflite`). Run it with
+task gives `serving_default`; each call of a task unpacks its masks. Run it with
 `ai_edge_litert.interpreter.Interpreter(model_path=F).get_signature_runner(NAME)(image=x)`.
 
 `--phone` writes the phone form instead: one constant-filter model of the backbone and a table of
@@ -34,8 +33,6 @@ def define_flags():
     flags.DEFINE_string("output", None, "The .tflite file to write.")
     flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "none (float32), float16, or int8 (full integer).")
     flags.DEFINE_string("representative", None, "For int8: a dataset spec whose training images calibrate.")
-    flags.DEFINE_bool("switching", False, "With several --task: keep the active task's masked kernels in variables, "
-                      "so a call unpacks masks only when it switches tasks (faster warm calls, one more copy in memory).")
     flags.DEFINE_bool("phone", False, "Write the phone form (tf_piggyback.phone): the tasks run at the single-task "
                       "file's speed; switching rebuilds the interpreter from patched bytes. float32, float16 or "
                       "int8 (with --representative: each task's activations calibrated on it).")
@@ -46,8 +43,6 @@ def define_flags():
 @user_errors
 def main(argv):
     del argv
-    if FLAGS.phone and FLAGS.switching:
-        raise ValueError("--phone and --switching are two forms of a multi-task file; pass one")
     backbone = backbone_from_flags()
     representative = None
     if FLAGS.representative:
@@ -55,7 +50,7 @@ def main(argv):
     if FLAGS.phone:
         size = export_phone(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative)
     else:
-        size = export_tflite(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative, FLAGS.switching)
+        size = export_tflite(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative)
     print(f"{FLAGS.output}: {size:,} bytes")
 
 

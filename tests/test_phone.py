@@ -157,7 +157,7 @@ def test_the_plain_interpreter_runs_the_backbone_with_the_first_tasks_weights(ph
     assert np.abs(out[:, :5] - keras_logits).max() <= 1e-5 * np.abs(keras_logits).max()
 
 
-def test_phone_refuses_unknown_precisions_and_switching_in_one_line(phone, tmp_path):
+def test_phone_refuses_unknown_precisions_in_one_line(phone, tmp_path):
     specs, _, _ = phone
     with pytest.raises(ValueError, match="a phone file is none, float16 or int8. Received: quantize='int4'"):
         export_phone(pb.digits_backbone(), specs, str(tmp_path / "x.tflite"), "int4")
@@ -167,9 +167,10 @@ def test_phone_refuses_unknown_precisions_and_switching_in_one_line(phone, tmp_p
     with pytest.raises(ValueError, match="not a tf_piggyback.phone file"):
         PhoneTasks(phone[1]["plain"])
     result = subprocess.run([sys.executable, os.path.join(REPO, "export", "tflite.py"), "--backbone=digits",
-                             *[f"--task={s}" for s in specs], f"--output={tmp_path}/y.tflite", "--phone", "--switching"],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 2 and "error: --phone and --switching are two forms" in result.stderr, result.stderr
+                             *[f"--task={s}" for s in specs], f"--output={tmp_path}/y.tflite", "--phone",
+                             "--quantize=int8"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "error: an int8 phone file calibrates" in result.stderr, result.stderr
+    assert not os.path.exists(tmp_path / "y.tflite")
 
 
 def test_int8_phone_file_agrees_with_each_tasks_own_int8_file(phone, tmp_path):

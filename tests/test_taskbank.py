@@ -196,12 +196,10 @@ def test_serving_bench_runs_every_table(tmp_path):
     lite = [r for r in rows if r["format"] == "tflite"]
     # one copy of the backbone (the n/8 x 1.1 bound is for ResNet-50, whose masks dwarf a
     # signature's graph; BUILD.md's table checks it)
-    assert [(r["tasks"], r["switching"], r["quantize"]) for r in lite] == [
-        (1, False, "none"), (2, False, "none"), (2, True, "none"), (1, False, "int8"), (1, False, "float16"),
-        (2, False, "float16")]
-    assert lite[1]["bytes"] < 1.5 * lite[0]["bytes"] and lite[2]["bytes"] < 1.5 * lite[0]["bytes"]
-    assert lite[3]["bytes"] < lite[4]["bytes"] < lite[0]["bytes"] and lite[5]["bytes"] < lite[1]["bytes"]
-    assert lite[2]["switch_call_b1_s"] > 0 and "| 2 (--switching) |" in table
+    assert [(r["tasks"], r["quantize"]) for r in lite] == [(1, "none"), (2, "none"), (1, "int8"), (1, "float16"),
+                                                            (2, "float16")]
+    assert lite[1]["bytes"] < 1.5 * lite[0]["bytes"] and lite[1]["switch_call_b1_s"] > 0
+    assert lite[2]["bytes"] < lite[3]["bytes"] < lite[0]["bytes"] and lite[4]["bytes"] < lite[1]["bytes"]
     assert "| 2 single-task files, int8 |" in table and "| one file, float16, unpacked per call |" in table
     assert [(r["tasks"], r["quantize"]) for r in rows if r["format"] == "phone"] == [(2, "none")]
 
@@ -477,36 +475,6 @@ def test_adding_a_task_does_not_fingerprint_the_backbone_again(task_files, monke
         bank.add(path)
     assert calls == [] and len(built) == 1
     np.testing.assert_allclose(bank.predict(images, task="bn"), expected["bn"], atol=1e-5)
-
-
-def test_switching_tflite_answers_every_task_after_every_switch(task_files, tmp_path):
-    """A multi-task `.tflite` exported with `--switching` keeps the active task's kernels in
-    LiteRT resource variables: calls in an order that switches tasks, repeats them and comes
-    back give each task's baked answers, with and without the XNNPACK delegate; the file keeps
-    one copy of the backbone, and its ops are TFLite builtins."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    from conftest import tflite_ops
-
-    paths, images, expected = task_files
-    file = str(tmp_path / "switching.tflite")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "export", "tflite.py"), "--backbone=digits",
-                             *[f"--task={name}={path}" for name, path in paths.items()], f"--output={file}",
-                             "--switching"], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    per_call = export_tflite(pb.digits_backbone(), [f"{n}={p}" for n, p in paths.items()], str(tmp_path / "calls.tflite"))
-    assert os.path.getsize(file) <= per_call * 1.1
-    ops = tflite_ops(file)
-    assert not [op for op in ops if op.startswith("Flex") or op == "CUSTOM"], ops
-    order = ["bin", "ter", "ter", "bn", "cls", "bin", "bn", "bn", "ter", "cls", "cls", "bin"]
-    for options in ({}, {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}):
-        interpreter = Interpreter(model_path=file, **options)
-        assert set(interpreter.get_signature_list()) == set(paths)
-        runners = {name: interpreter.get_signature_runner(name) for name in paths}
-        for name in order:
-            np.testing.assert_allclose(runners[name](image=images)["logits"], expected[name], atol=1e-4)
-    with pytest.raises(ValueError, match="switching keeps float32 working copies"):
-        export_tflite(pb.digits_backbone(), list(paths.values()), str(tmp_path / "x.tflite"), "float16", switching=True)
 
 
 def test_a_hit_keeps_its_slot_least_recently_used_first_out(task_files):

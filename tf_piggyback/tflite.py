@@ -3,8 +3,9 @@
 - One task: the mask baked into ordinary layers (`bake`), float32, float16 or full int8.
 - Several tasks: one copy of the backbone weights and each task's masks packed 32 to an int32
   word (`coding.pack_words`); a task's graph unpacks them with floor-div/mod (TFLite has no
-  BitwiseAnd) on every call (`_PackedTask`), or, with `switching`, only when it is called after
-  another task (`_SwitchingTasks`: the active task's kernels kept in resource variables).
+  BitwiseAnd) on every call (`_PackedTask`). A file any LiteRT runner serves as it is, a task per
+  signature; an app that can switch tasks in its code runs them at a single task's speed from the
+  phone form instead (`tf_piggyback.phone`, BUILD.md "Many tasks in one phone file").
 """
 
 import re
@@ -77,11 +78,9 @@ class _PackedTask(tf.Module):
             return self.own[source[1]]
         return self._masked_kernel(*source[1:])
 
-    def __call__(self, image, kernels=None):
-        """The task's logits; `kernels`, if given, maps each of its masked kernel's sources
-        (`W`, a backbone variable) to `W ⊙ m` held elsewhere (`_SwitchingTasks`)."""
-        values = {id(v): self._value(source) if source[0] != "kernel" or kernels is None else kernels[id(source[2])]
-                  for v, source in zip(self._model.variables, self._sources)}
+    def __call__(self, image):
+        """The task's logits."""
+        values = {id(v): self._value(source) for v, source in zip(self._model.variables, self._sources)}
         logits, _ = self._model.stateless_call(
             [values[id(v)] for v in self._model.trainable_variables],
             [values[id(v)] for v in self._model.non_trainable_variables],
@@ -89,44 +88,9 @@ class _PackedTask(tf.Module):
         return logits
 
 
-class _SwitchingTasks(tf.Module):
-    """Several `_PackedTask`s with one working copy of the active task's masked kernels, held
-    in resource variables, which LiteRT keeps across calls and shares between the signatures of
-    one interpreter: a task's call unpacks its masks only when another task was active.
-
-    The variables start as the backbone's kernels (the converter stores equal buffers once, so
-    the file does not grow by a copy) and `active` as -1 (none: the first call unpacks).
-    """
-
-    def __init__(self, backbone, tasks):
-        super().__init__()
-        self.variables_ = [v.value for v in backbone.variables]
-        self.tasks = tasks
-        masked = {id(source[2]) for task in tasks for source in task._sources if source[0] == "kernel"}
-        kernels = [v for v in backbone.variables if id(v) in masked]
-        self.__dict__["_slot"] = {id(v): i for i, v in enumerate(kernels)}
-        self.working = [tf.Variable(keras.ops.convert_to_numpy(v), trainable=False) for v in kernels]
-        self.active = tf.Variable(-1, trainable=False)
-
-    def logits(self, index, image):
-        task = self.tasks[index]
-        sources = [source for source in task._sources if source[0] == "kernel"]
-
-        def switch():
-            writes = [self.working[self._slot[id(source[2])]].assign(task._masked_kernel(*source[1:]))
-                      for source in sources]
-            with tf.control_dependencies(writes):
-                return tf.identity(self.active.assign(index))
-
-        switched = tf.cond(tf.not_equal(self.active, index), switch, lambda: tf.identity(self.active))
-        with tf.control_dependencies([switched]):
-            kernels = {id(source[2]): self.working[self._slot[id(source[2])]].read_value() for source in sources}
-        return task(image, kernels)
-
-
-def _tflite_module(backbone, task_paths, switching=False):
+def _tflite_module(backbone, task_paths):
     """The module and per-task signatures a TFLite file is converted from: one task baked,
-    several as `_PackedTask`s over one copy of the backbone (`switching`: `_SwitchingTasks`)."""
+    several as `_PackedTask`s over one copy of the backbone."""
     names, paths = named_tasks(task_paths)
     spec = input_spec(backbone)
     module = tf.Module()
@@ -137,13 +101,8 @@ def _tflite_module(backbone, task_paths, switching=False):
     else:
         module.variables_ = [v.value for v in backbone.variables]
         backbone_ids = {id(v) for v in backbone.variables}
-        tasks = [_PackedTask(load_task(p, backbone), backbone_ids) for p in paths]
-        if switching:
-            module = _SwitchingTasks(backbone, tasks)
-            forwards = [lambda image, i=i: module.logits(i, image) for i in range(len(tasks))]
-        else:
-            module.tasks = tasks
-            forwards = [task.__call__ for task in module.tasks]
+        module.tasks = [_PackedTask(load_task(p, backbone), backbone_ids) for p in paths]
+        forwards = [task.__call__ for task in module.tasks]
     return module, {name: signature(with_outputs(f), spec, name) for name, f in zip(names, forwards)}
 
 
@@ -158,7 +117,7 @@ def representative_images(spec, image_shape):
     return to_arrays(load_dataset(spec, image_shape=image_shape).train.take(REPRESENTATIVE_SAMPLES))[0]
 
 
-def export_tflite(backbone, task_paths, output_path, quantize="none", representative=None, switching=False):
+def export_tflite(backbone, task_paths, output_path, quantize="none", representative=None):
     """Writes one `.tflite` file with one signature per task, atomically; returns its size.
 
     Built from the same module as `export_saved_model` (converted from its concrete functions,
@@ -171,12 +130,11 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
         output_path: the `.tflite` file.
         quantize: `"none"` (float32), `"float16"` (float16 weights) or `"int8"` (full-integer
             post-training quantization of weights and activations; float input and output).
-        representative: for int8, a NumPy array of raw images `[N, H, W, C]` (200 are used).
-        switching: with several tasks, keep the active task's masked kernels in resource
-            variables (`_SwitchingTasks`): a call unpacks its task's masks only when another
-            task was called last, instead of on every call. Measured (ResNet-50, 96 px, 3 tasks,
-            XNNPACK): warm calls 105 ms against 813 ms, a switching call as slow as a call was
-            before; it holds one more float copy of the kernels in memory. BUILD.md compares them.
+        representative: for int8, a NumPy array of raw images `[N, H, W, C]` (the first
+            `REPRESENTATIVE_SAMPLES` are used).
+
+    Several tasks' calls each unpack their masks (42x a single task's file at 96 px, BUILD.md);
+    where the app can switch tasks in its code, `phone.export_phone` runs them at its speed.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}. Received: quantize={quantize!r}")
@@ -192,11 +150,8 @@ def export_tflite(backbone, task_paths, output_path, quantize="none", representa
             # The masked kernels of a multi-task file are computed at run time, and TFLite's int8
             # convolutions need constant, symmetric filters.
             raise ValueError("int8 quantization takes one --task; export each task to its own .tflite")
-    switching = switching and len(task_paths) > 1
-    if switching and quantize != "none":
-        raise ValueError("switching keeps float32 working copies of the kernels; export it with quantize=none")
-    module, signatures = _tflite_module(backbone, task_paths, switching)
-    flatbuffer = _convert(backbone, module, signatures, quantize, representative, switching)
+    module, signatures = _tflite_module(backbone, task_paths)
+    flatbuffer = _convert(backbone, module, signatures, quantize, representative)
     write_atomic(output_path, lambda f: f.write(flatbuffer))
     return len(flatbuffer)
 
@@ -211,20 +166,16 @@ def model_flatbuffer(model, quantize="none", representative=None):
                     None if representative is None else np.asarray(representative, np.float32))
 
 
-def _convert(backbone, module, signatures, quantize, representative, switching=False):
+def _convert(backbone, module, signatures, quantize, representative):
     names = list(signatures)
     # Through a SavedModel: functions restored from one read plain tf.Variables, which the
     # converter freezes into the flatbuffer (Keras variables in memory stay READ_VARIABLE ops).
     with tempfile.TemporaryDirectory() as tmp:
         save(module, tmp, signatures, type(backbone).__name__)
-        if switching:  # its variables stay variables: straight from the SavedModel, as ondevice does
-            converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=names)
-            converter.experimental_enable_resource_variables = True
-        else:
-            loaded = tf.saved_model.load(tmp)
-            spec = input_spec(backbone)
-            functions = [signature(_restored(loaded, name), spec, name).get_concrete_function() for name in names]
-            converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, loaded)
+        loaded = tf.saved_model.load(tmp)
+        spec = input_spec(backbone)
+        functions = [signature(_restored(loaded, name), spec, name).get_concrete_function() for name in names]
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, loaded)
         if quantize == "float16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]

@@ -224,8 +224,8 @@ def tflite_child(path, names, image_shape, calls):
 
 
 def tflite_rows(backbone, paths, config, log=print):
-    """One task's `.tflite` against `config.tflite_tasks` tasks' in one file (per call, and
-    `--switching`), and what else a phone app with that many tasks could ship: one task's file in
+    """One task's `.tflite` against `config.tflite_tasks` tasks' in one file (unpacked per call),
+    and what else a phone app with that many tasks could ship: one task's file in
     int8 and in float16, the tasks' file in float16. Bytes (a multi-task file against one task's
     file + N * n/8 * 1.1), load and first-call seconds in LiteRT, warm calls, RSS: medians of
     `config.repeats` fresh processes each, in turn."""
@@ -235,17 +235,15 @@ def tflite_rows(backbone, paths, config, log=print):
     image_shape = list(backbone.inputs[0].shape[1:])
     representative = np.random.default_rng(0).uniform(0, 255, (200, *image_shape)).astype(np.float32)
     files = {}
-    for count, switching, quantize in ((1, False, "none"), (n, False, "none"), (n, True, "none"),
-                                       (1, False, "int8"), (1, False, "float16"), (n, False, "float16")):
-        suffix = ("_switching" if switching else "") + ("" if quantize == "none" else f"_{quantize}")
+    for count, quantize in ((1, "none"), (n, "none"), (1, "int8"), (1, "float16"), (n, "float16")):
+        suffix = "" if quantize == "none" else f"_{quantize}"
         file = os.path.join(config.workdir, "tflite", f"tasks{count}{suffix}.tflite")
         if not os.path.exists(file):
             start = time.perf_counter()
-            export_tflite(backbone, [f"t{i:03d}={p}" for i, p in enumerate(paths[:count])], file, switching=switching,
+            export_tflite(backbone, [f"t{i:03d}={p}" for i, p in enumerate(paths[:count])], file,
                           quantize=quantize, representative=representative if quantize == "int8" else None)
-            log(f"exported {count} task(s) to TFLite{' (switching)' if switching else ''} ({quantize}) in "
-                f"{time.perf_counter() - start:.0f} s")
-        files[count, switching, quantize] = file
+            log(f"exported {count} task(s) to TFLite ({quantize}) in {time.perf_counter() - start:.0f} s")
+        files[count, quantize] = file
     names = {1: ["serving_default"], n: [f"t{i:03d}" for i in range(n)]}
     samples = {key: [] for key in files}
     for _ in range(config.repeats):
@@ -253,10 +251,10 @@ def tflite_rows(backbone, paths, config, log=print):
             samples[key].append(_child("tflite_child", path=file, names=names[key[0]], image_shape=image_shape,
                                        calls=config.calls))
     rows = []
-    for (count, switching, quantize), file in files.items():
-        row = {"tasks": count, "switching": switching, "quantize": quantize, "bytes": os.path.getsize(file)}
-        for key in samples[count, switching, quantize][0]:
-            row[key] = float(np.median([s[key] for s in samples[count, switching, quantize]]))
+    for (count, quantize), file in files.items():
+        row = {"tasks": count, "quantize": quantize, "bytes": os.path.getsize(file)}
+        for key in samples[count, quantize][0]:
+            row[key] = float(np.median([s[key] for s in samples[count, quantize]]))
         rows.append(row)
     return rows
 
@@ -372,7 +370,8 @@ def phone_file_table(rows, packed_bytes):
 
 
 def filter_child(channels, side, calls):
-    """Why a `--switching` warm call is not at single-task speed, on one convolution stack in
+    """Why the phone form keeps every filter a constant (and `--switching`, retired, did not
+    reach single-task speed), on one convolution stack in
     LiteRT: 4 convolutions on `side` x `side` inputs, weight-bound as ResNet-50's last stage is at
     128 px (1x1: `channels` in and out; 3x3: a quarter of them, as in its bottlenecks), whose
     filters are constants (a baked file) or resource variables (a working copy), as CONV_2D or,
@@ -435,7 +434,7 @@ def filter_table(rows):
     """Markdown of `filter_child`'s rows, each against the constant filter of its kernel size."""
     constant = {r["kernel"]: r for r in rows if r["filter"] == "constant"}
     text = ("\nOne stack of 4 weight-bound convolutions in LiteRT, warm call: filters as constants (a baked "
-            "file) or as variables (`--switching`'s working copy):\n\n"
+            "file) or as variables (the retired `--switching` form's working copy):\n\n"
             "| kernel | filter | XNNPACK default (ratio) | latest delegate features (ratio) |\n|---|---|---|---|\n")
     for r in rows:
         c = constant[r["kernel"]]
@@ -451,17 +450,16 @@ def phone_table(lite, n):
         return (f"| {label} | {bytes_ / 1e6:,.1f} MB | {r['rss'] / 1e6:,.0f} MB | {r['warm_b1_s'] * 1000:,.0f} ms | "
                 f"{switch * 1000:,.0f} ms |\n")
 
-    by = {(r["tasks"], r["switching"], r["quantize"]): r for r in lite}
+    by = {(r["tasks"], r["quantize"]): r for r in lite}
     text = (f"\nA phone app with {n} tasks (RSS: the process with one file loaded; a task switch: another "
             "file's load and first call, or a call after another task's in the same file):\n\n"
             "| files | bytes on disk | RSS | warm call (b1) | task switch (b1) |\n|---|---|---|---|---|\n")
     for quantize in ("int8", "float16"):
-        single = by[1, False, quantize]
+        single = by[1, quantize]
         text += row(f"{n} single-task files, {quantize}", n * single["bytes"], single,
                     single["load_s"] + single["first_call_s"])
-    for key, label in (((n, False, "none"), "one file, float32, unpacked per call"),
-                       ((n, True, "none"), "one file, float32, `--switching`"),
-                       ((n, False, "float16"), "one file, float16, unpacked per call")):
+    for key, label in (((n, "none"), "one file, float32, unpacked per call"),
+                       ((n, "float16"), "one file, float16, unpacked per call")):
         text += row(label, by[key]["bytes"], by[key], by[key]["switch_call_b1_s"])
     return text
 
@@ -595,7 +593,7 @@ def run(config, log=print):
                   "|---|---|---|---|---|---|---|\n")
         for r in lite:
             switch = f"{r['switch_call_b1_s'] * 1000:,.0f} ms" if "switch_call_b1_s" in r else "—"
-            table += (f"| {r['tasks']}{' (--switching)' if r['switching'] else ''} | {r['bytes'] / 1e6:,.1f} MB"
+            table += (f"| {r['tasks']} | {r['bytes'] / 1e6:,.1f} MB"
                       + (f" ({bound / 1e6:,.1f} MB)" if r["tasks"] > 1 else "")
                       + f" | {r['load_s'] * 1000:,.0f} ms | {r['first_call_s'] * 1000:,.0f} ms | "
                       f"{r['warm_b1_s'] * 1000:,.0f} ms ({r['warm_b1_s'] / lite[0]['warm_b1_s']:.2f}) | {switch} | "
