@@ -245,3 +245,32 @@ def test_float16_phone_file_matches_each_tasks_own_float16_file(phone, tmp_path)
         out = tasks.task(name)(image=x)["logits"]
         assert np.abs(out - reference).max() <= 1e-2 * np.abs(reference).max(), name
         assert np.array_equal(out.argmax(-1), reference.argmax(-1)), name
+
+
+def test_attention_kernels_are_filters_too(tmp_path):
+    """A ViT's attention kernels (EinsumDense, 3 axes: query I,H,K; output H,K,O) are FULLY_CONNECTED
+    filters once the converter merges their head axes: its tasks switch back and forth and match
+    their own files (binary and ternary masks)."""
+    import keras_hub
+
+    def vit():
+        keras.utils.set_random_seed(3)
+        return keras_hub.models.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2,
+                                            hidden_dim=32, mlp_dim=64)
+
+    specs, singles = [], {}
+    for seed, (name, mask_type) in enumerate((("bin", "binary"), ("ter", "ternary"))):
+        path = str(tmp_path / f"{name}.npz")
+        pb.save_task(random_masks(pb.piggyback(vit(), 3 + seed, mask_type=mask_type), seed), path)
+        specs.append(f"{name}={path}")
+        singles[name] = str(tmp_path / f"{name}.tflite")
+        export_tflite(vit(), [path], singles[name])
+    file = str(tmp_path / "vit.tflite")
+    export_phone(vit(), specs, file)
+    tasks, reference = PhoneTasks(file), _reference(singles)
+    kinds = {f["keras_kernel"].split("/")[-2]: (f["layout"], f["shape"]) for f in tasks.table["filters"]}
+    assert kinds["query"] == kinds["attention_output"] == ("OI", [32, 32]), kinds  # 2 heads of 16, merged
+    x = np.random.default_rng(4).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    for name in ["bin", "ter", "bin", "ter"]:
+        out, own = tasks.task(name)(image=x)["logits"], reference[name](image=x)["logits"]
+        assert out.shape == own.shape and np.abs(out - own).max() <= 1e-4, name

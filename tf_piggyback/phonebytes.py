@@ -20,8 +20,12 @@ FILTER_OPS = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_C
               schema.BuiltinOperator.FULLY_CONNECTED)
 # Keras kernel -> TFLite filter: (axes of the transpose, channel axis in the TFLite layout, name),
 # the layouts LiteRT's ops take: CONV_2D OHWI, DEPTHWISE_CONV_2D 1HW(I*M), TRANSPOSE_CONV
-# (Keras H,W,O,I) OHWI, FULLY_CONNECTED (O, I); else the Keras layout.
+# (Keras H,W,O,I) OHWI, FULLY_CONNECTED (O, I); an EinsumDense kernel of 3 axes (attention's
+# query, key, value: I,H,K; its output: H,K,O) is a FULLY_CONNECTED matrix, its input axis first
+# ("I,*") or its output axis last ("*,O") merged; else the Keras layout.
 LAYOUTS = {4: [((3, 0, 1, 2), 0, "OHWI"), (None, 3, "1HW(IM)"), ((2, 0, 1, 3), 0, "OHWI")],
+           3: [(("I,*", (1, 0)), 0, "OI"), (("*,O", (1, 0)), 0, "OI"), (("I,*", (0, 1)), 1, "IO"),
+               (("*,O", (0, 1)), 1, "IO")],
            2: [((1, 0), 0, "OI"), ((0, 1), 1, "IO")]}
 
 
@@ -30,6 +34,9 @@ def in_layout(kernel, layout):
     axes, _, name = layout
     if axes is None:  # depthwise (H, W, I, M) -> (1, H, W, I*M)
         return kernel.reshape(1, *kernel.shape[:2], -1)
+    if isinstance(axes[0], str):  # an EinsumDense kernel as a matrix, then transposed
+        merge, axes = axes
+        kernel = kernel.reshape(kernel.shape[0], -1) if merge == "I,*" else kernel.reshape(-1, kernel.shape[-1])
     return np.ascontiguousarray(np.transpose(kernel, axes))
 
 
