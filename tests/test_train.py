@@ -385,7 +385,7 @@ def test_no_trainable_flag_a_user_can_touch_changes_the_backbone(train_bn):
         wrapper.trainable = True
         wrapper.layer.trainable = True
     splits = pb.load_dataset("digits:upper")
-    pb.train(model, epoch_batches(splits.train.take(128), 32), pb.TrainConfig(epochs=1, head_lr=1e-2, mask_lr=1e-2),
+    pb.train(model, epoch_batches(splits.train.take(256), 32), pb.TrainConfig(epochs=1, head_lr=1e-2, mask_lr=1e-2),
              log=lambda line: None)
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, backbone.weights))
     assert freeze_backbone(model) == 0
