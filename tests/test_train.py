@@ -462,15 +462,20 @@ def test_a_diverging_run_stops_or_is_marked_never_a_clean_result(tmp_path):
                        "--epochs=2", f"--model_dir={at_chance}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("warning: test accuracy "), result.stderr[-2000:]
-    assert [line.split()[0] for line in result.stdout.splitlines()] == ["epoch", "epoch", "warning:", "accuracy"]
+    # Whether epoch 2's training accuracy lands within a point of the majority class depends on the
+    # CPU's arithmetic (0.2206 against 0.2027 on one machine, at chance on another); the test accuracy
+    # at chance is marked on every machine, and either mark names the flag.
+    words = [line.split()[0] for line in result.stdout.splitlines()]
+    assert words[:2] == ["epoch", "epoch"] and words[-1] == "accuracy" and set(words[2:-1]) <= {"warning:"}, words
     assert "\r" not in result.stdout and "━" not in result.stdout  # no progress bar redraws
     warnings = json.load(open(os.path.join(at_chance, "metrics.json")))["warnings"]
-    assert warnings[0].startswith("epoch 2 trained at chance level") and "check --finetune_lr (now 1000)" in warnings[0]
-    assert warnings[1].startswith("test accuracy") and len(warnings) == 2
+    assert warnings[-1].startswith("test accuracy") and len(warnings) == len(words) - 2, warnings
+    assert all("check --finetune_lr (now 1000)" in warning for warning in warnings)
+    assert all(w.startswith("epoch 2 trained at chance level") for w in warnings[:-1])
     report = build_report([at_chance], str(tmp_path / "report"))
     rows = [line for line in report.splitlines() if line.startswith("| upper |")]
     assert len(rows) == 2 and all(AT_CHANCE in row for row in rows), report  # Table 2 layout and the runs
-    assert "trained at chance level" in (tmp_path / "report" / "report.csv").read_text().splitlines()[1]
+    assert "at chance level" in (tmp_path / "report" / "report.csv").read_text().splitlines()[1]
 
 
 def test_a_progress_bar_on_a_terminal_one_line_per_epoch_elsewhere(monkeypatch):
@@ -498,3 +503,4 @@ def test_a_progress_bar_on_a_terminal_one_line_per_epoch_elsewhere(monkeypatch):
         monkeypatch.undo()
         assert [line.split()[:2] for line in lines if line.startswith("epoch")] == [["epoch", "1/2"], ["epoch", "2/2"]]
         assert ("━" in stdout.getvalue()) == tty, stdout.getvalue()
+
