@@ -49,7 +49,7 @@ def random_masks(model, seed, sparsity=0.3):
     rng = np.random.default_rng(seed)
     for layer in masked_layers(model):
         for mask in layer.masks:
-            mask.assign(np.where(rng.random(mask.shape) < sparsity, 0.0, 0.01).astype("float32"))
+            mask.assign(layer.mask_value(rng.random(mask.shape) >= sparsity))
     return model
 
 
@@ -60,6 +60,7 @@ def digits_task_files(root, classifier_classes=4, count=12):
     import numpy as np
 
     import tf_piggyback as pb
+    from tf_piggyback.layers import MASK_VARIABLE_SCALE
 
     kinds = {"bin": dict(), "ter": dict(mask_type="ternary"), "bn": dict(train_bn=True)}
     rng = np.random.default_rng(0)
@@ -69,7 +70,7 @@ def digits_task_files(root, classifier_classes=4, count=12):
         model = pb.piggyback(backbone, classes, **options)
         for layer in pb.masked_layers(model):
             for mask in layer.masks:
-                mask.assign(rng.uniform(-0.01, 0.02, mask.shape).astype("float32"))
+                mask.assign(rng.uniform(-0.01, 0.02, mask.shape).astype("float32") * MASK_VARIABLE_SCALE)
         for layer in model.layers:
             if options.get("train_bn") and "bn" in layer.name:
                 layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape).astype("float32"))

@@ -41,7 +41,7 @@ def test_dense_mask_gradient_is_eq7_by_hand():
     dense.kernel.assign(w)
     layer = MaskedDense(dense)
     layer.build((None, 3))
-    layer.masks[0].assign(np.array([[0.01, 0.0], [0.01, 0.01], [0.0, 0.01]], np.float32))
+    layer.masks[0].assign(layer.mask_value(np.array([[1, 0], [1, 1], [0, 1]])))
     x = np.array([[1.0, 2.0, 3.0]], np.float32)
     dy = np.array([[0.5, -1.0]], np.float32)
     with tf.GradientTape() as tape:

@@ -12,6 +12,7 @@ from tf_piggyback.layers import (
     MaskedSeparableConv2D,
     wrapper_for,
 )
+from tf_piggyback.layers import MASK_VARIABLE_SCALE
 from tf_piggyback.trainer import precision_policy
 
 CASES = [
@@ -77,14 +78,15 @@ def test_mask_inits():
     dense.build((None, 40))
     constant = MaskedDense(dense, mask_scale=0.02)
     constant.build((None, 40))
-    assert np.all(constant.masks[0].numpy() == np.float32(0.02))
+    assert np.all(constant.masks[0].numpy() == np.float32(0.02 * MASK_VARIABLE_SCALE))  # held as m_r * scale
     uniform = MaskedDense(dense, mask_init="uniform", mask_scale=0.3)
     uniform.build((None, 40))
     values = uniform.masks[0].numpy()
-    assert values.min() >= -0.3 and values.max() <= 0.3 and values.std() > 0.1
+    assert values.min() >= -3.0 and values.max() <= 3.0 and values.std() > 1.0
     weight_based = MaskedDense(dense, mask_init="weight_based")
     weight_based.build((None, 40))
-    np.testing.assert_allclose(weight_based.masks[0].numpy(), np.mean(np.abs(dense.kernel.numpy())), rtol=1e-6)
+    np.testing.assert_allclose(weight_based.masks[0].numpy(), np.mean(np.abs(dense.kernel.numpy())) * MASK_VARIABLE_SCALE,
+                               rtol=1e-6)
 
 
 def test_bad_arguments_are_one_line_errors():
@@ -112,7 +114,7 @@ def test_transposed_convolution_computes_with_the_masked_kernel():
     assert isinstance(wrapped, MaskedLayer)
     np.testing.assert_allclose(wrapped(x).numpy(), expected_all_ones, atol=1e-6)
     mask = np.random.default_rng(1).random(layer.kernel.shape) < 0.5
-    wrapped.masks[0].assign(np.where(mask, 0.01, 0.0).astype("float32"))
+    wrapped.masks[0].assign(wrapped.mask_value(mask))
     plain = keras.layers.Conv2DTranspose.from_config(layer.get_config())
     plain.build(x.shape)
     plain.set_weights([layer.kernel.numpy() * mask, layer.bias.numpy()])
@@ -122,14 +124,14 @@ def test_transposed_convolution_computes_with_the_masked_kernel():
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_thresholds_the_float32_mask(policy):
-    # In bfloat16, 0.00499 and tau = 0.005 round to the same number: thresholding an autocast
-    # m_r would keep a weight that the stored (float32) mask drops.
+    # In bfloat16, 0.0499 and tau * MASK_VARIABLE_SCALE = 0.05 round to the same number:
+    # thresholding an autocast m_r would keep a weight that the stored (float32) mask drops.
     with precision_policy(policy):
         dense = keras.layers.Dense(2, use_bias=False, kernel_initializer="ones")
         wrapped = MaskedDense(dense)
         x = np.ones((1, 1), "float32")
         wrapped(x)
-    wrapped.masks[0].assign([[0.00499, 0.00501]])
+    wrapped.masks[0].assign([[0.0499, 0.0501]])
     outputs = wrapped(x)
     assert wrapped.compute_dtype == policy.split("_")[1] and wrapped.masks[0].dtype == "float32"
     np.testing.assert_array_equal(np.asarray(outputs, "float32"), [[0.0, 1.0]])

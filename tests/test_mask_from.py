@@ -81,7 +81,7 @@ def test_mask_from_end_to_end(tmp_path):
     full = pb.piggyback(pb.digits_backbone(), 5)  # a task over every layer, its masks not all ones
     for layer in masked_layers(full):
         for mask in layer.masks:
-            mask.assign(np.where(np.random.default_rng(0).random(mask.shape) < 0.2, 0.0, 0.01).astype("float32"))
+            mask.assign(layer.mask_value(np.random.default_rng(0).random(mask.shape) >= 0.2))
     full_path = str(tmp_path / "full" / "task.npz")
     pb.save_task(full, full_path)
     full_reference = pb.load_task(full_path, pb.digits_backbone())(x).numpy()

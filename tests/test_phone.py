@@ -150,7 +150,7 @@ def test_the_plain_interpreter_runs_the_backbone_with_the_first_tasks_weights(ph
     model = pb.load_task(specs[0].split("=")[1], pb.digits_backbone())
     for layer in pb.masked_layers(model):
         for mask in layer.masks:
-            mask.assign(np.full(mask.shape, 0.01, "float32"))  # above the threshold: every mask 1
+            mask.assign(layer.mask_value(np.ones(mask.shape)))  # every mask 1
     x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
     out = Interpreter(model_path=file).get_signature_runner("unmasked")(image=x)["logits"]
     keras_logits = model.predict(x, verbose=0)

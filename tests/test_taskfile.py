@@ -17,7 +17,7 @@ def trained_like(model, sparsity=0.2, seed=0):
     for layer in masked_layers(model):
         for m in layer.masks:  # below sparsity/2: -1 (ternary) or 0; up to sparsity: 0; else 1
             r = rng.random(m.shape)
-            m.assign(np.where(r < sparsity / 2, -0.01, np.where(r < sparsity, 0.0, 0.01)))
+            m.assign(layer.mask_value(np.where(r < sparsity / 2, -1, np.where(r < sparsity, 0, 1))))
     for w in model.get_layer("head").weights:
         w.assign(rng.normal(size=w.shape))
     return model
@@ -169,7 +169,7 @@ def test_any_valid_threshold_reloads_the_same_masks(tmp_path, mask_type):
     rng = np.random.default_rng(0)
     for layer in pb.masked_layers(model):
         for mask in layer.masks:
-            mask.assign(rng.uniform(-10, 10, mask.shape).astype("float32"))
+            mask.assign(rng.uniform(-10, 10, mask.shape).astype("float32") * layer.variable_threshold / layer.threshold)
     saved = [m for layer in pb.masked_layers(model) for m in layer.thresholded_masks()]
     path = str(tmp_path / "task.npz")
     pb.save_task(model, path)

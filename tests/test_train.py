@@ -504,3 +504,42 @@ def test_a_progress_bar_on_a_terminal_one_line_per_epoch_elsewhere(monkeypatch):
         assert [line.split()[:2] for line in lines if line.startswith("epoch")] == [["epoch", "1/2"], ["epoch", "2/2"]]
         assert ("━" in stdout.getvalue()) == tty, stdout.getvalue()
 
+
+def test_a_checkpoint_from_before_the_mask_scale_resumes_with_the_same_masks(tmp_path):
+    """Checkpoints written before masks were held as m_r x MASK_VARIABLE_SCALE hold m_r itself
+    (and no `mask_variable_scale`); a resume rescales them instead of reading every mask as off."""
+    import keras
+    import tensorflow as tf
+
+    from tf_piggyback.layers import MASK_VARIABLE_SCALE
+    from tf_piggyback.trainer import epoch_batches, make_optimizers
+
+    batches, config = epoch_batches(pb.load_dataset("digits:upper").train, 32), pb.TrainConfig(epochs=2, mask_lr=1e-3)
+    backbone = pb.digits_backbone()
+    keras.utils.set_random_seed(0)
+    straight = pb.piggyback(backbone, 5)
+    pb.train(straight, batches, config, log=lambda line: None)
+    expected = [m for layer in pb.masked_layers(straight) for m in layer.thresholded_masks()]
+
+    # The first epoch's checkpoint as the old trainer wrote it: the same objects, m_r unscaled, no scale entry.
+    new, old = str(tmp_path / "new"), str(tmp_path / "old")
+    keras.utils.set_random_seed(0)
+    model = pb.piggyback(backbone, 5)
+    pb.train(model, batches, pb.TrainConfig(epochs=1, mask_lr=1e-3), checkpoint_dir=new, log=lambda line: None)
+    groups = make_optimizers(model, config, 21)
+    for optimizer, variables in groups:
+        optimizer.build(variables)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    checkpoint = tf.train.Checkpoint(model=model, epoch=epoch, **{f"optimizer{i}": o for i, (o, _) in enumerate(groups)})
+    checkpoint.restore(tf.train.latest_checkpoint(new)).expect_partial()
+    for mask in (m for layer in pb.masked_layers(model) for m in layer.masks):
+        mask.assign(mask / MASK_VARIABLE_SCALE)
+    tf.train.CheckpointManager(checkpoint, old, max_to_keep=2).save(checkpoint_number=1)
+
+    resumed, lines = pb.piggyback(pb.digits_backbone(), 5), []
+    pb.train(resumed, batches, config, checkpoint_dir=old, log=lines.append)
+    assert lines[0].startswith("resumed from") and len(lines) == 2  # one more epoch
+    masks = [m for layer in pb.masked_layers(resumed) for m in layer.thresholded_masks()]
+    assert sum(int(np.sum(m == 0)) for m in expected) > 1000
+    params = sum(m.size for m in expected)
+    assert sum(int(np.sum(a != b)) for a, b in zip(expected, masks)) <= params * 1e-4

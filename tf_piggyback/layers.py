@@ -13,6 +13,7 @@ from keras import ops
 
 from tf_piggyback.binarizers import (
     DEFAULT_THRESHOLD,
+    real_from_mask,
     threshold_mask,
     threshold_mask_numpy,
     validate_mask_type,
@@ -21,6 +22,11 @@ from tf_piggyback.binarizers import (
 
 MASK_INITS = ("constant", "uniform", "weight_based")
 DEFAULT_MASK_SCALE = 1e-2
+# A mask variable holds `m_r` times this (BUILD.md, "Keras' front door"). Adam and its kin move a
+# variable by about their learning rate per step, whatever the gradient's scale, so Keras' default
+# rate (1e-3) moves `m_r` at the paper's mask rate (1e-4, §4): `compile("adam")` + `fit` trains a
+# task as the paper does, and the thresholded masks are the same (the cut sits at `tau` times this).
+MASK_VARIABLE_SCALE = 10.0
 
 
 class MaskedWrapper(keras.layers.Wrapper):
@@ -28,7 +34,10 @@ class MaskedWrapper(keras.layers.Wrapper):
 
     The wrapped layer's weights stay the layer's own variables (so several task models
     share one backbone); the wrapper adds a trainable `m_r` of each kernel's shape,
-    made in `build`. Subclasses say which kernels are masked and how the op is run.
+    made in `build` and held as `m_r * MASK_VARIABLE_SCALE` (so Keras' optimizers at their
+    default rates move it at the paper's; `variable_threshold` is where it is cut, and
+    `mask_value` gives the value that stores a thresholded mask). Subclasses say which
+    kernels are masked and how the op is run.
 
     Args:
         layer: the Keras layer to wrap; it is set to `trainable=False`.
@@ -111,16 +120,27 @@ class MaskedWrapper(keras.layers.Wrapper):
         return "mask" if len(self.kernel_names) == 1 else f"{kernel_name}_mask"
 
     def _mask_initializer(self, kernel):
+        scale = self.mask_scale * MASK_VARIABLE_SCALE
         if self.mask_init == "constant":
-            return keras.initializers.Constant(self.mask_scale)
+            return keras.initializers.Constant(scale)
         if self.mask_init == "uniform":
-            return keras.initializers.RandomUniform(-self.mask_scale, self.mask_scale)
+            return keras.initializers.RandomUniform(-scale, scale)
         mean = float(np.mean(np.abs(ops.convert_to_numpy(kernel))))
         if mean < self.threshold:
             logging.warning("layer %s: mean |W| = %.3g is below threshold=%g, so mask_init='weight_based' starts "
                             "its mask at all 0 (§3 starts from all 1); lower --threshold or use "
                             "--mask_init=constant", self.name, mean, self.threshold)
-        return keras.initializers.Constant(mean)
+        return keras.initializers.Constant(mean * MASK_VARIABLE_SCALE)
+
+    @property
+    def variable_threshold(self):
+        """Where a mask variable is cut: `threshold` (tau of Eq. 4) times `MASK_VARIABLE_SCALE`."""
+        return self.threshold * MASK_VARIABLE_SCALE
+
+    def mask_value(self, mask):
+        """The float32 value of a mask variable that thresholds to `mask` ({0, 1} or {-1, 0, 1}),
+        as a task file's masks are loaded (`binarizers.real_from_mask`)."""
+        return real_from_mask(mask, self.variable_threshold)
 
     @property
     def kernels(self):
@@ -131,14 +151,14 @@ class MaskedWrapper(keras.layers.Wrapper):
         """`W ⊙ m` for each kernel in the compute dtype, differentiable in `m_r` (straight-through)."""
         kernels = [ops.convert_to_tensor(kernel) for kernel in self.kernels]  # autocast under mixed precision
         return [
-            kernel * ops.cast(threshold_mask(mask, self.threshold, self.mask_type), kernel.dtype)
+            kernel * ops.cast(threshold_mask(mask, self.variable_threshold, self.mask_type), kernel.dtype)
             for kernel, mask in zip(kernels, self.masks)
         ]
 
     def thresholded_masks(self):
         """The current masks as int8 NumPy arrays with values in {0, 1} (or {-1, 0, 1})."""
         return [
-            threshold_mask_numpy(ops.convert_to_numpy(m), self.threshold, self.mask_type)
+            threshold_mask_numpy(ops.convert_to_numpy(m), self.variable_threshold, self.mask_type)
             for m in self.masks
         ]
 

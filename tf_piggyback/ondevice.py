@@ -28,9 +28,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback import coding
-from tf_piggyback.binarizers import DEFAULT_THRESHOLD, real_from_mask, threshold_mask
+from tf_piggyback.binarizers import threshold_mask
 from tf_piggyback.files import write_atomic
 from tf_piggyback.fingerprint import check_backbone
+from tf_piggyback.layers import MASK_VARIABLE_SCALE
 from tf_piggyback.methods.piggyback import piggyback
 from tf_piggyback.signatures import image_spec
 from tf_piggyback.surgery import masked_layers, task_weights
@@ -144,8 +145,9 @@ class OnDeviceTask(tf.Module):
         self.step_ = tf.Variable(0.0)
         self.__dict__["_constants"] = {id(v): tf.constant(keras.ops.convert_to_numpy(v)) for v in model.variables}
         self.optimizer = optimizer
-        self.learning_rates = [float(mask_lr)] * len(masks) + [float(head_lr)] * len(own)
-        self.threshold = masked_layers(model)[0].threshold if masks else 0.0
+        # The masks are held as m_r * MASK_VARIABLE_SCALE (layers.MaskedWrapper): their rate is scaled with them.
+        self.learning_rates = [float(mask_lr) * MASK_VARIABLE_SCALE] * len(masks) + [float(head_lr)] * len(own)
+        self.threshold = masked_layers(model)[0].variable_threshold if masks else 0.0
         self.num_classes = int(model.outputs[0].shape[-1])
         shape = list(model.inputs[0].shape[1:])
         self.train = tf.function(self._train, input_signature=[
@@ -328,16 +330,15 @@ class LiteRTTrainer:
 def task_from_export(backbone, outputs, num_classes, path, *, class_names=None, metrics=None, **options):
     """Writes the task file (BUILD.md, "Task file format") of what `export_task()` returned; returns its manifest."""
     model = piggyback(backbone, num_classes, **options)
-    masks = [m for layer in masked_layers(model) for m in layer.masks]
+    masks = [(layer, m) for layer in masked_layers(model) for m in layer.masks]
     own = task_weights(model)
     returned = sum(key.startswith("mask_") for key in outputs)
     if returned != len(masks):
         raise ValueError(f"export_task returned {returned} masks; "
                          f"the backbone has {len(masks)} masked kernels: another backbone?")
-    threshold = masked_layers(model)[0].threshold if masks else DEFAULT_THRESHOLD
-    for i, mask in enumerate(masks):
+    for i, (layer, mask) in enumerate(masks):
         bits = coding.unpack(outputs[f"mask_{i}"], int(np.prod(mask.shape)), "binary")
-        mask.assign(real_from_mask(bits.reshape(mask.shape), threshold))
+        mask.assign(layer.mask_value(bits.reshape(mask.shape)))
     for i, w in enumerate(own):
         w.assign(np.asarray(outputs[f"head_{i}"]))
     return save_task(model, path, class_names=class_names, metrics=metrics)

@@ -18,7 +18,6 @@ import keras
 import numpy as np
 
 from tf_piggyback import coding, methods
-from tf_piggyback.binarizers import real_from_mask
 from tf_piggyback.files import TaskFileError, read_npz, read_npz_digest, sha256, write_atomic, write_npz
 from tf_piggyback.fingerprint import check_backbone
 from tf_piggyback.surgery import head_name, mask_sparsity, masked_layers, task_weights
@@ -184,7 +183,7 @@ def load_task(path, backbone):
                   for mask, kernel in zip(layer.masks, layer.kernels)]
         names = record.matched(record.mask_names, [kernel.path for _, _, kernel in masked], "masks")
         for (layer, mask, _), name in zip(masked, names):
-            mask.assign(real_from_mask(record.mask(name, mask.shape), layer.threshold))
+            mask.assign(layer.mask_value(record.mask(name, mask.shape)))
         weights = task_weights(model)
         names = record.matched(record.weight_names, [w.path for w in weights], "task weights")
         for weight, name in zip(weights, names):

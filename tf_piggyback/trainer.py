@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tf_piggyback import methods
 from tf_piggyback.images import augment
+from tf_piggyback.layers import MASK_VARIABLE_SCALE
 from tf_piggyback.surgery import freeze_backbone, mask_sparsity, masked_layers
 
 METHODS = methods.names()
@@ -261,16 +262,25 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
         for optimizer, vs in groups:
             optimizer.build(vs)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(model=model, epoch=epoch_var,
-                                     **{f"optimizer{i}": opt for i, (opt, _) in enumerate(groups)})
+        # Marks the checkpoints whose masks are held as m_r * MASK_VARIABLE_SCALE; those written before
+        # it hold m_r itself, and a resume from one rescales them (else every mask would read as off).
+        mask_scale = tf.Variable(MASK_VARIABLE_SCALE, trainable=False, name="mask_variable_scale")
+    objects = dict(model=model, epoch=epoch_var, **{f"optimizer{i}": opt for i, (opt, _) in enumerate(groups)})
+    checkpoint = tf.train.Checkpoint(**objects, mask_variable_scale=mask_scale)
     manager = None
     if checkpoint_dir:
         if not is_chief(strategy):  # every worker saves; only the chief's copy is kept
             checkpoint_dir = os.path.join(checkpoint_dir, f"worker{strategy.cluster_resolver.task_id}")
         manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=2)
         if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            scaled = any(name.startswith("mask_variable_scale/")
+                         for name, _ in tf.train.list_variables(manager.latest_checkpoint))
+            (checkpoint if scaled else tf.train.Checkpoint(**objects)).restore(
+                manager.latest_checkpoint).assert_existing_objects_matched()
             log(f"resumed from {manager.latest_checkpoint} after epoch {int(epoch_var.numpy())}")
+            if not scaled:
+                for mask in (m for layer in masked_layers(model) for m in layer.masks):
+                    mask.assign(mask * MASK_VARIABLE_SCALE)
     writer = tf.summary.create_file_writer(summary_dir) if summary_dir and is_chief(strategy) else None
 
     distributed_step = make_train_step(model, groups, strategy, jit_compile=config.jit_compile or None,

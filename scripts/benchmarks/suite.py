@@ -215,7 +215,7 @@ def paper_sparsities(model, seed=0):
     for i, layer in enumerate(layers):
         sparsity = 0.04 + 0.30 * i / max(1, len(layers) - 1)
         for mask in layer.masks:
-            mask.assign(np.where(rng.random(mask.shape) < sparsity, 0.0, 0.01).astype("float32"))
+            mask.assign(layer.mask_value(rng.random(mask.shape) >= sparsity))
     return model
 
 

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 
 from tf_piggyback.files import TaskFileError
+from tf_piggyback.layers import MASK_VARIABLE_SCALE
 from tf_piggyback.surgery import mask_sparsity, masked_layers, task_weights
 
 _REGISTRY = {}
@@ -124,8 +125,10 @@ class Method:
         flags say (`surgery.freeze_backbone`)."""
         masks = [m for layer in masked_layers(model) for m in layer.masks]
         others = [w for w in task_weights(model) if w.trainable]
+        # The mask variables hold m_r * MASK_VARIABLE_SCALE: Adam at mask_lr times it moves m_r at mask_lr.
         return [(keras.optimizers.Adam(schedule(lr, config, steps_per_epoch)), variables)
-                for lr, variables in ((config.mask_lr, masks), (config.head_lr, others)) if variables]
+                for lr, variables in ((config.mask_lr * MASK_VARIABLE_SCALE, masks), (config.head_lr, others))
+                if variables]
 
     def summary(self, model):
         """What `metrics.json` records of the trained task: `sparsity` (of its masks) and
