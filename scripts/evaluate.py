@@ -15,7 +15,7 @@ from absl import app, flags
 import tf_piggyback as pb
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
 from tf_piggyback.datasets import PROTOCOLS, SPLIT_SEED
-from tf_piggyback.trainer import test_metrics
+from tf_piggyback.evaluation import test_metrics
 
 FLAGS = flags.FLAGS
 

@@ -10,7 +10,7 @@ from tf_piggyback import methods
 from tf_piggyback.experiment import RunConfig, run
 from tf_piggyback.methods import base
 from tf_piggyback.report import collect, comparison
-from tf_piggyback import trainer
+from tf_piggyback import evaluation, trainer
 
 
 @pytest.fixture
@@ -70,6 +70,6 @@ def test_a_new_method_is_one_class_and_its_registration(registry, tmp_path):
     model = pb.load_task(str(tmp_path / "run" / "task.npz"), pb.digits_backbone())
     assert model.get_layer("mlp").get_layer("mlp_hidden").kernel.shape == (128, 32)
     # the reloaded task answers as the trained one did: the test accuracy run() recorded
-    assert trainer.test_metrics(model, pb.load_dataset("digits:upper"))["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert evaluation.test_metrics(model, pb.load_dataset("digits:upper"))["accuracy"] == pytest.approx(metrics["accuracy"])
     rows = collect([str(tmp_path / "run")])
     assert rows[0]["method"] == "MLP probe" and "| task | MLP probe |" in comparison(rows, backbone_bytes=400_000)

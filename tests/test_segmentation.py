@@ -15,7 +15,7 @@ from conftest import REPO
 from tf_piggyback.datasets import load_digits_segmentation, load_digits_variant, to_arrays
 from tf_piggyback.export import export_saved_model, export_tflite
 from tf_piggyback.surgery import fcn_head
-from tf_piggyback.trainer import segmentation_scores
+from tf_piggyback.evaluation import segmentation_scores
 
 BASE = ["--backbone=digits", "--dataset=digits_seg:upper", "--feature_layer=relu3", "--head_lr=1e-3", "--verbose=0"]
 

@@ -17,7 +17,9 @@ Example:
 
 from tf_piggyback.backbones import digits_backbone, load_backbone
 from tf_piggyback.binarizers import binarize, ternarize
+from tf_piggyback.callbacks import MaskSparsity, TrainingMonitor
 from tf_piggyback.datasets import load_dataset, load_digits_variant
+from tf_piggyback.evaluation import evaluate
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.layers import (MaskedComposite, MaskedConv, MaskedDense, MaskedDepthwiseConv2D, MaskedEmbedding,
                                  MaskedLayer, MaskedSeparableConv2D, MaskedWrapper)
@@ -28,11 +30,11 @@ from tf_piggyback.methods.packnet import PackNet
 from tf_piggyback.methods.piggyback import piggyback
 from tf_piggyback.surgery import bake, masked_layers
 from tf_piggyback.taskfile import TaskFileError, load_task, read_manifest, save_task
-from tf_piggyback.trainer import TrainConfig, evaluate, train
+from tf_piggyback.trainer import TrainConfig, train
 
 __all__ = [
     "MaskedComposite", "MaskedConv", "MaskedDense", "MaskedDepthwiseConv2D", "MaskedEmbedding", "MaskedLayer",
-    "MaskedSeparableConv2D", "MaskedWrapper",
+    "MaskSparsity", "MaskedSeparableConv2D", "MaskedWrapper", "TrainingMonitor",
     "PackNet", "TaskFileError", "TrainConfig", "bake", "binarize", "classifier_only", "digits_backbone",
     "evaluate", "fingerprint", "finetune", "load_backbone", "load_dataset", "load_digits_variant",
     "load_task", "lora", "masked_layers", "piggyback", "read_manifest", "save_task", "ternarize", "train",

@@ -21,8 +21,9 @@ from tf_piggyback.layers import DEFAULT_MASK_SCALE
 from tf_piggyback.methods.packnet import DEFAULT_PRUNE
 from tf_piggyback.surgery import fcn_head, feature_model
 from tf_piggyback.taskfile import save_task
+from tf_piggyback.evaluation import test_metrics
 from tf_piggyback.trainer import TrainConfig, at_chance, epoch_batches, is_chief, learning_rate_advice, \
-    precision_policy, test_metrics, train
+    precision_policy, train
 
 
 @dataclasses.dataclass

@@ -50,8 +50,9 @@ def save_task(model, path, *, class_names=None, metrics=None):
     spec = getattr(model, "task_spec", None)
     if spec is None:
         raise ValueError(
-            f"model {model.name!r} was not made by tf_piggyback.piggyback, classifier_only or lora; "
-            "finetuned models are saved with model.save('model.keras')"
+            f"model {model.name!r} was not made by tf_piggyback.piggyback, classifier_only or lora (a model "
+            "read back from a .keras file is not: make the task model again, model.load_weights(...) the "
+            "checkpoint into it, then save_task); finetuned models are saved with model.save('model.keras')"
         )
     if class_names is not None and len(class_names) != spec.num_classes:
         raise ValueError(

@@ -135,18 +135,31 @@ class PackNet:
         k = len(self.tasks) + 1
         model = self.training_model(num_classes)
         self._allow(FREE)
-        fit(model, "train")
+        self._fit_owned_only(fit, model, "train", FREE)
         for owners in self.owners:
             owners[owners == FREE] = k
         self._prune(k, self.prune)
         self._allow(k)
-        fit(model, "retrain")
+        self._fit_owned_only(fit, model, "retrain", k)
         self._allow(None)
         head = model.get_layer(head_name(model))
         self.tasks.append({"num_classes": int(num_classes), "metrics": {},
                            "class_names": list(class_names or [str(i) for i in range(num_classes)]),
                            "head": [keras.ops.convert_to_numpy(w) for w in head.weights]})
         return k
+
+    def _fit_owned_only(self, fit, model, phase, owner):
+        """`fit(model, phase)`, refused in one line if it changed a weight `owner` does not own: a
+        `fit` without `gradient_masks()` (Keras' `model.fit` applies none) would overwrite earlier
+        tasks and the backbone."""
+        before = [keras.ops.convert_to_numpy(kernel) for kernel in self.kernels]
+        fit(model, phase)
+        for kernel, owners, old in zip(self.kernels, self.owners, before):
+            if not np.array_equal(keras.ops.convert_to_numpy(kernel)[owners != owner], old[owners != owner]):
+                raise ValueError(
+                    f"PackNet's fit changed {kernel.path}'s weights that earlier tasks or the backbone own: Keras' "
+                    "model.fit cannot mask gradients; train with tf_piggyback.train(..., "
+                    "gradient_masks=pack.gradient_masks()) (or scripts/train.py --method=packnet)")
 
     def task_model(self, k):
         """A plain Keras model for task k: the weights of the backbone and tasks 1..k, and k's head."""
