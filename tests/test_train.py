@@ -457,8 +457,9 @@ def test_a_diverging_run_stops_or_is_marked_never_a_clean_result(tmp_path):
         "the training diverged; lower --finetune_lr (now 1000)" in last, last
     assert not {"metrics.json", "model.keras"} & set(os.listdir(diverged))
 
+    # At 1000 the digits CNN's weights overflow in its first epoch (refused, as above); at 100 they stay finite.
     at_chance = str(tmp_path / "at_chance")  # no --verbose: stdout is a pipe, so one line per epoch
-    result = train_cli("--backbone=digits", "--dataset=digits:upper", "--method=finetune", "--finetune_lr=1000",
+    result = train_cli("--backbone=digits", "--dataset=digits:upper", "--method=finetune", "--finetune_lr=100",
                        "--epochs=2", f"--model_dir={at_chance}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("warning: test accuracy "), result.stderr[-2000:]
@@ -470,7 +471,7 @@ def test_a_diverging_run_stops_or_is_marked_never_a_clean_result(tmp_path):
     assert "\r" not in result.stdout and "━" not in result.stdout  # no progress bar redraws
     warnings = json.load(open(os.path.join(at_chance, "metrics.json")))["warnings"]
     assert warnings[-1].startswith("test accuracy") and len(warnings) == len(words) - 2, warnings
-    assert all("check --finetune_lr (now 1000)" in warning for warning in warnings)
+    assert all("check --finetune_lr (now 100)" in warning for warning in warnings)
     assert all(w.startswith("epoch 2 trained at chance level") for w in warnings[:-1])
     report = build_report([at_chance], str(tmp_path / "report"))
     rows = [line for line in report.splitlines() if line.startswith("| upper |")]
@@ -543,3 +544,25 @@ def test_a_checkpoint_from_before_the_mask_scale_resumes_with_the_same_masks(tmp
     assert sum(int(np.sum(m == 0)) for m in expected) > 1000
     params = sum(m.size for m in expected)
     assert sum(int(np.sum(a != b)) for a, b in zip(expected, masks)) <= params * 1e-4
+
+
+def test_non_finite_weights_never_reach_a_checkpoint_or_a_task_file(tmp_path):
+    """Issue 39, 5: the last step of an epoch can write NaN or inf weights that no loss has seen
+    (here the head at an Adam rate of 1e39: inf in float32); they were checkpointed, and on the
+    last epoch written to the task file, and a resume restored them as the "last finite" state."""
+    import tensorflow as tf
+
+    from tf_piggyback.trainer import epoch_batches
+
+    one_batch = pb.load_dataset("digits:upper").train.take(32)
+    model = pb.piggyback(pb.digits_backbone(), 5)
+    checkpoints = str(tmp_path / "checkpoints")
+    with pytest.raises(FloatingPointError, match=r"^weights became NaN or inf in epoch 1's last step \(head/kernel.*"
+                                                 r"the training diverged; lower --mask_lr, --head_lr \(now 0.0001, 1e\+39\)"):
+        pb.train(model, epoch_batches(one_batch, 32), pb.TrainConfig(epochs=1, head_lr=1e39),
+                 checkpoint_dir=checkpoints, log=lambda line: None)
+    assert tf.train.latest_checkpoint(checkpoints) is None
+    with pytest.raises(ValueError, match=r"^cannot save the task: 2 of its weights hold NaN or inf \(head/kernel, "
+                                         r"head/bias\); the training diverged"):
+        pb.save_task(model, str(tmp_path / "task.npz"))
+    assert not (tmp_path / "task.npz").exists()

@@ -58,6 +58,13 @@ def save_task(model, path, *, class_names=None, metrics=None):
         raise ValueError(
             f"class_names has {len(class_names)} names but the model has {spec.num_classes} classes"
         )
+    weights = task_weights(model)
+    broken = [w.path for w in [*(m for layer in masked_layers(model) for m in layer.masks), *weights]
+              if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
+    if broken:  # a NaN m_r would threshold to 0 and be stored as a silent "off"
+        raise ValueError(f"cannot save the task: {len(broken)} of its weights hold NaN or inf "
+                         f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}); the training diverged: "
+                         "lower the learning rate and train again")
     layers, payloads, masks, offset = [], [], [], 0
     for layer in masked_layers(model):
         for kernel, mask in zip(layer.kernels, layer.thresholded_masks()):
@@ -73,7 +80,6 @@ def save_task(model, path, *, class_names=None, metrics=None):
             })
             payloads.append(payload)
             offset += len(payload)
-    weights = task_weights(model)
     input_shape = model.inputs[0].shape
     manifest = {
         "format": FORMAT,

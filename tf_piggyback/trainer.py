@@ -298,14 +298,14 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
             *sums, counts = distributed_step(images, labels)
             sums = np.array([float(t) for t in sums])
             if not np.isfinite(sums[0]):  # at once: no later step recovers, and no checkpoint gets this state
-                kept = manager and manager.latest_checkpoint
-                raise FloatingPointError(
-                    f"loss became {sums[0] / sums[2]} in epoch {epoch + 1}, step {step}: the training diverged; "
-                    f"{learning_rate_advice(config)} and train again in a new --model_dir"
-                    + (f"; the last finite checkpoint stays: {kept}" if kept else "")
-                )
+                _diverged(f"loss became {sums[0] / sums[2]} in epoch {epoch + 1}, step {step}", config, manager)
             totals, classes = totals + sums, classes + counts.numpy()
             progress.add(1, values=[("loss", totals[0] / totals[2])])
+        # The last step's own update is seen by no loss: its weights are checked before they are kept.
+        broken = [v.path for _, vs in groups for v in vs if not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))]
+        if broken:
+            _diverged(f"weights became NaN or inf in epoch {epoch + 1}'s last step ({', '.join(broken[:3])}"
+                      + (", ..." if len(broken) > 3 else "") + ")", config, manager)
         loss, accuracy = totals[0] / totals[2], totals[1] / totals[2]
         epoch_var.assign(epoch + 1)
         if manager:
@@ -324,6 +324,14 @@ def train(model, dataset, config, *, strategy=None, steps_per_epoch=None, checkp
                 f"{learning_rate_advice(config, 'check')}")
             log(f"warning: {history[-1]['warning']}")
     return history
+
+
+def _diverged(what, config, manager):
+    """Raises the one-line `FloatingPointError` of a diverged run: what became non-finite, the
+    learning rates to lower, and the last finite checkpoint, which stays."""
+    kept = manager and manager.latest_checkpoint
+    raise FloatingPointError(f"{what}: the training diverged; {learning_rate_advice(config)} and train again in a "
+                             f"new --model_dir" + (f"; the last finite checkpoint stays: {kept}" if kept else ""))
 
 
 def at_chance(accuracy, chance_accuracy, losses=(), chance_loss=None):
