@@ -14,6 +14,7 @@ import tensorflow as tf
 import tf_piggyback as pb
 from conftest import REPO, random_masks, tflite_ops
 from tf_piggyback.export import export_saved_model, export_tflite
+from tf_piggyback.fingerprint import old_fingerprint
 from tf_piggyback.layers import is_kernel
 from tf_piggyback.surgery import masked_layers
 
@@ -373,14 +374,16 @@ def test_head_takes_a_name_the_backbone_does_not_use(tmp_path):
 def test_task_file_with_the_old_fingerprint_loads():
     """`tests/data/gemma_task_20cf180.npz` was written by tf_piggyback at commit 20cf180 (Gemma
     below, masks `random_masks(..., 1)`), whose fingerprint described keras-hub's
-    `RMSNormalization` by its attributes; the fingerprint now describes it by its weights. The old
-    file still loads, to the logits it was saved with; another backbone is still refused."""
+    `RMSNormalization` by its attributes named like its constructor's arguments; that description
+    was dropped (it guessed from attributes), and since issue 39 Keras' automatic config, the
+    arguments themselves, describes it again: the old file's fingerprint is the current one. The
+    old file still loads, to the logits it was saved with; another backbone is still refused."""
     data = os.path.join(REPO, "tests", "data")
     path = os.path.join(data, "gemma_task_20cf180.npz")
     saved = dict(np.load(os.path.join(data, "gemma_task_20cf180_io.npz")))
     logits = saved.pop("logits")
     backbone = gemma_backbone()
-    assert pb.read_manifest(path)["backbone"]["fingerprint"] != pb.fingerprint(backbone)
+    assert pb.read_manifest(path)["backbone"]["fingerprint"] == old_fingerprint(backbone) == pb.fingerprint(backbone)
     np.testing.assert_allclose(pb.load_task(path, backbone)(saved).numpy(), logits, atol=1e-6)
     other = gemma_backbone()
     other.weights[0].assign(other.weights[0] * 2)

@@ -3,6 +3,7 @@ import json
 import os
 import zipfile
 
+import keras
 import numpy as np
 import pytest
 
@@ -264,3 +265,60 @@ def test_a_backbone_whose_layers_are_named_otherwise_loads_in_order(tmp_path):
     assert [w.path for w in second.weights] != [w.path for w in first.weights]
     x = np.random.default_rng(2).normal(size=(4, 6)).astype("float32")
     np.testing.assert_array_equal(load_task(path, second)(x).numpy(), model(x).numpy())
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Scale(keras.layers.Layer):
+    """A weightless `x * factor` with no `get_config` of its own: Keras records its constructor
+    arguments (its automatic config), and they are all that tells Scale(2.0) from Scale(-100.0)."""
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return x * self.factor
+
+
+def scaled_backbone(factor):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(Scale(factor, name="scale")(x))
+    return keras.Model(inputs, keras.layers.Dense(6, name="fc")(x), name="scaled")
+
+
+def _rewrite_backbone_entry(path, entry):
+    """The task file at `path` with its manifest's `backbone` replaced, as another writer made it."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = dict(f)
+    manifest = json.loads(arrays["manifest"].tobytes())
+    manifest["backbone"] = entry
+    arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
+    np.savez(path, **arrays)
+
+
+def test_the_fingerprint_covers_a_custom_layers_settings(tmp_path):
+    """Issue 39, 4: a task trained over Scale(2.0) loaded silently over Scale(-100.0) (the
+    fingerprint described a layer without a `get_config` of its own by its weights alone, and
+    Scale has none). Keras' automatic config now counts; a file written before still loads."""
+    from tf_piggyback import fingerprint
+    from tf_piggyback.fingerprint import lacks_config
+
+    two, minus = scaled_backbone(2.0), scaled_backbone(-100.0)
+    assert fingerprint(two) != fingerprint(minus)
+    assert fingerprint(two, loose=True) == fingerprint(minus, loose=True)  # the old form is blind to it
+    path = str(tmp_path / "task.npz")
+    save_task(piggyback(two, 3), path)
+    assert set(read_manifest(path)["backbone"]) == {"name", "fingerprint", "loose_fingerprint"}
+    with pytest.raises(TaskFileError, match="was trained on backbone 'scaled'"):
+        load_task(path, minus)
+    two.save(tmp_path / "two.keras")  # Keras keeps the automatic config in a .keras file
+    loaded = keras.models.load_model(tmp_path / "two.keras")
+    assert not lacks_config(loaded) and fingerprint(loaded) == fingerprint(two)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype("float32")
+    np.testing.assert_allclose(load_task(path, loaded)(x).numpy(), load_task(path, two)(x).numpy(), atol=1e-6)
+
+    # A file from before: its fingerprint is the loose form, and it still loads (over either: it cannot tell).
+    _rewrite_backbone_entry(path, {"name": "scaled", "fingerprint": fingerprint(two, loose=True)})
+    assert load_task(path, two).output_shape == (None, 3)

@@ -256,7 +256,7 @@ def export_ondevice(backbone, num_classes, batch_size, output_dir, **kwargs):
         converter.experimental_enable_resource_variables = True
         flatbuffer = converter.convert()
     spec = model.task_spec
-    config = {"backbone": {"name": spec.backbone_name, "fingerprint": spec.backbone_fingerprint},
+    config = {"backbone": spec.backbone,
               "num_classes": int(num_classes), "batch_size": batch_size, "image_size": list(model.inputs[0].shape[1:]),
               "options": {k: spec.options[k] for k in ("threshold", "mask_init", "mask_scale", "train_bn", "mask_from")},
               "optimizer": module.optimizer, "mask_lr": module.learning_rates[0],

@@ -25,8 +25,7 @@ class TaskSpec:
     """
 
     method: str
-    backbone_name: str
-    backbone_fingerprint: str
+    backbone: dict  # what the task file records of the backbone (fingerprint.backbone_entry)
     num_classes: int
     options: dict
     # Names of the layers whose weights the task owns (the head; per-task BatchNormalization):

@@ -85,7 +85,7 @@ def save_task(model, path, *, class_names=None, metrics=None):
         "format": FORMAT,
         "version": VERSION,
         "method": spec.method,
-        "backbone": {"name": spec.backbone_name, "fingerprint": spec.backbone_fingerprint},
+        "backbone": spec.backbone,
         "num_classes": spec.num_classes,
         # The head's layer: "head" unless the backbone has a layer of that name (files without
         # this key were all "head"); a reader of its weights (the task bank) matches this prefix.

@@ -2,7 +2,7 @@
 
 import keras
 
-from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.fingerprint import backbone_entry
 from tf_piggyback.methods.base import Method, register
 from tf_piggyback.surgery import TaskSpec, add_head, feature_model, iter_layers, owned_layers, task_head
 
@@ -19,7 +19,7 @@ def classifier_only(backbone, num_classes, *, feature_layer=None, head=None):
     body = keras.models.clone_model(features, clone_function=lambda layer: layer, recursive=True)
     head, stored = task_head(head)
     model = add_head(body, num_classes, name=f"classifier_{backbone.name}", head=head)
-    model.task_spec = TaskSpec("classifier", backbone.name, fingerprint(backbone), int(num_classes),
+    model.task_spec = TaskSpec("classifier", backbone_entry(backbone), int(num_classes),
                                {"feature_layer": feature_layer, **stored}, owned_layers(head))
     return model
 

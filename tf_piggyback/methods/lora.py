@@ -4,7 +4,7 @@ layers, trained with Adam at `lora_lr`; `surgery.bake` merges them into full ker
 import keras
 import numpy as np
 
-from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.fingerprint import backbone_entry
 from tf_piggyback.layers import is_composite
 from tf_piggyback.methods.base import Method, register, schedule
 from tf_piggyback.surgery import BackboneSource, TaskSpec, add_head, feature_model, freeze_backbone, iter_layers, \
@@ -54,7 +54,7 @@ def lora(backbone, num_classes, *, rank, feature_layer=None):
 
     body = keras.models.clone_model(features, clone_function=clone, recursive=True)
     model = add_head(body, num_classes, name=f"lora_{backbone.name}")
-    model.task_spec = TaskSpec("lora", backbone.name, fingerprint(backbone), int(num_classes),
+    model.task_spec = TaskSpec("lora", backbone_entry(backbone), int(num_classes),
                                {"rank": int(rank), "feature_layer": feature_layer})
     freeze_backbone(model)
     return remember_backbone(model, source, backbone, {id(copies[id(layer)]): layer for layer in targets})

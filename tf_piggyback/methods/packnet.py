@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from tf_piggyback.files import TaskFileError, read_npz, sha256, write_atomic, write_npz
-from tf_piggyback.fingerprint import check_backbone, fingerprint
+from tf_piggyback.fingerprint import backbone_entry, check_backbone
 from tf_piggyback.methods.base import Method, momentum_sgd, register
 from tf_piggyback.surgery import add_head, feature_model, head_name, iter_layers, kernel_weights
 
@@ -76,7 +76,7 @@ class PackNet:
     def __init__(self, backbone, prune=DEFAULT_PRUNE, *, backbone_prune=DEFAULT_BACKBONE_PRUNE, feature_layer=None,
                  _prune_backbone=True):
         self.prune, self.backbone_prune = validate_prune(prune), validate_prune(backbone_prune)
-        self.backbone_name, self.fingerprint = backbone.name, fingerprint(backbone)
+        self.backbone = backbone_entry(backbone)  # its name and fingerprints, as the saved pack records them
         self.feature_layer = feature_layer
         features = feature_model(backbone, feature_layer)
         self.body = keras.models.clone_model(features, recursive=True)
@@ -118,7 +118,7 @@ class PackNet:
 
     def training_model(self, num_classes):
         """The shared network and a new head, trained in place by `add_task`."""
-        return add_head(self.body, num_classes, name=f"packnet_{self.backbone_name}_{len(self.tasks) + 1}")
+        return add_head(self.body, num_classes, name=f"packnet_{self.backbone['name']}_{len(self.tasks) + 1}")
 
     def add_task(self, fit, num_classes, class_names=None):
         """Learns task `len(tasks) + 1`: train the free weights, prune, retrain the kept ones.
@@ -188,7 +188,7 @@ class PackNet:
         manifest = {
             "format": FORMAT, "version": VERSION, "prune": self.prune, "backbone_prune": self.backbone_prune,
             "feature_layer": self.feature_layer,
-            "backbone": {"name": self.backbone_name, "fingerprint": self.fingerprint},
+            "backbone": self.backbone,
             "kernels": [{"name": k.path, "shape": list(k.shape)} for k in self.kernels],
             "tasks": [{key: value for key, value in task.items() if key != "head"} | {"heads": len(task["head"])}
                       for task in self.tasks],

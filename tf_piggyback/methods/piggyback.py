@@ -6,7 +6,7 @@ Reference: §3 (masking), §5.2 (masking from a layer on), §5.3 (per-task batch
 import keras
 
 from tf_piggyback.binarizers import DEFAULT_THRESHOLD
-from tf_piggyback.fingerprint import fingerprint
+from tf_piggyback.fingerprint import backbone_entry
 from tf_piggyback.layers import DEFAULT_MASK_SCALE, MaskedEmbedding, wrapper_for
 from tf_piggyback.methods.base import Method, register
 from tf_piggyback.surgery import (BackboneSource, TaskSpec, add_head, feature_model, iter_layers, kernel_weights,
@@ -140,7 +140,7 @@ def piggyback(
                "skip_unsupported": bool(skip_unsupported), "mask_from": mask_from,
                "mask_embeddings": bool(mask_embeddings), **stored}
     owned = owned_layers(head, *(copy.name for copy in bn_copies.values()))
-    model.task_spec = TaskSpec("piggyback", backbone.name, fingerprint(backbone), int(num_classes), options, owned)
+    model.task_spec = TaskSpec("piggyback", backbone_entry(backbone), int(num_classes), options, owned)
     return remember_backbone(model, source, backbone, stand_ins)
 
 
