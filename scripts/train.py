@@ -44,8 +44,8 @@ def define_flags():
     flags.DEFINE_float("head_lr", 1e-4, "Adam learning rate of the head and BatchNorm (paper: 1e-4).")
     flags.DEFINE_float("finetune_lr", 1e-3, "SGD (momentum 0.9) learning rate for --method=finetune and packnet.")
     flags.DEFINE_integer("warmup_epochs", 5, "--method=finetune and packnet: the learning rate rises linearly to "
-                         "--finetune_lr over this many epochs, so networks without BatchNormalization (VGG16) train "
-                         "(0: the paper's schedule; BUILD.md).")
+                         "--finetune_lr over this many epochs, at most a sixth of --epochs (at least 1), so networks "
+                         "without BatchNormalization (VGG16) train (0: the paper's schedule; BUILD.md).")
     flags.DEFINE_integer("lora_rank", 4, "--method=lora: rank of the low-rank adapters on each Dense, convolution, "
                          "EinsumDense and attention projection.")
     flags.DEFINE_float("lora_lr", 1e-3, "--method=lora: Adam learning rate of the adapters.")

@@ -128,11 +128,14 @@ def input_pipeline(config, image_shape):
 
 
 def run_warnings(history, scores, train_config):
-    """Why a trained run is no result, one line each (BUILD.md, "Training defaults"): epochs after
-    the first at chance level (`trainer.train`'s `warning`), a test accuracy within 1 point of
-    always answering the most frequent class. `report` marks a run with any in every table."""
+    """Why a trained run is no result, one line each (BUILD.md, "Training defaults"): its last epoch
+    at chance level (`trainer.train`'s `warning`; an earlier one that the run recovered from is no
+    mark: the tables show the trained result), a test accuracy at chance (`trainer.at_chance`
+    against always answering the test set's most frequent class). `report` marks a run with any
+    in every table."""
     stuck = [h for h in history if h.get("warning")]
-    warnings = [f"{stuck[-1]['warning']} ({len(stuck)} of {len(history)} epochs at chance)"] if stuck else []
+    warnings = [f"{stuck[-1]['warning']} ({len(stuck)} of {len(history)} epochs at chance)"] \
+        if history and history[-1].get("warning") else []
     if at_chance(scores["accuracy"], scores["chance_accuracy"]):
         warnings.append(f"test accuracy {scores['accuracy']:.4f} is at chance level ({scores['chance_accuracy']:.4f} "
                         f"always answering the most frequent class). Not a result: {learning_rate_advice(train_config, 'check')}")

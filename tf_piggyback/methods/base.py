@@ -66,11 +66,18 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         return cls(keras.optimizers.schedules.deserialize(config["schedule"]), config["steps"])
 
 
+def warmup_epochs(config):
+    """The epochs the SGD methods warm up over: `config.warmup_epochs`, at most a sixth of the run
+    (the default 5 is a sixth of the paper's 30 epochs; a 5-epoch run warms up over 1, not all 5),
+    at least 1; 0 stays 0 (the paper's schedule)."""
+    return min(config.warmup_epochs, max(1, round(config.epochs / 6))) if config.warmup_epochs else 0
+
+
 def momentum_sgd(model, config, steps_per_epoch):
     """One group: SGD with momentum 0.9 at `config.finetune_lr` over every trainable variable
-    (§4: the finetuning baseline's optimizer; PackNet's too), warmed up over
-    `config.warmup_epochs` epochs (`LinearWarmup`; 0: the paper's schedule)."""
-    return [(keras.optimizers.SGD(schedule(config.finetune_lr, config, steps_per_epoch, config.warmup_epochs),
+    (§4: the finetuning baseline's optimizer; PackNet's too), warmed up over `warmup_epochs(config)`
+    epochs (`LinearWarmup`; 0: the paper's schedule)."""
+    return [(keras.optimizers.SGD(schedule(config.finetune_lr, config, steps_per_epoch, warmup_epochs(config)),
                                   momentum=0.9), list(model.trainable_variables))]
 
 
