@@ -200,3 +200,23 @@ def test_any_sequence_of_changes_versions_and_calls(task_files, tmp_path):
 @pytest.mark.slow
 def test_any_sequence_of_changes_versions_and_calls_long(task_files, tmp_path):
     _run_machine(task_files, tmp_path, examples=30, steps=20)
+
+
+def test_the_same_task_twice_exports_every_version(task_files, tmp_path):
+    """Issue 39, 1: one task file under two names, or two byte-identical copies, share one blob
+    name; version 1 exported, and every later one failed (`shutil.SameFileError`: the second link
+    of the blob fell back to copying the file onto itself)."""
+    import shutil
+
+    paths, images, expected = task_files
+    copy = str(tmp_path / "copy.npz")
+    shutil.copyfile(paths["bin"], copy)
+    tasks = [f"a={paths['bin']}", f"b={paths['bin']}", f"c={copy}", f"t={paths['ter']}"]
+    base = str(tmp_path / "model")
+    for version in (1, 2, 3):
+        latest = export_saved_model(pb.digits_backbone(), tasks, base)
+        assert latest.endswith(os.sep + str(version))
+    loaded = tf.saved_model.load(latest)
+    for name, task in (("a", "bin"), ("b", "bin"), ("c", "bin"), ("t", "ter")):
+        np.testing.assert_allclose(loaded.signatures[name](image=tf.constant(images))["logits"], expected[task],
+                                   atol=1e-5)

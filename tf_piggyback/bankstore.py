@@ -42,8 +42,11 @@ def blob_name(digest, layout, own_paths):
 
 def write_blob(folder, name, packed, own):
     """Writes a task's files into `folder` (an export's temporary version folder: the version is
-    renamed into place whole, so each file needs no rename of its own)."""
+    renamed into place whole, so each file needs no rename of its own). A blob another task of the
+    version wrote already (the same task file twice: `blob_name`) is the same bytes and is kept."""
     for suffix, array in zip(_SUFFIXES, (np.asarray(packed, np.uint8), np.asarray(own, "<f4"))):
+        if os.path.exists(os.path.join(folder, name + suffix)):
+            continue
         with open(os.path.join(folder, name + suffix), "wb") as f:
             f.write(array.tobytes())
 
@@ -157,6 +160,8 @@ class Exported:
         if not self._tasks or not all(os.path.isfile(s) and os.path.getsize(s) == n for s, n in zip(sources, sizes)):
             return False
         for source, target in zip(sources, task_paths(folder + os.sep, name)):
+            if os.path.exists(target):  # another task of this version has the same blob (one task file twice)
+                continue
             try:
                 os.link(source, target)
             except OSError:  # another file system, or one without links
