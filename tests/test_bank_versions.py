@@ -220,3 +220,32 @@ def test_the_same_task_twice_exports_every_version(task_files, tmp_path):
     for name, task in (("a", "bin"), ("b", "bin"), ("c", "bin"), ("t", "ter")):
         np.testing.assert_allclose(loaded.signatures[name](image=tf.constant(images))["logits"], expected[task],
                                    atol=1e-5)
+
+
+def test_a_version_is_on_disk_before_its_number_appears(task_files, tmp_path, monkeypatch):
+    """Issue 39, 3: nothing was fsynced before the rename, so after a power loss a numbered
+    version could hold empty files. Every file and folder of the version is synced before its
+    folder is renamed to its number, and the base path's entry after."""
+    paths, _, _ = task_files
+    base = str(tmp_path / "model")
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recording_replace(source, target):
+        events.append(("rename", str(source), str(target)))
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    latest = export_saved_model(pb.digits_backbone(), [paths["bin"], paths["ter"]], base)
+    [rename] = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == latest]
+    tmp = events[rename][1]
+    synced = {e[1] for e in events[:rename] if e[0] == "sync"}
+    written = {os.path.join(folder, name).replace(latest, tmp, 1) for folder, dirs, names in os.walk(latest)
+               for name in names + dirs} | {tmp}
+    assert len(written) > 10 and written <= synced, sorted(written - synced)[:5]
+    assert ("sync", base) in events[rename:]

@@ -18,7 +18,7 @@ import tensorflow as tf
 from tf_piggyback.signatures import input_spec, save, signature, with_outputs
 from tf_piggyback.surgery import bake
 from tf_piggyback.bankstore import LISTING, STORE
-from tf_piggyback.files import require_file
+from tf_piggyback.files import require_file, sync_directory, sync_tree
 from tf_piggyback.taskbank import DEFAULT_SLOTS, TaskBank
 from tf_piggyback.taskfile import load_task, named_tasks, parse_task, task_name
 from tf_piggyback.tflite import QUANTIZATIONS, REPRESENTATIVE_SAMPLES, export_tflite, representative_images
@@ -135,9 +135,11 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
                 tf.train.Checkpoint(root=module).write(os.path.join(tmp, "variables", "variables"))
             else:
                 save(module, tmp, signatures, type(backbone).__name__)
+        sync_tree(tmp)  # whole on disk before its number appears
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
+        sync_directory(output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created and not os.listdir(output_dir):

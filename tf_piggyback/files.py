@@ -35,10 +35,31 @@ def write_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_directory(folder)  # the rename itself survives a power loss
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def sync_directory(path):
+    """fsyncs the directory `path`: its entries (a file renamed or created in it) are on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path):
+    """fsyncs every file and folder under `path` (deepest first) and `path` itself: a folder that
+    is then renamed into place (an export's version) holds whole files after a power loss, never
+    empty ones whose data was still in the page cache."""
+    for folder, _, names in os.walk(path, topdown=False):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        sync_directory(folder)
 
 
 def read_npz(path, file_format, version):
