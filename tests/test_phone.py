@@ -274,3 +274,52 @@ def test_attention_kernels_are_filters_too(tmp_path):
     for name in ["bin", "ter", "bin", "ter"]:
         out, own = tasks.task(name)(image=x)["logits"], reference[name](image=x)["logits"]
         assert out.shape == own.shape and np.abs(out - own).max() <= 1e-4, name
+
+
+REWRITTEN = """
+import shutil, sys
+import numpy as np
+from tf_piggyback.phone import PhoneTasks
+file, other, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+tasks = PhoneTasks(file)
+x = np.zeros((1, 32, 32, 1), "float32")
+tasks.task(names[0])(image=x)
+shutil.copyfile(other, file)  # `cp other file`: the same inode, truncated and written again
+try:
+    tasks.task(names[1])(image=x)
+except ValueError as error:
+    print("refused:", error)
+"""
+
+
+def test_a_phone_file_rewritten_under_a_running_runtime_is_refused_not_a_signal(phone, tmp_path):
+    """Issue 39, 7: a file rewritten in place (`cp` over it) under a running `PhoneTasks` killed
+    the process with SIGBUS at the next switch (its mapping read past the new end), or, at the
+    same size, patched the new bytes at the old offsets. Now the switch says so in one line."""
+    import shutil
+
+    specs, singles, file = phone
+    names = [spec.split("=")[0] for spec in specs]
+    served = str(tmp_path / "served.tflite")
+    shutil.copyfile(file, served)
+    smaller = str(tmp_path / "smaller.tflite")  # a file cut short, as while a copy is still being written
+    with open(file, "rb") as f, open(smaller, "wb") as out:
+        out.write(f.read(4096))
+    result = subprocess.run([sys.executable, "-c", REWRITTEN, served, smaller, *names[:2]], capture_output=True,
+                            text=True, cwd=REPO)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])  # -7: SIGBUS
+    assert f"refused: {served} changed since it was opened (rewritten, replaced or removed): open it again" in \
+        result.stdout, result.stdout
+
+
+def test_an_all_zero_tensor_holds_no_kernel():
+    """Issue 39, 7: `_locate` took a scale of 0 as a fit, so an all-zero tensor of a kernel's
+    shape matched every kernel. A channel may still be 0 where the kernel's is (pruned, masked off)."""
+    from tf_piggyback.phonebytes import holds
+
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 8)).astype("float32")
+    assert not holds(kernel, np.zeros_like(kernel), 3, 1e-5)
+    assert holds(kernel, kernel * np.linspace(0.5, 2, 8, dtype="float32"), 3, 1e-5)  # a folded BatchNormalization
+    pruned = kernel.copy()
+    pruned[..., 2] = 0
+    assert holds(pruned, pruned * 3, 3, 1e-5) and not holds(kernel, pruned, 3, 1e-5)

@@ -61,13 +61,6 @@ def task_paths(folder, name):
     return [folder + name + suffix for suffix in _SUFFIXES]
 
 
-def file_stat(path):
-    """What a new version compares to find a task file unchanged (`TaskBank._unchanged`): its
-    real path, size, modification and change times, and inode."""
-    stat = os.stat(path)
-    return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
-
-
 class Plan(typing.NamedTuple):
     """Where an export writes its tasks' files and what they are written over
     (`TaskBank._plan`): the folder, the layout, the owned weights' paths and how many floats
@@ -121,7 +114,7 @@ class Exported:
             logging.warning("every task file is decoded: the latest version %s offers no tasks, since %s", path, why)
 
     def entry(self, stat):
-        """The listing's entry of the task whose file had `stat` (`file_stat`) when this
+        """The listing's entry of the task whose file had `stat` (`files.file_stat`) when this
         version read it, if it is in files; else None."""
         return self._stats.get(json.dumps(stat))
 

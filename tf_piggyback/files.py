@@ -42,6 +42,14 @@ def write_atomic(path, write):
         raise
 
 
+def file_stat(path):
+    """What tells that a file changed (a new task bank version finds a task file unchanged,
+    `TaskBank._unchanged`; a phone file is the one opened, `PhoneTasks`): its real path, size,
+    modification and change times, and inode."""
+    stat = os.stat(path)
+    return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
 def sync_directory(path):
     """fsyncs the directory `path`: its entries (a file renamed or created in it) are on disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -26,9 +26,9 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from tf_piggyback import coding
-from tf_piggyback.files import write_atomic
+from tf_piggyback.files import file_stat, write_atomic
 from tf_piggyback.phonebytes import (ALIGN, DTYPES, LAYOUTS, AlignedBuffer, Payload, add_mask, buffer_data,
-                                     buffer_spans, channel_scale, in_layout, int8_tasks, refused, tensor_list,
+                                     buffer_spans, channel_scale, holds, in_layout, int8_tasks, refused, tensor_list,
                                      vector_span)
 from tf_piggyback.surgery import bake_with_layers
 from tf_piggyback.taskfile import load_task, named_tasks
@@ -91,8 +91,9 @@ def _locate(model, tensors, kernel, tolerance):
             if shape != candidate.shape or dtype not in DTYPES:
                 continue
             data = buffer_data(model, buffer)
-            if data is not None and data.size == candidate.nbytes // 4 * np.dtype(DTYPES[dtype]).itemsize and \
-                    channel_scale(candidate, data.view(DTYPES[dtype]).reshape(shape), layout[1], tolerance) is not None:
+            if data is None or data.size != candidate.nbytes // 4 * np.dtype(DTYPES[dtype]).itemsize:
+                continue
+            if holds(candidate, data.view(DTYPES[dtype]).reshape(shape), layout[1], tolerance):
                 return index, layout
     return None
 
@@ -276,6 +277,8 @@ class PhoneTasks:
     """
 
     def __init__(self, path, num_threads=None):
+        self.path = path
+        self._stat = file_stat(path)  # before the mapping: a change after it is seen at the next switch
         with open(path, "rb") as f:
             self._bytes = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.table = read_table(self._bytes)
@@ -310,12 +313,25 @@ class PhoneTasks:
 
         with self._lock:
             self.active, self._runner = None, None
+            self._check_unchanged()
             content = patched(self._bytes, self.table, name)
             interpreter = Interpreter(model_content=content, num_threads=self._num_threads)
             self._runner = interpreter.get_signature_runner(self.table["signature"])
             self.active = name
             if hasattr(mmap, "MADV_DONTNEED"):  # the file's pages are read again only at the next switch
                 self._bytes.madvise(mmap.MADV_DONTNEED)
+
+
+    def _check_unchanged(self):
+        """Raises a one-line ValueError if the file was rewritten or replaced since it was opened:
+        its mapped bytes would be read at stale offsets, or past a truncated end (SIGBUS)."""
+        try:
+            now = file_stat(self.path)
+        except OSError:
+            now = None
+        if now != self._stat:
+            raise ValueError(f"{self.path} changed since it was opened (rewritten, replaced or removed): open it "
+                             "again, PhoneTasks(path), to serve the new file")
 
 
 def patched(content, table, name):

@@ -63,6 +63,16 @@ def channel_scale(base, other, axis, tolerance):
     return q.astype(np.float32) if np.all(error <= tolerance * np.maximum(scale, 1e-30)) else None
 
 
+def holds(kernel, data, axis, tolerance):
+    """Whether tensor `data` holds `kernel` (both in one layout) up to a per-channel scale along
+    `axis` (`channel_scale`): how an export finds each masked filter in the converted model. A
+    scale of 0 where the kernel's channel is not all 0 holds nothing of it: an all-zero tensor
+    of the right shape would match every kernel (issue 39)."""
+    scale = channel_scale(kernel, data, axis, tolerance)
+    nonzero = np.moveaxis(kernel, axis, 0).reshape(kernel.shape[axis], -1).any(axis=1)
+    return scale is not None and not np.any((scale == 0) & nonzero)
+
+
 class Payload:
     """The bytes a file carries after its model: each task's masks, scales and own tensors."""
 
@@ -155,8 +165,8 @@ def int8_tasks(names, classes, task_masks, converted, kernels, tolerance):
                 continue
             for layout in LAYOUTS.get(kernel.ndim, []):
                 candidate = in_layout(kernel * mask, layout)
-                if candidate.shape == tensors[index][1] and layout[1] == axis and channel_scale(
-                        candidate, dequantized(base, tensors, index), axis, tolerance) is not None:
+                if candidate.shape == tensors[index][1] and layout[1] == axis and holds(
+                        candidate, dequantized(base, tensors, index), axis, tolerance):
                     found = (index, layout)
                     break
             if found:

@@ -35,8 +35,8 @@ import tensorflow as tf
 
 from tf_piggyback.bankgraph import MAX_UID, BankGraph, PackedLayout
 from tf_piggyback.bankmodule import BankTask, BankVersion, own_and_head, pack_masks, served_alone
-from tf_piggyback.bankstore import STORE, Exported, Plan, blob_name, file_stat, write_blob
-from tf_piggyback.files import read_npz_manifest
+from tf_piggyback.bankstore import STORE, Exported, Plan, blob_name, write_blob
+from tf_piggyback.files import file_stat, read_npz_manifest
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.surgery import HEAD_NAME, feature_model
 from tf_piggyback.taskfile import FORMAT, VERSION, TaskFileError, TaskRecord, task_name
