@@ -28,7 +28,8 @@ def define_flags():
     flags.DEFINE_multi_string("task", None, "Task file(s), PATH or NAME=PATH; repeat for a multi-task model.")
     flags.DEFINE_string("output", None, "Model base path; the version goes in OUTPUT/<version>/.")
     flags.DEFINE_integer("version", None, "Integer version; default the next free one.")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing version (TF Serving never reloads a version number it "
+                      "has loaded: export the next version instead; a warning says so).")
     flags.DEFINE_integer("slots", DEFAULT_SLOTS, "Several tasks: how many tasks' masked kernels stay unpacked "
                          "at once (each a float copy of the kernels); others unpack when called (tens of ms).")
     flags.DEFINE_bool("per_task_signatures", True, "Several tasks: a signature per task besides serving_default, "

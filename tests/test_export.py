@@ -145,6 +145,18 @@ def test_versions_and_overwrite(tasks, tmp_path):
     assert sorted(os.listdir(out)) == ["1", "2"]
 
 
+def test_overwrite_says_what_tensorflow_serving_will_do(tasks, tmp_path, caplog):
+    """Issue 39: `--overwrite` of a version that may be served says that TF Serving will not reload
+    it and that a loaded multi-task version's calls fail; it still overwrites."""
+    paths, _ = tasks
+    out = str(tmp_path / "m")
+    first = export_saved_model(pb.digits_backbone(), paths[:2], out)
+    with caplog.at_level("WARNING"):
+        assert export_saved_model(pb.digits_backbone(), paths[:2], out, version=1, overwrite=True) == first
+    assert f"overwriting {first} in place: TensorFlow Serving never reloads a version number it has loaded" \
+        in caplog.text and "export the next version instead (omit --version)" in caplog.text
+
+
 def test_killed_export_leaves_no_partial_version(tasks, tmp_path):
     paths, _ = tasks
     out = tmp_path / "killed"

@@ -9,6 +9,7 @@ Every exported signature is as `signatures` says.
 """
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -110,6 +111,11 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
     final = os.path.join(output_dir, str(version))
     if os.path.exists(final) and not overwrite:
         raise ValueError(f"{final} exists; pick another --version, omit it for the next free one, or pass --overwrite")
+    if os.path.exists(final):
+        logging.warning(
+            "overwriting %s in place: TensorFlow Serving never reloads a version number it has loaded, so a server "
+            "serving it keeps the old graph until it unloads that version, and a multi-task version's calls read "
+            "task files this replaces (they fail); export the next version instead (omit --version)", final)
     previous = [os.path.join(output_dir, str(v)) for v in _versions(output_dir)
                 if os.path.isfile(os.path.join(output_dir, str(v), "assets", LISTING))]
     for path in named_tasks(task_paths)[1]:  # before anything is written
