@@ -211,13 +211,14 @@ def test_the_same_task_twice_exports_every_version(task_files, tmp_path):
     paths, images, expected = task_files
     copy = str(tmp_path / "copy.npz")
     shutil.copyfile(paths["bin"], copy)
-    tasks = [f"a={paths['bin']}", f"b={paths['bin']}", f"c={copy}", f"t={paths['ter']}"]
+    # Eight names for one file: `add_all` reads tasks in threads, so two of them link one blob at once.
+    tasks = [f"{name}={paths['bin']}" for name in "abdefghi"] + [f"c={copy}", f"t={paths['ter']}"]
     base = str(tmp_path / "model")
     for version in (1, 2, 3):
         latest = export_saved_model(pb.digits_backbone(), tasks, base)
         assert latest.endswith(os.sep + str(version))
     loaded = tf.saved_model.load(latest)
-    for name, task in (("a", "bin"), ("b", "bin"), ("c", "bin"), ("t", "ter")):
+    for name, task in (("a", "bin"), ("i", "bin"), ("c", "bin"), ("t", "ter")):
         np.testing.assert_allclose(loaded.signatures[name](image=tf.constant(images))["logits"], expected[task],
                                    atol=1e-5)
 
@@ -249,3 +250,29 @@ def test_a_version_is_on_disk_before_its_number_appears(task_files, tmp_path, mo
                for name in names + dirs} | {tmp}
     assert len(written) > 10 and written <= synced, sorted(written - synced)[:5]
     assert ("sync", base) in events[rename:]
+
+
+@pytest.mark.parametrize("operator", ["delete", "overwrite"])
+def test_a_loaded_versions_warm_tasks_outlive_its_folder(task_files, tmp_path, operator):
+    """Issue 39, 2: a served version read each task's `.own` file on every call, so when a
+    retention job deleted its folder, or `--overwrite` replaced it, every request failed, warm
+    tasks included. A task's own weights now live in its slot: the warm tasks (a masked one and a
+    classifier-only one, 2 slots) still answer, and only a cold task fails, naming its file."""
+    import shutil
+
+    paths, images, expected = task_files
+    base = str(tmp_path / "model")
+    backbone = pb.digits_backbone()
+    version = export_saved_model(backbone, [paths["bin"], paths["cls"], paths["ter"]], base, slots=2)
+    loaded = tf.saved_model.load(version)
+    x = tf.constant(images)
+    for name in ("bin", "cls"):
+        np.testing.assert_allclose(loaded.signatures[name](image=x)["logits"], expected[name], atol=1e-5)
+    if operator == "delete":
+        shutil.rmtree(version)
+    else:
+        export_saved_model(backbone, [paths["ter"], paths["bn"]], base, version=1, overwrite=True)
+    for name in ("bin", "cls", "bin"):
+        np.testing.assert_allclose(loaded.signatures[name](image=x)["logits"], expected[name], atol=1e-5)
+    with pytest.raises(tf.errors.NotFoundError, match=r"tf_piggyback_tasks/[0-9a-f]+\.(own|masks); No such file"):
+        loaded.signatures["ter"](image=x)

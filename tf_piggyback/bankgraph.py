@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import typing
 import uuid
 
 import keras
@@ -44,6 +45,18 @@ ALIGN = 16
 ID_BITS = ALIGN
 ID_WEIGHTS = 2.0 ** np.arange(ID_BITS - 1, -1, -1, dtype=np.float32)
 MAX_UID = 2 ** ID_BITS - 1
+
+
+class _Pool(typing.NamedTuple):
+    """One kind of working slots of a `BankGraph`: its slot variables, the hint of which task's uid
+    each holds, when each was last used, and how a held value names its task (`uid_of`). Made
+    at trace time from the graph's tracked variables (a tf.Module tracks its attributes, not a
+    tuple's callable)."""
+
+    slots: list
+    uids: tf.Variable
+    used: tf.Variable
+    uid_of: typing.Callable
 
 
 def aligned(size):
@@ -241,6 +254,13 @@ class BankGraph(tf.Module):
                       for i in range(slots)]
         self.slot_uids = tf.Variable([-1.0] * slots, trainable=False)  # a hint; the slot's id entries decide
         self.slot_used = tf.Variable([0] * slots, trainable=False, dtype=tf.int64)
+        # A task's own weights (per-task normalization, head) beside its kernels, its uid last: a
+        # version whose tasks are in files reads a task's `.own` only to fill one, so a warm call
+        # reads no file and a deleted or overwritten version folder costs only its cold tasks.
+        self.own_slots = [tf.Variable([-1.0], shape=tf.TensorShape([None]), trainable=False, name=f"own_slot{i}")
+                          for i in range(slots)]
+        self.own_slot_uids = tf.Variable([-1.0] * slots, trainable=False)
+        self.own_slot_used = tf.Variable([0] * slots, trainable=False, dtype=tf.int64)
         self.clock = tf.Variable(0, trainable=False, dtype=tf.int64)
         self.refills = tf.Variable(0, trainable=False, dtype=tf.int64)  # slots filled since loading
         # The fill lock (`_locked_fill`): a mutex resource that every call of this graph's
@@ -270,32 +290,51 @@ class BankGraph(tf.Module):
         that waited may find its task filled by the one before it) and otherwise fills the
         least recently used slot, so concurrent cold calls of one task unpack it once.
         """
-        def from_slots():
-            hit, slot, held = self._slot_holding(uid)
-            return tf.cond(hit, lambda: self._used(slot, held), lambda: self._locked_fill(packed, kind, uid))
+        def fill():
+            # One multiplication, in place on the unpacked mask; its last ID_BITS entries are the id.
+            weights, masks = self.backbone_kernels.read_value(), packed()
+            return weights * tf.cond(tf.equal(kind, 1), lambda: unpack_binary(masks), lambda: unpack_ternary(masks))
 
-        return tf.cond(tf.equal(kind, 0), self.backbone_kernels.read_value, from_slots)
+        pool = self._kernel_pool()
+        return tf.cond(tf.equal(kind, 0), self.backbone_kernels.read_value, lambda: self._from_pool(pool, fill, uid))
 
-    def _slot_holding(self, uid):
-        """`(hit, slot, kernels)`: whether the slot the hint names for `uid` holds `uid`'s kernels
-        (the hint may be stale; the slot's id entries decide) and, if so, a snapshot of them (else
-        empty). No slot is read when none is hinted, so a refilled slot's old copy is freed as
-        it is replaced."""
-        hits = tf.where(tf.equal(self.slot_uids.read_value(), uid))[:, 0]
+    def own(self, read, uid):
+        """`[own + head]`: the own weights of task `uid` (per-task normalization, then its head)
+        that `read()` gives (called only to fill an own slot: it reads the task's `.own` file),
+        from its own slot; as `kernels`, a hit takes no lock and a miss fills the least recently
+        used own slot under the fill lock."""
+        pool = _Pool(self.own_slots, self.own_slot_uids, self.own_slot_used, lambda held: held[-1])
+        return self._from_pool(pool, lambda: tf.concat([read(), [uid]], 0), uid)[:-1]
+
+    def _kernel_pool(self):
+        def uid_of(held):  # a slot holding no task's kernels (saved as [-1]) has no id entries
+            return tf.cond(tf.equal(tf.size(held), self.spec.flat_size + ID_BITS),
+                           lambda: tf.reduce_sum(held[-ID_BITS:]), lambda: tf.constant(-1.0))
+        return _Pool(self.slots, self.slot_uids, self.slot_used, uid_of)
+
+    def _from_pool(self, pool, fill, uid):
+        hit, slot, held = self._slot_holding(pool, uid)
+        return tf.cond(hit, lambda: self._used(pool, slot, held), lambda: self._locked_fill(pool, fill, uid))
+
+    def _slot_holding(self, pool, uid):
+        """`(hit, slot, value)`: whether the slot of `pool` the hint names for `uid` holds `uid`'s
+        value (the hint may be stale; the value's own id decides) and, if so, a snapshot of it
+        (else empty). No slot is read when none is hinted, so a refilled slot's old copy is freed
+        as it is replaced."""
+        hits = tf.where(tf.equal(pool.uids.read_value(), uid))[:, 0]
 
         def lookup():
             slot = tf.cast(hits[0], tf.int32)
-            held = tf.switch_case(slot, [lambda s=s: s.read_value() for s in self.slots])
-            hit = tf.logical_and(tf.equal(tf.size(held), self.spec.flat_size + ID_BITS),
-                                 tf.equal(tf.reduce_sum(held[-ID_BITS:]), uid))
-            # A snapshot of another task's kernels is let go here, not kept through a refill.
+            held = tf.switch_case(slot, [lambda s=s: s.read_value() for s in pool.slots])
+            hit = tf.equal(pool.uid_of(held), uid)
+            # A snapshot of another task's value is let go here, not kept through a refill.
             return hit, slot, tf.cond(hit, lambda: held, lambda: tf.zeros([0], tf.float32))
 
         return tf.cond(tf.size(hits) > 0, lookup,
                        lambda: (tf.constant(False), tf.constant(-1), tf.zeros([0], tf.float32)))
 
-    def _locked_fill(self, packed, kind, uid):
-        """The task's kernels from a slot or a fill, with the fill lock held (see `kernels`).
+    def _locked_fill(self, pool, fill, uid):
+        """The task's value from a slot of `pool` or a fill, with the fill lock held (see `kernels`).
 
         Only fills write slots, and every fill holds the lock, so the read that follows a
         slot's assignment is that assignment's value (an assignment and a read are two
@@ -303,40 +342,39 @@ class BankGraph(tf.Module):
         """
         lock = tf.raw_ops.MutexLock(mutex=tf.raw_ops.MutexV2(shared_name=self._lock_name))
         with tf.control_dependencies([lock]):
-            hit, slot, held = self._slot_holding(uid)
-            kernels = tf.cond(hit, lambda: self._used(slot, held), lambda: self._fill(packed(), kind, uid))
-            check = tf.debugging.assert_equal(tf.reduce_sum(kernels[-ID_BITS:]), uid,
+            hit, slot, held = self._slot_holding(pool, uid)
+            value = tf.cond(hit, lambda: self._used(pool, slot, held), lambda: self._fill(pool, fill, uid))
+            check = tf.debugging.assert_equal(pool.uid_of(value), uid,
                                               message="a working slot holds another task's kernels")
-        with tf.control_dependencies([kernels, check]):
+        with tf.control_dependencies([value, check]):
             release = tf.raw_ops.ConsumeMutexLock(mutex_lock=lock)
         with tf.control_dependencies([release]):
-            return tf.identity(kernels)
+            return tf.identity(value)
 
-    def _used(self, slot, kernels):
-        """`kernels`, read from `slot`, once the slot is marked as used now (least recently used
+    def _used(self, pool, slot, value):
+        """`value`, read from `slot`, once the slot is marked as used now (least recently used
         first out; outside the lock two hits may tick in either order, which only orders them)."""
-        with tf.control_dependencies([self.slot_used.scatter_nd_update([[slot]], [self.clock.assign_add(1)])]):
-            return tf.identity(kernels)
+        with tf.control_dependencies([pool.used.scatter_nd_update([[slot]], [self.clock.assign_add(1)])]):
+            return tf.identity(value)
 
-    def _fill(self, packed, kind, uid):
-        """Unpacks the task's masks into `W ⊙ m` and stores it in the least recently used slot
-        (called with the fill lock held)."""
+    def _fill(self, pool, fill, uid):
+        """Stores `fill()` (its id last) in the least recently used slot of `pool` (called with the
+        fill lock held)."""
         tick = self.clock.assign_add(1)
-        weights = self.backbone_kernels.read_value()
-        # One multiplication, in place on the unpacked mask; its last ID_BITS entries are the id.
-        flat = weights * tf.cond(tf.equal(kind, 1), lambda: unpack_binary(packed), lambda: unpack_ternary(packed))
-        slot = tf.cast(tf.argmin(self.slot_used.read_value()), tf.int32)
-        self.slot_uids.scatter_nd_update([[slot]], [uid])
-        self.slot_used.scatter_nd_update([[slot]], [tick])
-        self.refills.assign_add(1)
+        value = fill()
+        slot = tf.cast(tf.argmin(pool.used.read_value()), tf.int32)
+        pool.uids.scatter_nd_update([[slot]], [uid])
+        pool.used.scatter_nd_update([[slot]], [tick])
+        if pool.slots is self.slots:
+            self.refills.assign_add(1)
 
-        # The slot adopts `flat`'s buffer (its only user is the assignment) and the call reads
+        # The slot adopts `value`'s buffer (its only user is the assignment) and the call reads
         # it back: no copy. Measured: TensorFlow's CPU allocator keeps freed buffers resident,
         # so every transient 94 MB copy of ResNet-50's kernels would stay in RSS for good.
         def store(variable):
-            return variable.assign(flat, read_value=True)
+            return variable.assign(value, read_value=True)
 
-        return tf.switch_case(slot, [lambda s=s: store(s) for s in self.slots])
+        return tf.switch_case(slot, [lambda s=s: store(s) for s in pool.slots])
 
     # ---- the backbone ---------------------------------------------------------------------
     def _compute(self, image, flat, shared, own, classes, others):

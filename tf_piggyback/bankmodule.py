@@ -129,9 +129,10 @@ class BankModule(tf.Module):
     that serve them, `forward` (one task) and `mixed` (a task per example). Never changed once
     built: a bank with other tasks is another `BankModule` (`TaskBank` swaps them whole).
 
-    The tasks are in variables, or, for an export, in files (`blob`, `bankstore`): then a call
-    reads its task's own weights from its file, and a fill its packed masks, so memory holds no
-    task's masks whatever the number of tasks. The files are in the folder beside the asset
+    The tasks are in variables, or, for an export, in files (`blob`, `bankstore`): then filling a
+    slot reads its task's packed masks and own weights from its files (`BankGraph.kernels`,
+    `BankGraph.own`), so memory holds no task's masks whatever the number of tasks, and a warm
+    call reads no file. The files are in the folder beside the asset
     `listing` (`assets/`), which `export.export_saved_model` sets before it saves the module.
 
     It tracks raw `tf.Variable`s only, never Keras objects: a SavedModel that tracks Keras
@@ -186,8 +187,8 @@ class BankModule(tf.Module):
         graph, kind = self.graph, self.kinds[task]
         if self.spec.store:  # the task's files, in the folder beside the listing asset
             folder = tf.strings.regex_replace(self.listing.asset_path, "[^/\\\\]*$", "") + self.spec.store + "/"
-            masks, own = task_paths(folder, self.blobs[task])
-            own = tf.io.decode_raw(tf.io.read_file(own), tf.float32)
+            masks, own_file = task_paths(folder, self.blobs[task])
+            own = graph.own(lambda: tf.io.decode_raw(tf.io.read_file(own_file), tf.float32), self.uids[task])
 
             def packed():
                 ids = self.ids[4 * task:4 * task + tf.where(tf.equal(kind, KINDS["binary"]), 2, 4)]

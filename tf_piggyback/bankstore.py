@@ -4,10 +4,10 @@ An export of several tasks writes each task as two files in `assets/tf_piggyback
 (BUILD.md, "Many tasks in one SavedModel"): `<blob>.masks`, its masks packed over the bank's
 layout (`PackedLayout.pack`, without the id), and `<blob>.own`, its own weights (per-task
 normalization, then the head's kernel and bias; float32, little-endian). The served graph reads
-a task's `.own` on each call and its `.masks` when it fills a slot (`tf.io.read_file`, a standard
-op that TensorFlow Serving runs: `bankmodule.BankModule`), so a loaded version holds the backbone,
-its slots and a few numbers per task, whatever the number of tasks; the page cache keeps the hot
-tasks' files.
+a task's `.masks` and `.own` only when it fills their slots (`tf.io.read_file`, a standard op that
+TensorFlow Serving runs: `bankmodule.BankModule`), so a loaded version holds the backbone, its
+slots and a few numbers per task, whatever the number of tasks, and a warm call reads no file: a
+deleted or overwritten version folder fails only its cold tasks.
 
 A version's files never change, and a blob's name hashes everything its bytes depend on (the
 task file's SHA-256, the layout, the own weights' layout), so a blob of that name in the latest
@@ -43,7 +43,8 @@ def blob_name(digest, layout, own_paths):
 def write_blob(folder, name, packed, own):
     """Writes a task's files into `folder` (an export's temporary version folder: the version is
     renamed into place whole, so each file needs no rename of its own). A blob another task of the
-    version wrote already (the same task file twice: `blob_name`) is the same bytes and is kept."""
+    version wrote already (the same task file twice: `blob_name`) is the same bytes and is kept;
+    two such tasks read at the same time (`TaskBank.add_all`'s threads) write the same bytes."""
     for suffix, array in zip(_SUFFIXES, (np.asarray(packed, np.uint8), np.asarray(own, "<f4"))):
         if os.path.exists(os.path.join(folder, name + suffix)):
             continue
@@ -157,6 +158,8 @@ class Exported:
                 continue
             try:
                 os.link(source, target)
+            except FileExistsError:  # ... linked by another task read at the same time (`TaskBank.add_all`)
+                continue
             except OSError:  # another file system, or one without links
                 shutil.copyfile(source, target)
         return True

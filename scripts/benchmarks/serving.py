@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from benchmarks import run_child
-from benchmarks.suite import memory_bytes
+from benchmarks.suite import bytes_read, memory_bytes
 
 
 @dataclasses.dataclass
@@ -99,7 +99,11 @@ def serving_child(path, tasks, batch_sizes, calls, image_shape, per_task=True):
     result["first_call_s"] = call(0, batch_sizes[0])
     for batch in batch_sizes:
         call(0, batch)
+        reading = -bytes_read() + bytes_read()  # what reading the counter itself reads
+        before = bytes_read()
         result[f"warm_b{batch}_s"] = float(np.median([call(0, batch) for _ in range(calls)]))
+        # What the warm calls read from files (a task's own weights live in its slot: 0 expected).
+        result[f"warm_b{batch}_read_bytes"] = float(bytes_read() - before - reading)
         if len(tasks) > 2:
             # Tasks called in turn, never twice in a row, more of them than slots: each call is cold.
             others = [1 + (i % (len(tasks) - 1)) for i in range(calls)]
@@ -627,12 +631,13 @@ def markdown(rows, config, packed_bytes, kernel_bytes):
              "fresh processes per model, interleaved; calls through the `tasks` signature. Ratios are against "
              "the baked single-task model; warm-call ratios are measured with both models in one process, "
              "call by call in turn. The RSS bound is the baked model's RSS + N x packed masks + (slots + 1) "
-             "working copies.",
+             "working copies. Bytes read: what a process's warm calls read through read system calls "
+             "(`rchar`), all warm calls together.",
              "",
              "| tasks | saved_model.pb (ratio) | load (ratio) | RSS all called (bound) | first call b1 | "
-             "warm b1 (ratio) | warm b8 (ratio) | cold b1 (extra) | cold b8 / warm b8 | "
+             "warm b1 (ratio) | warm b8 (ratio) | bytes read, warm calls | cold b1 (extra) | cold b8 / warm b8 | "
              "per-task signature: first call, RSS all called |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cold = (f"{ms(r['cold_b1_s'])} (+{ms(r['cold_b1_extra_s'])}) | {r['cold_b8_over_warm']:.2f}"
                 if "cold_b8_s" in r else "— | —")
@@ -642,5 +647,6 @@ def markdown(rows, config, packed_bytes, kernel_bytes):
             f"| {_label(r)} | {mb(r['graph_bytes'])} ({r['graph_ratio']:.2f}) | "
             f"{r['load_s']:.2f} s ({r['load_ratio']:.2f}) | {mb(r['rss_all_called'])} ({mb(r['rss_bound'])}) | "
             f"{ms(r['first_call_s'])} | {ms(r['warm_b1_s'])} ({r['warm_b1_ratio']:.3f}) | "
-            f"{ms(r['warm_b8_s'])} ({r['warm_b8_ratio']:.3f}) | {cold} | {signatures} |")
+            f"{ms(r['warm_b8_s'])} ({r['warm_b8_ratio']:.3f}) | "
+            f"{r['warm_b1_read_bytes'] + r['warm_b8_read_bytes']:,.0f} | {cold} | {signatures} |")
     return "\n".join(lines) + "\n"

@@ -352,6 +352,13 @@ def memory_bytes(field="VmRSS"):
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(f"{field}:"))
 
 
+def bytes_read():
+    """The bytes this process has read through read system calls so far (`rchar` of
+    `/proc/self/io`, Linux): from the page cache or the disk alike."""
+    with open("/proc/self/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("rchar:"))
+
+
 def ram_child(method, config, mask_from=None):
     """Peak resident bytes while one method's model trains (first step, with tracing, included).
 
