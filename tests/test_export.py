@@ -147,7 +147,7 @@ def test_versions_and_overwrite(tasks, tmp_path):
 
 def test_overwrite_says_what_tensorflow_serving_will_do(tasks, tmp_path, caplog):
     """Issue 39: `--overwrite` of a version that may be served says that TF Serving will not reload
-    it and that a loaded multi-task version's calls fail; it still overwrites."""
+    it and that a loaded multi-task version's cold tasks fail; it still overwrites."""
     paths, _ = tasks
     out = str(tmp_path / "m")
     first = export_saved_model(pb.digits_backbone(), paths[:2], out)

@@ -114,8 +114,9 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
     if os.path.exists(final):
         logging.warning(
             "overwriting %s in place: TensorFlow Serving never reloads a version number it has loaded, so a server "
-            "serving it keeps the old graph until it unloads that version, and a multi-task version's calls read "
-            "task files this replaces (they fail); export the next version instead (omit --version)", final)
+            "serving it keeps the old graph until it unloads that version, and its cold tasks (those not in a "
+            "working slot) read task files this replaces (their calls fail); export the next version instead "
+            "(omit --version)", final)
     previous = [os.path.join(output_dir, str(v)) for v in _versions(output_dir)
                 if os.path.isfile(os.path.join(output_dir, str(v), "assets", LISTING))]
     for path in named_tasks(task_paths)[1]:  # before anything is written

@@ -19,8 +19,8 @@ import tensorflow as tf
 
 from tf_piggyback import methods
 from tf_piggyback.images import augment
-from tf_piggyback.layers import MASK_VARIABLE_SCALE
 from tf_piggyback.evaluation import sparsity_by_kernel
+from tf_piggyback.layers import MASK_VARIABLE_SCALE
 from tf_piggyback.surgery import freeze_backbone, masked_layers
 
 METHODS = methods.names()
@@ -337,7 +337,7 @@ def _diverged(what, config, manager):
 def at_chance(accuracy, chance_accuracy, losses=(), chance_loss=None):
     """Whether an epoch learned nothing (BUILD.md, "Training defaults"): its accuracy at most that
     of answering the most frequent class (a network with constant outputs scores at most that) plus
-    1% of the errors that answer makes (1 point of 80 for 5 balanced classes; on data 97% of one
+    1% of the errors that answer makes (0.8 points for 5 balanced classes; on data 97% of one
     class, 0.03 points: 97.8% is a result), or its loss sitting at a guess from the class
     frequencies, within 0.5% of `chance_loss` in this epoch and the one before (`losses`, oldest
     first): the issue's dead VGG16 sat at 2.3025 for ln 10 = 2.3026, while a loss falling from
