@@ -276,3 +276,86 @@ def test_a_loaded_versions_warm_tasks_outlive_its_folder(task_files, tmp_path, o
         np.testing.assert_allclose(loaded.signatures[name](image=x)["logits"], expected[name], atol=1e-5)
     with pytest.raises(tf.errors.NotFoundError, match=r"tf_piggyback_tasks/[0-9a-f]+\.(own|masks); No such file"):
         loaded.signatures["ter"](image=x)
+
+
+class OperatorActions(RuleBasedStateMachine):
+    """Issue 39: what operators do to files while loaded versions answer. Rules: export a version
+    of any task list (duplicate names of one file, byte-identical copies, hard links), delete a
+    version's folder, overwrite a version in place, copy or link a task file, call a loaded
+    version's tasks. The invariants: an answer is always the task's own; a call fails only with
+    `NotFoundError` and only where its version's folder was deleted or overwritten; the task a
+    loaded version answered last always answers again (it is warm: it reads no file)."""
+
+    files = None  # (paths, images, expected), set by the test
+    root = None
+
+    @initialize()
+    def start(self):
+        self.paths, self.images, self.expected = self.files
+        self.root_now = os.path.join(self.root, f"run{len(os.listdir(self.root))}")
+        os.makedirs(self.root_now)
+        self.base = os.path.join(self.root_now, "model")
+        self.sources = {kind: [self.paths[kind]] for kind in KINDS}  # each kind's task files: copies, links
+        self.loaded = []  # [version number, loaded SavedModel, {name: kind}, folder intact, last answered]
+
+    @rule(kind=st.sampled_from(KINDS), link=st.booleans())
+    def copy_task_file(self, kind, link):
+        import shutil
+
+        target = os.path.join(self.root_now, f"{kind}{len(self.sources[kind])}.npz")
+        (os.link if link else shutil.copyfile)(self.sources[kind][0], target)
+        self.sources[kind].append(target)
+
+    @rule(data=st.data())
+    def export_version(self, data):
+        kinds = data.draw(st.lists(st.sampled_from(KINDS), min_size=2, max_size=5))
+        named = {f"t{i}": kind for i, kind in enumerate(kinds)}
+        specs = [f"{name}={data.draw(st.sampled_from(self.sources[kind]))}" for name, kind in named.items()]
+        path = export_saved_model(pb.digits_backbone(), specs, self.base, slots=2)
+        self.loaded = self.loaded[-1:] + [[int(os.path.basename(path)), tf.saved_model.load(path), named, True, None]]
+
+    @precondition(lambda self: self.loaded)
+    @rule(data=st.data(), overwrite=st.booleans())
+    def delete_or_overwrite(self, data, overwrite):
+        import shutil
+
+        entry = data.draw(st.sampled_from(self.loaded))
+        folder = os.path.join(self.base, str(entry[0]))
+        if overwrite:
+            export_saved_model(pb.digits_backbone(), [self.paths["ter"], self.paths["cls"]], self.base,
+                               version=entry[0], overwrite=True, slots=2)
+        elif os.path.isdir(folder):
+            shutil.rmtree(folder)
+        for other in self.loaded:  # a loaded version of that number, however many times it was replaced
+            if other[0] == entry[0]:
+                other[3] = False
+
+    @precondition(lambda self: self.loaded)
+    @rule(data=st.data())
+    def call(self, data):
+        entry = data.draw(st.sampled_from(self.loaded))
+        _, loaded, named, intact, last = entry
+        name = data.draw(st.sampled_from(sorted(named)))
+        try:
+            logits = loaded.signatures[name](image=tf.constant(self.images))["logits"]
+        except tf.errors.NotFoundError:
+            assert not intact and name != last, (name, last, intact)
+            return
+        np.testing.assert_allclose(logits, self.expected[named[name]], atol=1e-5, err_msg=name)
+        entry[4] = name
+        again = loaded.signatures[name](image=tf.constant(self.images))["logits"]  # warm: reads no file
+        np.testing.assert_allclose(again, self.expected[named[name]], atol=1e-5, err_msg=name)
+
+    @invariant()
+    def every_numbered_version_is_whole(self):
+        for version in os.listdir(self.base) if os.path.isdir(self.base) else []:
+            if version.isdigit():
+                assert os.path.isfile(os.path.join(self.base, version, "saved_model.pb"))
+
+
+def test_what_operators_do_to_files_never_breaks_a_loaded_version(task_files, tmp_path):
+    OperatorActions.files, OperatorActions.root = task_files, str(tmp_path)
+    machine = OperatorActions.TestCase
+    machine.settings = settings(max_examples=8, stateful_step_count=15, deadline=None,
+                                suppress_health_check=list(HealthCheck), database=None)
+    machine().runTest()
