@@ -175,6 +175,33 @@ def test_killed_export_leaves_no_partial_version(tasks, tmp_path):
     assert (out / "1" / "saved_model.pb").exists()
 
 
+def test_an_export_killed_at_random_points_leaves_whole_versions_or_none(tasks, tmp_path):
+    """Issue 39: a kill at any point of an export (tracing, writing, linking, fsyncing, renaming):
+    every numbered version under the base path loads and answers as its tasks do, or is absent.
+    Version 1 is whole first, so the killed exports also link its files."""
+    paths, data = tasks
+    out = tmp_path / "killed"
+    specs = [f"upper={paths[0]}", f"inverted={paths[1]}", f"again={paths[0]}"]
+    command = [sys.executable, os.path.join(REPO, "export", "saved_model.py"), "--backbone=digits",
+               *[f"--task={spec}" for spec in specs], f"--output={out}"]
+    started = time.time()
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    whole = time.time() - started
+    rng = np.random.default_rng(0)
+    for delay in rng.uniform(0.3, 1.0, 4) * whole:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    x = data["upper"][:8]
+    expected = keras_logits(paths[0], x)
+    versions = sorted(int(name) for name in os.listdir(out) if name.isdigit())
+    assert versions[0] == 1
+    for version in versions:
+        loaded = tf.saved_model.load(str(out / str(version)))
+        np.testing.assert_allclose(loaded.signatures["again"](image=tf.constant(x))["logits"], expected, atol=1e-5)
+
+
 def test_tflite_float_float16_and_multi_signature(tasks, tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
