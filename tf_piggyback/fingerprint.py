@@ -71,7 +71,7 @@ def _automatic_config(layer):
         return None
     try:
         return layer.get_config()
-    except NotImplementedError:
+    except Exception:  # NotImplementedError: none recorded (or a family's broken one): no config
         return None
 
 
