@@ -59,8 +59,10 @@ def save_task(model, path, *, class_names=None, metrics=None):
             f"class_names has {len(class_names)} names but the model has {spec.num_classes} classes"
         )
     weights = task_weights(model)
-    broken = [w.path for w in [*(m for layer in masked_layers(model) for m in layer.masks), *weights]
-              if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
+    own = [keras.ops.convert_to_numpy(w) for w in weights]  # read once: checked here, stored below
+    broken = [m.path for layer in masked_layers(model) for m in layer.masks
+              if not bool(keras.ops.all(keras.ops.isfinite(m)))]
+    broken += [w.path for w, value in zip(weights, own) if not np.all(np.isfinite(value))]
     if broken:  # a NaN m_r would threshold to 0 and be stored as a silent "off"
         raise ValueError(f"cannot save the task: {len(broken)} of its weights hold NaN or inf "
                          f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}); the training diverged: "
@@ -99,7 +101,7 @@ def save_task(model, path, *, class_names=None, metrics=None):
         "weights": [{"name": w.path, "shape": list(w.shape)} for w in weights],
         "metrics": metrics or {},
     }
-    arrays = {"masks": np.frombuffer(b"".join(payloads), dtype=np.uint8), **{f"w{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(weights)}}
+    arrays = {"masks": np.frombuffer(b"".join(payloads), dtype=np.uint8), **{f"w{i}": value for i, value in enumerate(own)}}
     manifest["sha256"] = {name: sha256(array) for name, array in arrays.items()}
     arrays = {"manifest": np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8), **arrays}
     write_atomic(path, lambda f: write_npz(f, arrays))
