@@ -32,21 +32,21 @@ def masks_of(model):
     return [m for layer in pb.masked_layers(model) for m in layer.thresholded_masks()]
 
 
-def fit_and_train(method, optimizer, data, epochs, seed=0):
+def fit_and_train(method, optimizer, data, epochs, seed=0, backbone=pb.digits_backbone):
     """Held-out accuracy of `compile(optimizer)` + `fit` and of `pb.train` with its defaults (the
-    paper's), on the same images, epochs and batch size."""
+    paper's), on the same images, epochs and batch size, over `backbone()`."""
     (x, y), (xt, yt), names = data
     accuracies = {}
     for door in ("fit", "train"):
         keras.utils.set_random_seed(seed)
-        model = BUILD[method](pb.digits_backbone(), len(names))
+        model = BUILD[method](backbone(), len(names))
         if door == "fit":
             model.compile(optimizer=optimizer, loss=LOSS, metrics=["accuracy"])
             model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
         else:
             examples = tf.data.Dataset.from_tensor_slices((x, y))
-            pb.train(model, epoch_batches(examples, 32, seed=seed), pb.TrainConfig(method=method, epochs=epochs, seed=seed),
-                     log=lambda line: None)
+            pb.train(model, epoch_batches(examples, 32, seed=seed),
+                     pb.TrainConfig(method=method, epochs=epochs, seed=seed), log=lambda line: None)
         accuracies[door] = pb.evaluate(model, xt, yt)
     return accuracies
 
@@ -75,20 +75,10 @@ def test_every_method_fits_with_keras_optimizers(upper, method, optimizer):
 @pytest.mark.slow  # a keras.applications model at 32 px, random weights (Table 5): ~1 min
 def test_a_keras_applications_model_fits_as_pb_train_trains_it(upper):
     (x, y), (xt, yt), names = upper
-    x, xt = np.repeat(x, 3, axis=-1), np.repeat(xt, 3, axis=-1)
     backbone = keras.applications.MobileNetV2(weights=None, include_top=False, pooling="avg", alpha=0.35,
                                               input_shape=(32, 32, 3))
-    accuracies = {}
-    for door in ("fit", "train"):
-        keras.utils.set_random_seed(0)
-        model = pb.piggyback(backbone, len(names))
-        if door == "fit":
-            model.compile("adam", LOSS, metrics=["accuracy"])
-            model.fit(x, y, epochs=10, batch_size=32, verbose=0)
-        else:
-            pb.train(model, epoch_batches(tf.data.Dataset.from_tensor_slices((x, y)), 32), pb.TrainConfig(epochs=10),
-                     log=lambda line: None)
-        accuracies[door] = pb.evaluate(model, xt, yt)
+    rgb = ((np.repeat(x, 3, axis=-1), y), (np.repeat(xt, 3, axis=-1), yt), names)
+    accuracies = fit_and_train("piggyback", "adam", rgb, epochs=10, backbone=lambda: backbone)
     assert accuracies["fit"] >= accuracies["train"] - 0.03, accuracies
 
 
