@@ -25,7 +25,7 @@ DEFAULT_MASK_SCALE = 1e-2
 # A mask variable holds `m_r` times this (BUILD.md, "Keras' front door"). Adam and its kin move a
 # variable by about their learning rate per step, whatever the gradient's scale, so Keras' default
 # rate (1e-3) moves `m_r` at the paper's mask rate (1e-4, §4): `compile("adam")` + `fit` trains a
-# task as the paper does, and the thresholded masks are the same (the cut sits at `tau` times this).
+# task as the paper does (the same update in exact arithmetic; the cut sits at `tau` times this).
 MASK_VARIABLE_SCALE = 10.0
 
 
