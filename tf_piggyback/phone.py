@@ -17,6 +17,7 @@ BatchNormalization).
 """
 
 import json
+import logging
 import mmap
 import threading
 
@@ -39,6 +40,9 @@ METADATA = "tf_piggyback"  # the model metadata entry that holds the table (UTF-
 SIGNATURE = "unmasked"  # the stored bytes are the backbone with every mask 1: run a task through the table
 PAD_LOGIT = -1e9  # a task with fewer classes than the file's widest: its extra logits (exp() is 0)
 QUANTIZE = ("none", "float16", "int8")
+# int8: a filter channel whose task keeps fewer of the 127 levels (4 bits) is logged at export; the
+# table's `levels` lists each task's fewest per filter (`phonebytes.int8_tasks`)
+COARSE_LEVELS = 16
 
 
 def _padded(model, classes, logit=PAD_LOGIT):
@@ -145,6 +149,13 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
     if quantize == "int8":
         base, filters, own, tasks, payload = int8_tasks(names, classes, [m for _, m in unmasked], converted,
                                                          kernels, tolerance)
+        for task in tasks:
+            coarse = [(levels, filters[f]["path"]) for f, levels in enumerate(task["levels"]) if levels < COARSE_LEVELS]
+            if coarse:
+                logging.warning("int8 phone file: task %r keeps fewer than %d of int8's 127 levels in %d filter(s), "
+                                "fewest %d in %s: its mask zeroes their channels' largest weights, and the file "
+                                "quantizes a filter once, at the backbone's scale (its own int8 file keeps 127)",
+                                task["name"], COARSE_LEVELS, len(coarse), *min(coarse))
     else:
         base, (filters, own, tasks, payload) = converted[0], _float_tasks(
             names, classes, [m for _, m in unmasked], converted, kernels, tolerance)
@@ -226,7 +237,8 @@ def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
             "tasks": [{"name": t["name"], "classes": t["classes"], "mask_type": t["mask_type"] or "binary",
                        "masks": [{"filter": m["filter"], **at(m["at"])} for m in t["masks"]],
                        "scales": [{"filter": s["filter"], **at(s["at"])} for s in t["scales"]],
-                       "own": [{"own": o["own"], **at(o["at"])} for o in t["own"]]} for t in tasks]}
+                       "own": [{"own": o["own"], **at(o["at"])} for o in t["own"]],
+                       **({"levels": t["levels"]} if "levels" in t else {})} for t in tasks]}
 
     def pack(text):
         table_buffer.data = np.frombuffer(text, np.uint8)

@@ -52,15 +52,21 @@ def buffer_data(model, buffer):
     return None if isinstance(data, int) else data
 
 
-def channel_scale(base, other, axis, tolerance):
-    """`q` (float32, one per index of `axis`) with `base * q == other` within `tolerance`
-    (relative to each channel's largest value), or None. `q` is the least-squares fit."""
+def fitted_scale(base, other, axis):
+    """`(q, error, largest)`, one each per index of `axis`: the least-squares `q` of
+    `base * q ~ other`, its largest absolute error and the channel's largest absolute value."""
     moved_b, moved_o = (np.moveaxis(a.astype(np.float64), axis, 0).reshape(a.shape[axis], -1) for a in (base, other))
     norm = (moved_b * moved_b).sum(axis=1)
     q = np.divide((moved_b * moved_o).sum(axis=1), norm, out=np.zeros_like(norm), where=norm != 0)
     error = np.abs(moved_b * q[:, None] - moved_o).max(axis=1)
-    scale = np.maximum(np.abs(moved_b).max(axis=1), np.abs(moved_o).max(axis=1))
-    return q.astype(np.float32) if np.all(error <= tolerance * np.maximum(scale, 1e-30)) else None
+    return q, error, np.maximum(np.abs(moved_b).max(axis=1), np.abs(moved_o).max(axis=1))
+
+
+def channel_scale(base, other, axis, tolerance):
+    """`q` (float32, one per index of `axis`) with `base * q == other` within `tolerance`
+    (relative to each channel's largest value), or None. `q` is the least-squares fit."""
+    q, error, largest = fitted_scale(base, other, axis)
+    return q.astype(np.float32) if np.all(error <= tolerance * np.maximum(largest, 1e-30)) else None
 
 
 def holds(kernel, data, axis, tolerance):
@@ -151,6 +157,12 @@ def int8_tasks(names, classes, task_masks, converted, kernels, tolerance):
     in: a negative one is a sign, stored as a `scales` entry of ±1), and its biases are requantized
     to it. Every other difference from the first task (activation scales and zero points, biases,
     head) is an `own` entry: a tensor's data, or its quantization's `scale` or `zero_point` vector.
+
+    A channel whose mask zeroes its largest weights keeps fewer levels than its own int8 file would
+    (`max |Q ⊙ m|` of 127, e.g. 13 where every weight above a tenth of the largest is off): the
+    task still exports, each filter's fewest levels in its `levels` (issue 39). A task whose
+    filter differs from `Q ⊙ m` times a scale by more than twice the two roundings (half the
+    backbone's step times the scale, half the task's own step) changed the backbone: refused.
     """
     base = converted[0]
     tensors = tensor_list(base)
@@ -183,7 +195,7 @@ def int8_tasks(names, classes, task_masks, converted, kernels, tolerance):
     # each task's values of every patchable part: (tensor index, "data" | "scale" | "zero_point") -> array
     payload, tasks, values = Payload(), [], []
     for name, count, masks, model in zip(names, classes, task_masks, converted):
-        task = {"name": name, "classes": count, "mask_type": None, "masks": [], "scales": [], "own": []}
+        task = {"name": name, "classes": count, "mask_type": None, "masks": [], "scales": [], "own": [], "levels": []}
         mine = {}
         for i, (_, _, _, buffer) in enumerate(tensors):
             data = buffer_data(model, buffer)
@@ -196,10 +208,15 @@ def int8_tasks(names, classes, task_masks, converted, kernels, tolerance):
             q, backbone_scale, shape = stored[index]
             add_mask(task, payload, entry, f, masks)
             mask = in_layout(masks[entry["path"]][1], entry["layout"]) if entry["path"] in masks else 1
-            fit = channel_scale(q * mask * backbone_scale.reshape(shape), dequantized(model, tensors, index),
-                                 entry["layout"][1], 3 / 127)
-            if fit is None:
+            axis, masked = entry["layout"][1], q * mask.astype(np.float64)
+            fit, error, largest = fitted_scale(masked * backbone_scale.reshape(shape),
+                                               dequantized(model, tensors, index), axis)
+            # each side rounds once, by half a step: the backbone's (times the fit) and the task's own;
+            # twice that is allowed, as the least-squares fit is near the folded scale, not on it
+            if np.any(error > np.maximum(3 / 127 * largest, np.abs(fit) * backbone_scale + mine[index, "scale"])):
                 raise ValueError(f"task {name!r} changes filter {tensors[index][0]!r} beyond a per-channel scale")
+            levels = np.abs(np.moveaxis(masked, axis, 0).reshape(masked.shape[axis], -1)).max(axis=1)
+            task["levels"].append(int(levels[levels > 0].min(initial=127)))
             if np.any(fit < 0):
                 task["scales"].append({"filter": f, "at": payload.add(np.where(fit < 0, -1, 1).astype(np.float32))})
             scale = (backbone_scale * np.where(fit == 0, 1, np.abs(fit))).astype(np.float32)
