@@ -251,7 +251,7 @@ def test_int8_keeps_a_task_whose_mask_zeroes_a_channels_largest_weights(tmp_path
     table = read_table(open(file, "rb").read())
     levels = dict(zip([f["keras_kernel"] for f in table["filters"]], table["tasks"][1]["levels"]))
     assert levels[layer.kernels[0].path] <= 13 and min(table["tasks"][0]["levels"]) >= 16, levels
-    assert f"task 'coarse' keeps fewer than 16 of int8's 127 levels in 1 filter(s)" in caplog.text
+    assert "task 'coarse' keeps fewer than 16 of int8's 127 levels in 1 filter(s)" in caplog.text
     export_tflite(pb.digits_backbone(), [path], own, "int8", representative)
     reference = Interpreter(model_path=own).get_signature_runner("serving_default")(image=x)["logits"]
     float32 = model.predict(x, verbose=0)
