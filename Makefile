@@ -10,6 +10,7 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps keras-hub==0.32.0  # see requirements.txt
+	$(BIN)/pip install --quiet --no-deps tensorflow-text==2.21.1  # see requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

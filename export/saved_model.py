@@ -8,6 +8,9 @@ One task: the mask is baked into plain layers. Several: one shared backbone trac
 masks, --slots unpacked working copies, one signature per task (named after the task file's
 folder; `serving_default` is the first task) and `tasks` / `tasks_by_name`, which take `image`
 and one task per example. `export/list_tasks.py` lists what an export holds.
+
+python export/saved_model.py --backbone=PRESET_DIR --task=A.npz --task=B.npz --output=models/text \
+    --text_signatures   # a keras-hub text preset: text and tasks_text take strings too
 """
 
 import os
@@ -19,6 +22,7 @@ from absl import app, flags
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
 from tf_piggyback.export import export_saved_model
 from tf_piggyback.taskbank import DEFAULT_SLOTS
+from tf_piggyback.text import is_preset, load_preset
 
 FLAGS = flags.FLAGS
 
@@ -35,6 +39,10 @@ def define_flags():
     flags.DEFINE_bool("per_task_signatures", True, "Several tasks: a signature per task besides serving_default, "
                       "tasks and tasks_by_name. Each costs load time and memory in TensorFlow (ResNet-50, 100 tasks: "
                       "1.7 s instead of 0.55 s to load); with many tasks, serve them through `tasks`.")
+    flags.DEFINE_bool("text_signatures", False, "A keras-hub text preset (--backbone=PRESET): signatures that take "
+                      "strings too, its preprocessor inside (text; tasks_text for several tasks). Loading them needs "
+                      "TF Text's ops: `import tensorflow_text` first.")
+    flags.DEFINE_integer("sequence_length", None, "--text_signatures: tokens per example (default: the preset's).")
     for name in ("task", "output"):
         flags.mark_flag_as_required(name)
 
@@ -42,9 +50,18 @@ def define_flags():
 @user_errors
 def main(argv):
     del argv
-    backbone = backbone_from_flags()
+    preprocessor = None
+    if FLAGS.text_signatures:
+        if not is_preset(FLAGS.backbone):
+            raise ValueError(f"--text_signatures takes a keras-hub text preset's preprocessor; pass --backbone=PRESET. "
+                             f"Received: --backbone={FLAGS.backbone}")
+        backbone, preprocessor = load_preset(FLAGS.backbone, FLAGS.sequence_length)
+        if preprocessor is None:
+            raise ValueError(f"--text_signatures: {FLAGS.backbone} is an image preset")
+    else:
+        backbone = backbone_from_flags()
     path = export_saved_model(backbone, FLAGS.task, FLAGS.output, FLAGS.version, FLAGS.overwrite, FLAGS.slots,
-                              FLAGS.per_task_signatures)
+                              FLAGS.per_task_signatures, preprocessor)
     print(path)
 
 

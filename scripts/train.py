@@ -4,6 +4,9 @@ python scripts/train.py --backbone=digits --dataset=digits:upper --model_dir=run
 python scripts/train.py --backbone=ResNet50 --weights=imagenet --dataset=tfds:oxford_flowers102 \
     --model_dir=runs/flowers --strategy=mirrored
 
+python scripts/train.py --backbone=kaggle://keras/bert/keras/bert_tiny_en_uncased --feature_layer=sequence_output \
+    --dataset=tfds:imdb_reviews --sequence_length=128 --model_dir=runs/imdb   # a keras-hub text preset
+
 python scripts/train.py --backbone=digits --dataset=digits:upper --method=packnet --model_dir=runs/p1
 python scripts/train.py --backbone=digits --dataset=digits:inverted --method=packnet \
     --packnet_base=runs/p1 --model_dir=runs/p2           # PackNet: tasks are added in order
@@ -35,7 +38,10 @@ FLAGS = flags.FLAGS
 def define_flags():
     define_backbone_flags()
     flags.DEFINE_string("dataset", None, "digits:VARIANT, digits_seg:VARIANT (per-pixel labels), tfds:NAME[/CONFIG] or "
-                        "folder:PATH.")
+                        "folder:PATH; over a keras-hub text preset, a tfds text set or a folder of .txt files "
+                        "per class.")
+    flags.DEFINE_integer("sequence_length", None, "A keras-hub text preset's tokens per example (default: its "
+                         "preprocessor's).")
     flags.DEFINE_string("model_dir", None, "Where the task, metrics, config, checkpoints and logs go.")
     flags.DEFINE_enum("method", "piggyback", METHODS, "What to train.")
     flags.DEFINE_integer("epochs", 30, "Epochs (paper: 30).")
@@ -103,7 +109,8 @@ def config_from_flags():
                      mask_from=FLAGS.mask_from, lora_rank=FLAGS.lora_rank, head=FLAGS.head,
                      prune=validate_prune(FLAGS.prune), packnet_base=FLAGS.packnet_base, augment=FLAGS.augment,
                      protocol=FLAGS.protocol,
-                     cache=FLAGS.cache, cache_mb=FLAGS.cache_mb, split_seed=FLAGS.split_seed, train=train)
+                     cache=FLAGS.cache, cache_mb=FLAGS.cache_mb, split_seed=FLAGS.split_seed,
+                     sequence_length=FLAGS.sequence_length, train=train)
 
 
 @user_errors

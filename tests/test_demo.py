@@ -105,10 +105,10 @@ def test_cli_user_errors_are_one_line(args, message):
     assert "Traceback" not in result.stderr
 
 
-# README commands a test cannot run here: downloads (ImageNet weights, TFDS), a user's folder,
+# README commands a test cannot run here: downloads (ImageNet weights, TFDS, Kaggle presets), a user's folder,
 # servers, placeholders ("..."), and `make` (the test suite itself).
 NOT_HERE = ("imagenet", "tfds:", "folder:/", "...", "ResNet50", "MobileNetV2", "tensorflow_model_server",
-            "docker ", "curl ", "make ")
+            "docker ", "curl ", "make ", "kaggle://")
 
 
 def readme_commands():

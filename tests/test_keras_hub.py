@@ -17,6 +17,7 @@ from tf_piggyback.export import export_saved_model, export_tflite
 from tf_piggyback.fingerprint import old_fingerprint
 from tf_piggyback.layers import is_kernel
 from tf_piggyback.surgery import masked_layers
+from tf_piggyback.taskbank import TaskBank
 
 FRESH_PROCESS = """
 import sys, keras, numpy as np
@@ -270,8 +271,6 @@ def test_bert_takes_its_dict_inputs_on_every_path(tmp_path):
     served = loaded.signatures["serving_default"]
     assert set(served.structured_input_signature[1]) == {"token_ids", "segment_ids", "padding_mask"}
     np.testing.assert_allclose(served(**{k: tf.constant(v) for k, v in x.items()})["logits"], expected, atol=1e-5)
-    with pytest.raises(ValueError, match=r"a TaskBank serves backbones of one image input; 'bert_backbone\w*' takes"):
-        export_saved_model(backbone, [a, b], str(tmp_path / "bank"))
 
     from ai_edge_litert.interpreter import Interpreter
 
@@ -282,6 +281,59 @@ def test_bert_takes_its_dict_inputs_on_every_path(tmp_path):
         np.testing.assert_allclose(interpreter.get_signature_runner(name)(**x)["logits"],
                                    pb.load_task(path, backbone)(x).numpy(), atol=1e-4)
 
+
+
+def token_inputs(backbone, count, seed=0):
+    """`count` random examples for a text backbone's dict inputs: token ids, a padding mask
+    (every other example padded after half its tokens), segment ids 0."""
+    import keras_hub_zoo as zoo
+
+    rng = np.random.default_rng(seed)
+    lengths = np.where(np.arange(count) % 2, zoo.TOKENS // 2, zoo.TOKENS)
+    padding = (np.arange(zoo.TOKENS)[None] < lengths[:, None]).astype("int32")
+    values = {"token_ids": rng.integers(1, zoo.VOCABULARY, (count, zoo.TOKENS)) * padding,
+              "padding_mask": padding, "segment_ids": np.zeros((count, zoo.TOKENS))}
+    return {name: values[name].astype(tensor.dtype) for name, tensor in backbone.input.items()}
+
+
+@pytest.mark.parametrize("name", ["BertBackbone", "Llama3Backbone"])
+def test_many_text_tasks_in_one_saved_model(name, tmp_path):
+    """Issue 40: tasks over one text backbone share a multi-task SavedModel as image tasks do. A
+    request carries the backbone's inputs by name (`token_ids`, `padding_mask`, BERT's
+    `segment_ids`) and names its task by signature, or per example in `tasks` (index) and
+    `tasks_by_name`; each answer is its task's own Keras model's within 1e-4, in both versions
+    (the second adds a task), in mixed-task batches and from `TaskBank.predict`."""
+    import keras_hub_zoo as zoo
+
+    backbone = zoo.build(name)
+    paths, expected = {}, {}
+    x = token_inputs(backbone, 6)
+    for seed, (task, classes, options) in enumerate([("a", 5, {}), ("b", 3, {"mask_type": "ternary"}), ("c", 4, {})]):
+        paths[task] = str(tmp_path / f"{task}.npz")
+        random_task(backbone, classes, seed, paths[task], **zoo.OPTIONS.get(name, {}), **options)
+        expected[task] = pb.load_task(paths[task], backbone)(x).numpy()
+    root = str(tmp_path / "bank")
+    for version, names in ((1, "ab"), (2, "abc")):
+        export_saved_model(backbone, [f"{t}={paths[t]}" for t in names], root, version)
+    order = ["c", "a", "b", "a", "c", "b"]
+    for version, names in ((1, "ab"), (2, "abc")):
+        loaded = tf.saved_model.load(os.path.join(root, str(version)))
+        tensors = {key: tf.constant(value) for key, value in x.items()}
+        assert set(loaded.signatures["tasks"].structured_input_signature[1]) == {*x, "task"}
+        for task in names:
+            np.testing.assert_allclose(loaded.signatures[task](**tensors)["logits"], expected[task], atol=1e-4)
+        rows = [i for i, t in enumerate(order) if t in names]  # example i of x for task order[i]
+        mixed = [order[i] for i in rows]
+        picked = {key: tf.gather(value, rows) for key, value in tensors.items()}
+        out = loaded.signatures["tasks_by_name"](**picked, task=tf.constant(mixed))
+        for i, (task, row) in enumerate(zip(mixed, rows)):
+            np.testing.assert_allclose(out["logits"][i, :expected[task].shape[1]], expected[task][row], atol=1e-4)
+    bank = TaskBank(backbone)
+    bank.add_all([paths[t] for t in "abc"], names=list("abc"))
+    np.testing.assert_allclose(bank.predict(x, "b"), expected["b"], atol=1e-4)
+    logits = bank.predict(x, order)
+    for i, task in enumerate(order):
+        np.testing.assert_allclose(logits[i, :expected[task].shape[1]], expected[task][i], atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["DeiTBackbone", "SwinTransformerBackbone", "Llama3Backbone"])

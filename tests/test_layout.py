@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tf_piggyback"
 LEVELS = [
     {"files", "coding", "binarizers", "fingerprint", "signatures", "images", "distribute"},
     {"layers", "sources"},
-    {"datasets"},
+    {"datasets", "text"},
     {"backbones"},
     {"surgery"},
     {"evaluation"},

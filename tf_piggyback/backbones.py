@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from tf_piggyback.datasets import DIGITS_IMAGE_SIZE, load_digits_variant
+from tf_piggyback.text import is_preset, load_preset
 
 # keras.applications module -> the preprocess_input mode its weights expect; families not listed
 # (EfficientNet, ConvNeXt, MobileNetV3, RegNet) preprocess inside the model already.
@@ -191,7 +192,8 @@ def pretrain_digits_backbone(epochs=30, seed=0, log=print, build=build_digits_ba
 
 
 def load_backbone(name, weights="imagenet", image_size=None):
-    """A headless backbone from a name: `digits`, a `keras.applications` model, or a `.keras` file.
+    """A headless backbone from a name: `digits`, a `keras.applications` model, a `.keras` file or a
+    keras-hub preset (`text.load_preset`: an image preset's converter inside, so it takes raw pixels).
 
     Every backbone takes raw 0-255 pixels: a `keras.applications` model gets its own
     `preprocess_input` in front, as an `ImagePreprocessing` layer, and global average pooling;
@@ -199,8 +201,9 @@ def load_backbone(name, weights="imagenet", image_size=None):
     the 1000-way classifier, as in the paper's Table 2.
 
     Args:
-        name: `"digits"`, `"digits_vit"`, e.g. `"ResNet50"` (any `keras.applications` callable), or a path
-            ending in `.keras`.
+        name: `"digits"`, `"digits_vit"`, e.g. `"ResNet50"` (any `keras.applications` callable), a path
+            ending in `.keras`, or a keras-hub preset (a `kaggle://` or `hf://` handle, or a folder
+            `save_to_preset` wrote).
         weights: for `keras.applications`: `"imagenet"`, `"none"` or a weights file path;
             for `digits` and `digits_vit`: `"none"` gives the seeded random backbone of Table 5's
             experiment.
@@ -212,6 +215,8 @@ def load_backbone(name, weights="imagenet", image_size=None):
     if name in ("digits", "digits_vit"):  # --weights=none: random, as in Table 5
         make = digits_backbone if name == "digits" else digits_vit_backbone
         return make(None if weights in (None, "none") else "pretrained")
+    if is_preset(name):
+        return load_preset(name)[0]
     if name.endswith(".keras"):
         if not os.path.isfile(name):
             raise ValueError(f"backbone file {name!r} does not exist")
@@ -220,7 +225,7 @@ def load_backbone(name, weights="imagenet", image_size=None):
     if not callable(factory):
         raise ValueError(
             f"unknown backbone {name!r}; use 'digits', a keras.applications name such as "
-            "'ResNet50' or 'MobileNetV2', or a path to a .keras file"
+            "'ResNet50' or 'MobileNetV2', a path to a .keras file, or a keras-hub preset"
         )
     size = image_size or 224
     weights = None if weights in (None, "none") else weights

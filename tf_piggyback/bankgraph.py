@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_piggyback import coding
+from tf_piggyback.signatures import input_spec
 from tf_piggyback.surgery import feature_model, pool_features
 
 KINDS = {"none": 0, "binary": 1, "ternary": 2}
@@ -154,7 +155,9 @@ class GraphSpec:
         non_float32: `(path, dtype, shape)` of other weights (a seed state), one variable each.
         features: the head's input width.
         slots: working slots.
-        image: the input's `(shape, dtype)`.
+        inputs: `(name, shape, dtype)` of each input, without the batch axis: `image` (float32
+            raw pixels), or each entry of a backbone that takes a dict (keras-hub's text
+            backbones: `token_ids`, `padding_mask`, ...; `signatures.input_spec`).
         signatures: `(name, task index or None, classes or None)` of each exported signature
             (None: the signature takes the task per example); empty for the Python API.
         store: where the tasks are: None, in variables; `bankstore.STORE`, in files in the
@@ -169,7 +172,7 @@ class GraphSpec:
     non_float32: tuple
     features: int
     slots: int
-    image: tuple
+    inputs: tuple
     signatures: tuple = ()
     runtime: tuple = ()
     store: str = None
@@ -230,11 +233,12 @@ class BankGraph(tf.Module):
             architecture = template.to_json()
         except (NotImplementedError, TypeError, ValueError):
             architecture = None
-        shape = tuple(backbone.inputs[0].shape[1:])
+        specs = input_spec(backbone)
         self.spec = GraphSpec(
             architecture=architecture, kernels=tuple(kernels), shared=tuple(shared), own=tuple(own),
             non_float32=tuple((p, by_path[p].dtype, tuple(by_path[p].shape)) for p in others),
-            features=int(features), slots=int(slots), image=(shape, "float32"),
+            features=int(features), slots=int(slots),
+            inputs=tuple((s.name, tuple(s.shape[1:]), s.dtype.name) for s in tf.nest.flatten(specs)),
             runtime=(_code_digest(), tf.__version__, keras.__version__))
         # Untracked: the backbone's value of each weight a task may own, for tasks that do not.
         self.__dict__["own_defaults"] = {path: values[path] for path in own_paths}
@@ -273,12 +277,13 @@ class BankGraph(tf.Module):
         vector = tf.TensorSpec([None], tf.float32)
         self.compute = tf.function(
             self._compute, autograph=False, experimental_attributes={"_noinline": True},
-            input_signature=[self.image_spec(), vector, vector, vector, tf.TensorSpec([], tf.int32),
+            input_signature=[self.input_spec(), vector, vector, vector, tf.TensorSpec([], tf.int32),
                              [tf.TensorSpec(shape, dtype) for _, dtype, shape in self.spec.non_float32]])
 
-    def image_spec(self):
-        shape, dtype = self.spec.image
-        return tf.TensorSpec([None, *shape], dtype, name="image")
+    def input_spec(self):
+        """What the functions take: one `image` tensor, or a dict of the backbone's named inputs."""
+        specs = {name: tf.TensorSpec([None, *shape], dtype, name=name) for name, shape, dtype in self.spec.inputs}
+        return specs["image"] if list(specs) == ["image"] else specs
 
     # ---- masked kernels ------------------------------------------------------------------
     def kernels(self, packed, kind, uid):
@@ -377,7 +382,7 @@ class BankGraph(tf.Module):
         return tf.switch_case(slot, [lambda s=s: store(s) for s in pool.slots])
 
     # ---- the backbone ---------------------------------------------------------------------
-    def _compute(self, image, flat, shared, own, classes, others):
+    def _compute(self, inputs, flat, shared, own, classes, others):
         """The backbone and head over given weights. Stateless on purpose: TensorFlow gives
         every caller of a stateful function its own instance (`StatefulPartitionedCall`), so
         each task's signature would build and keep its own copy of the backbone's graph
@@ -390,8 +395,9 @@ class BankGraph(tf.Module):
         template = self._template
         features, _ = template.stateless_call(
             [values[v.path] for v in template.trainable_variables],
-            [values[v.path] for v in template.non_trainable_variables], image, training=False)
-        features = pool_features(features)
+            [values[v.path] for v in template.non_trainable_variables], inputs, training=False)
+        # a token sequence is pooled over the tokens its padding mask marks, as the task's head does
+        features = pool_features(features, inputs.get("padding_mask") if isinstance(inputs, dict) else None)
         head = own[spec.head_offset:]
         kernel = tf.reshape(head[:spec.features * classes], [spec.features, classes])
         return tf.matmul(features, kernel) + head[spec.features * classes:]

@@ -177,13 +177,14 @@ class BankModule(tf.Module):
         self.num_classes = per_task([t.info["num_classes"] for t in tasks], tf.int32)
         self.names = per_task([t.name for t in tasks], tf.string)
 
-        image = graph.image_spec()
-        self.forward = tf.function(self._forward, input_signature=[image, tf.TensorSpec([], tf.int32)], autograph=False)
-        self.mixed = tf.function(self._mixed, input_signature=[image, tf.TensorSpec([None], tf.int32)], autograph=False)
+        inputs = graph.input_spec()
+        self.forward = tf.function(self._forward, input_signature=[inputs, tf.TensorSpec([], tf.int32)], autograph=False)
+        self.mixed = tf.function(self._mixed, input_signature=[inputs, tf.TensorSpec([None], tf.int32)], autograph=False)
         self.lookup = tf.function(self._lookup, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
 
-    def _forward(self, image, task):
-        """The task's logits: its kernels from a slot (stateful), then `compute` (stateless)."""
+    def _forward(self, inputs, task):
+        """The task's logits for `inputs` (an image batch, or a dict of the backbone's inputs): its
+        kernels from a slot (stateful), then `compute` (stateless)."""
         graph, kind = self.graph, self.kinds[task]
         if self.spec.store:  # the task's files, in the folder beside the listing asset
             folder = tf.strings.regex_replace(self.listing.asset_path, "[^/\\\\]*$", "") + self.spec.store + "/"
@@ -199,7 +200,7 @@ class BankModule(tf.Module):
             def packed():
                 return self.packed[self.packed_offsets[task]:self.packed_offsets[task + 1]]
         kernels = graph.kernels(packed, kind, self.uids[task])
-        return graph.compute(image, kernels, graph.shared.read_value(), own, self.num_classes[task],
+        return graph.compute(inputs, kernels, graph.shared.read_value(), own, self.num_classes[task],
                              [variable.read_value() for variable in graph.non_float32])
 
     def _lookup(self, names):
@@ -210,7 +211,7 @@ class BankModule(tf.Module):
         with tf.control_dependencies([check]):
             return tf.cast(tf.argmax(tf.cast(matches, tf.int32), axis=1), tf.int32)
 
-    def _mixed(self, image, task):
+    def _mixed(self, inputs, task):
         """One task per example: examples are grouped by task, each group runs once."""
         check = tf.debugging.assert_equal(
             tf.reduce_all(tf.logical_and(task >= 0, task < tf.size(self.num_classes))), True,
@@ -218,12 +219,12 @@ class BankModule(tf.Module):
         with tf.control_dependencies([check]):
             task = tf.identity(task)
         widest = tf.reduce_max(self.num_classes)
-        batch = tf.shape(image)[0]
+        batch = tf.shape(tf.nest.flatten(inputs)[0])[0]
         groups, group_of = tf.unique(task)
 
         def body(i, logits, probabilities):
             rows = tf.where(tf.equal(group_of, i))
-            out = self.forward(tf.gather_nd(image, rows), groups[i])
+            out = self.forward(tf.nest.map_structure(lambda t: tf.gather_nd(t, rows), inputs), groups[i])
             pad = [[0, 0], [0, widest - tf.shape(out)[1]]]
             logits = tf.tensor_scatter_nd_update(logits, rows, tf.pad(out, pad))
             probabilities = tf.tensor_scatter_nd_update(

@@ -40,7 +40,8 @@ def user_errors(main):
 
 def define_backbone_flags():
     """`--backbone`, `--weights`, `--image_size`: the flags every driver names its backbone with."""
-    flags.DEFINE_string("backbone", None, "digits, digits_vit, a keras.applications name (e.g. ResNet50), or a .keras file.")
+    flags.DEFINE_string("backbone", None, "digits, digits_vit, a keras.applications name (e.g. ResNet50), a .keras file, "
+                        "or a keras-hub preset: a kaggle:// or hf:// handle, or a folder save_to_preset wrote.")
     flags.DEFINE_string("weights", "imagenet", "keras.applications weights: imagenet, none, or a weights file.")
     flags.DEFINE_integer("image_size", None, "keras.applications input height and width (default 224).")
     flags.mark_flag_as_required("backbone")

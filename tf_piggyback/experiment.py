@@ -21,6 +21,7 @@ from tf_piggyback.layers import DEFAULT_MASK_SCALE
 from tf_piggyback.methods.packnet import DEFAULT_PRUNE
 from tf_piggyback.surgery import fcn_head, feature_model
 from tf_piggyback.taskfile import save_task
+from tf_piggyback.text import is_preset, load_preset, text_splits
 from tf_piggyback.evaluation import test_metrics
 from tf_piggyback.trainer import TrainConfig, at_chance, epoch_batches, is_chief, learning_rate_advice, \
     precision_policy, train
@@ -57,6 +58,8 @@ class RunConfig:
     # The held-out split's seed (folder: datasets without train/ and test/), never the training
     # seed: evaluate.py and train_on_device.py hold out the same images (datasets.load_dataset).
     split_seed: int = SPLIT_SEED
+    # A text preset's tokens per example (default: its preprocessor's; `text.load_preset`).
+    sequence_length: int = None
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def to_json(self):
@@ -112,9 +115,16 @@ def _check_same_run(config, model_dir):
         )
 
 
-def input_pipeline(config, image_shape):
+def input_pipeline(config, image_shape, preprocessor=None):
     """`(splits, epoch -> batches)`: the training input as `run` builds it (also what
-    `scripts/bench.py --preset=pipeline` measures, with no model)."""
+    `scripts/bench.py --preset=pipeline` measures, with no model). With a text preset's
+    `preprocessor`, `image_shape` is the backbone's dict of inputs and the dataset is text
+    (`text.text_splits`)."""
+    if preprocessor is not None:
+        if config.augment or config.protocol != "simple":
+            raise ValueError("--augment and --protocol=paper crop images; a text dataset takes neither")
+        splits = text_splits(config.dataset, preprocessor, list(image_shape), config.split_seed)
+        return splits, epoch_batches(splits.epoch, config.train.batch_size, seed=config.train.seed)
     if config.augment and config.protocol == "paper":
         raise ValueError("--protocol=paper takes its own random-sized crops and flips (images.random_sized_crop); "
                          "leave --augment off")
@@ -142,6 +152,21 @@ def run_warnings(history, scores, train_config):
     return warnings
 
 
+def backbone_and_preprocessor(config):
+    """`(backbone, preprocessor)` of a run: a text preset's preprocessor tokenizes its dataset
+    (`text.load_preset`); any other backbone has none (`backbones.load_backbone`)."""
+    if is_preset(config.backbone):
+        backbone, preprocessor = load_preset(config.backbone, config.sequence_length)
+        return backbone, preprocessor
+    if config.sequence_length is not None:
+        raise ValueError(f"--sequence_length applies to a keras-hub text preset. Received: --backbone={config.backbone}")
+    backbone = load_backbone(config.backbone, config.weights, config.image_size)
+    if isinstance(backbone.input, dict):
+        raise ValueError(f"{config.backbone} takes {', '.join(backbone.input)}: train.py tokenizes a text dataset with "
+                         "a keras-hub preset's preprocessor; pass --backbone=PRESET (a folder save_to_preset wrote)")
+    return backbone, None
+
+
 def run(config, model_dir, *, strategy=None, log=print, verbose=0):
     """Trains one task as `config` says and writes it to `model_dir`; returns the metrics dict.
 
@@ -163,8 +188,9 @@ def run(config, model_dir, *, strategy=None, log=print, verbose=0):
 def _run(config, model_dir, strategy, log, verbose):
     chief, method = is_chief(strategy), methods.get(config.train.method)
     with strategy.scope():
-        backbone = load_backbone(config.backbone, config.weights, config.image_size)
-        splits, batches = input_pipeline(config, backbone.inputs[0].shape[1:])
+        backbone, preprocessor = backbone_and_preprocessor(config)
+        splits, batches = input_pipeline(config, backbone.input if preprocessor else backbone.inputs[0].shape[1:],
+                                         preprocessor)
         keras.utils.set_random_seed(config.train.seed)
         if config.mask_from and not method.takes_mask_from:
             takes = "|".join(name for name in methods.names() if methods.get(name).takes_mask_from)

@@ -22,6 +22,7 @@ from tf_piggyback.bankstore import LISTING, STORE
 from tf_piggyback.files import require_file, sync_directory, sync_tree
 from tf_piggyback.taskbank import DEFAULT_SLOTS, TaskBank
 from tf_piggyback.taskfile import load_task, named_tasks, parse_task, task_name
+from tf_piggyback.text import preprocess
 from tf_piggyback.tflite import QUANTIZATIONS, REPRESENTATIVE_SAMPLES, export_tflite, representative_images
 
 # What `from tf_piggyback.export import ...` has always given, TFLite and task-path parsing included.
@@ -30,7 +31,7 @@ __all__ = ["LISTING", "QUANTIZATIONS", "REPRESENTATIVE_SAMPLES", "build_serving_
 
 
 def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_signatures=True, previous=None,
-                         store=None):
+                         store=None, preprocessor=None):
     """A `tf.Module` and `{name: tf.function}`: the signatures of a SavedModel (BUILD.md, "Interfaces").
 
     One task: its baked model (`bake`), signature `serving_default` and the task's name.
@@ -44,7 +45,8 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     SavedModel `previous` holds are taken from it, not decoded again (`TaskBank.add_all`).
     With `store` (the `assets/tf_piggyback_tasks` folder of the SavedModel being written) the
     tasks go to files there, not to variables (`bankstore`); the module must then be given the
-    listing as its `listing` asset before it is saved.
+    listing as its `listing` asset before it is saved. With a text preset's `preprocessor`, the
+    module also takes strings (`text_signatures`).
 
     The module tracks the raw `tf.Variable`s behind the Keras variables, never a Keras model or
     Keras variable: those save a SavedModel that TF2 loads but TF1-style loaders (TensorFlow
@@ -59,15 +61,44 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     if len(paths) > 1:
         module, signatures, spec = bank.serving_module(per_task_signatures)
         listing, key = bank.listing(), spec.key()
-        if key:
+        if key and preprocessor is None:  # the string signatures are traced with the preprocessor: never reused
             listing["graph"] = key
-        return module, signatures, listing
-    spec = input_spec(backbone)
-    model = bake(load_task(paths[0], backbone))
-    module = tf.Module()
-    module.variables_ = [v.value for v in model.variables]
-    serve = signature(with_outputs(lambda image: model(image, training=False)), spec, names[0])
-    return module, {names[0]: serve, "serving_default": serve}, bank.listing()
+    else:
+        spec = input_spec(backbone)
+        model = bake(load_task(paths[0], backbone))
+        module = tf.Module()
+        module.variables_ = [v.value for v in model.variables]
+        serve = signature(with_outputs(lambda image: model(image, training=False)), spec, names[0])
+        signatures, listing = {names[0]: serve, "serving_default": serve}, bank.listing()
+    if preprocessor is not None:
+        signatures.update(text_signatures(module, signatures, preprocessor, input_spec(backbone)))
+    return module, signatures, listing
+
+
+def text_signatures(module, signatures, preprocessor, spec):
+    """Signatures that take strings (issue 40), the preset's preprocessor inside (tokenizer and
+    packer, `text.preprocess`): `text` (string `text`, `serving_default`'s task) and, for
+    several tasks, `tasks_text` (string `text` and `task`, a name per example, as
+    `tasks_by_name`). Each equals its token-id signature on the preprocessor's tokens. Their
+    graph holds TF Text's ops: a process loads the SavedModel after `import tensorflow_text`."""
+    if not isinstance(spec, dict):
+        raise ValueError("string signatures take text: the backbone takes an image")
+    import tensorflow_text  # noqa: F401 (registers the tokenizer's ops while tracing)
+
+    module.preprocessor = preprocessor  # its vocabulary and tokenizer model go to the SavedModel's assets
+    text = tf.TensorSpec([None], tf.string, name="text")
+
+    def tokens(strings):
+        out = preprocess(preprocessor, strings)
+        return {name: tf.cast(out[name], s.dtype) for name, s in spec.items()}
+
+    default = signatures["serving_default"]
+    out = {"text": tf.function(lambda text: default(tokens(text)), input_signature=[text])}
+    if "tasks_by_name" in signatures:
+        by_name = signatures["tasks_by_name"]
+        out["tasks_text"] = tf.function(lambda text, task: by_name(tokens(text), task),
+                                        input_signature=[text, tf.TensorSpec([None], tf.string, name="task")])
+    return out
 
 
 def _versions(output_dir):
@@ -81,7 +112,7 @@ def next_version(output_dir):
 
 
 def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite=False, slots=DEFAULT_SLOTS,
-                       per_task_signatures=True):
+                       per_task_signatures=True, preprocessor=None):
     """Writes `output_dir/<version>/` atomically; returns its path.
 
     Args:
@@ -96,6 +127,9 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
         per_task_signatures: with several tasks, one signature per task besides
             `serving_default`, `tasks` and `tasks_by_name`; off, the model loads as fast as a
             single task's whatever the number of tasks (`TaskBank.serving_module`).
+        preprocessor: a text preset's preprocessor (`text.load_preset`): signatures that take
+            strings besides the token ids (`text_signatures`; loading then needs
+            `import tensorflow_text`).
 
     A task that the latest version under `output_dir` already holds (the same task file's bytes,
     the same backbone) is read from that version's variables instead of being decoded again, so
@@ -127,7 +161,8 @@ def export_saved_model(backbone, task_paths, output_dir, version=None, overwrite
     try:
         module, signatures, listing = build_serving_module(backbone, task_paths, slots, per_task_signatures,
                                                            previous[-1] if previous else None,
-                                                           store=os.path.join(tmp, "assets", STORE))
+                                                           store=os.path.join(tmp, "assets", STORE),
+                                                           preprocessor=preprocessor)
         key = listing.get("graph")
         same_graph = previous and key and _graph_key(previous[-1]) == key
         with tempfile.TemporaryDirectory() as scratch:

@@ -14,13 +14,14 @@ from tf_piggyback.images import WHOLE_IMAGE, box_pixels
 TEST_FRACTION = 0.25
 SPLIT_SEED = 0  # the held-out split's default seed, and the fixed order of a folder's files
 # tfds names whose test split has private labels (-1): evaluated on validation instead.
-PRIVATE_TEST_LABELS = ("visual_domain_decathlon",)
+PRIVATE_TEST_LABELS = ("visual_domain_decathlon", "glue")
 LABEL_CHECK = 64  # labels read from each tfds split to refuse one without labels
 # The paper's protocol (see `datasets.load_dataset`): tfds datasets cropped to their bounding
 # boxes, and those trained on train + validation.
 BOXED = ("caltech_birds2011", "cars196")
 TRAIN_PLUS_VALIDATION = ("oxford_flowers102",)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+TEXT_EXTENSIONS = (".txt",)  # a text folder's files: one example each, UTF-8
 # The first bytes of each format tf.io.decode_image reads.
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 
@@ -60,7 +61,10 @@ def permuted(seed, *arrays):
     return tuple(np.asarray(a)[order] for a in arrays)
 
 
-def _list_class_folders(root):
+def _list_class_folders(root, kind="images"):
+    """`(class names, files, labels)` of a folder with one sub-folder per class: its images, or
+    with `kind="text"` its text files (`TEXT_EXTENSIONS`)."""
+    extensions, readable_as = (IMAGE_EXTENSIONS, _is_image) if kind == "images" else (TEXT_EXTENSIONS, _is_text)
     if not os.path.isdir(root):
         raise ValueError(f"dataset folder {root!r} does not exist; pass folder:PATH with one sub-folder per class")
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
@@ -68,21 +72,21 @@ def _list_class_folders(root):
     for label, name in enumerate(names):
         for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name))):
             for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                if filename.lower().endswith(extensions):
                     files.append(os.path.join(dirpath, filename))
                     labels.append(label)
     if len(names) < 2:
         raise ValueError(f"dataset folder {root!r} has {len(names)} class sub-folder(s); it needs at least 2")
-    readable = np.array([_is_image(f) for f in files], dtype=bool)
+    readable = np.array([readable_as(f) for f in files], dtype=bool)
     if not readable.all():
         skipped = [os.path.relpath(f, root) for f in np.array(files)[~readable]]
-        logging.warning("dataset folder %s: skipped %d of %d files that are not images: %s%s", root, len(skipped),
-                        len(files), ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
+        logging.warning("dataset folder %s: skipped %d of %d files that are not %s: %s%s", root, len(skipped),
+                        len(files), kind, ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
         files, labels = list(np.array(files)[readable]), list(np.array(labels)[readable])
     empty = [n for i, n in enumerate(names) if i not in set(labels)]
     if empty:
-        raise ValueError(f"dataset folder {root!r}: class folder(s) {', '.join(empty)} hold no images "
-                         f"({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"dataset folder {root!r}: class folder(s) {', '.join(empty)} hold no {kind} "
+                         f"({', '.join(extensions)})")
     return names, np.array(files), np.array(labels, dtype=np.int64)
 
 
@@ -92,6 +96,16 @@ def _is_image(path):
         with open(path, "rb") as f:
             return f.read(8).startswith(IMAGE_SIGNATURES)
     except OSError:
+        return False
+
+
+def _is_text(path):
+    """Whether a file reads as UTF-8 text."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read()
+        return True
+    except (OSError, UnicodeDecodeError):
         return False
 
 
@@ -123,16 +137,17 @@ def _image_files(files, labels):
     return ds.ignore_errors(log_warning=True)
 
 
-def folder_files(root, seed):
-    """`(class names, (train files, labels), (test files, labels))` of an image folder: one
-    sub-folder per class, in `train/` and `test/`, or a quarter of each class held out by `seed`."""
+def folder_files(root, seed, kind="images"):
+    """`(class names, (train files, labels), (test files, labels))` of an image folder (a text
+    folder with `kind="text"`): one sub-folder per class, in `train/` and `test/`, or a quarter
+    of each class held out by `seed`."""
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-        names, files, labels = _list_class_folders(os.path.join(root, "train"))
-        test_names, test_files, test_labels = _list_class_folders(os.path.join(root, "test"))
+        names, files, labels = _list_class_folders(os.path.join(root, "train"), kind)
+        test_names, test_files, test_labels = _list_class_folders(os.path.join(root, "test"), kind)
         if test_names != names:
             raise ValueError(f"dataset folder {root!r}: train/ and test/ have different class folders")
     else:
-        names, all_files, all_labels = _list_class_folders(root)
+        names, all_files, all_labels = _list_class_folders(root, kind)
         test = np.zeros(len(all_files), dtype=bool)
         rng = np.random.default_rng(seed)
         for label in range(len(names)):
@@ -174,21 +189,34 @@ def _image_sizes(files):
     return sizes
 
 
+def tfds_builder(name):
+    """`tfds.builder(name)`, or a one-line ValueError for a name TensorFlow Datasets does not know."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name)
+    except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
+        raise ValueError(f"unknown TensorFlow Datasets name {name!r} ({type(e).__name__}); see tfds.list_builders()") from None
+
+
+def tfds_split_names(name, builder):
+    """`(train split, test split)` of a tfds set: `test`, else `validation`, else the last 20% of
+    `train`; `validation` for sets whose test labels are private."""
+    splits = list(builder.info.splits.keys()) or ["train", "test"]  # none listed before download
+    test_split = "test" if "test" in splits else "validation" if "validation" in splits else None
+    if name.startswith(PRIVATE_TEST_LABELS):
+        # The Visual Decathlon and GLUE keep their test labels private (every label is -1); their
+        # own tables, and the paper's Table 8, score the validation split.
+        test_split = "validation"
+    return ("train", test_split) if test_split else ("train[:80%]", "train[80%:]")
+
+
 def tfds_splits(name, protocol="simple"):
     """`Splits` of a TensorFlow Datasets image classification set (see `datasets.load_dataset`)."""
     import tensorflow_datasets as tfds
 
-    try:
-        builder = tfds.builder(name)
-    except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
-        raise ValueError(f"unknown TensorFlow Datasets name {name!r} ({type(e).__name__}); see tfds.list_builders()") from None
-    splits = list(builder.info.splits.keys()) or ["train", "test"]  # none listed before download
-    test_split = "test" if "test" in splits else "validation" if "validation" in splits else None
-    if name.startswith(PRIVATE_TEST_LABELS):
-        # The Visual Decathlon keeps its test labels private (every label is -1); its own
-        # tables, and the paper's Table 8, score the validation split.
-        test_split = "validation"
-    train_split, test_split = ("train", test_split) if test_split else ("train[:80%]", "train[80%:]")
+    builder = tfds_builder(name)
+    train_split, test_split = tfds_split_names(name, builder)
     paper = protocol == "paper"
     if paper and name.split("/")[0] in TRAIN_PLUS_VALIDATION:
         train_split = "train+validation"  # Flowers-102: 2,040 training images (Table 1)

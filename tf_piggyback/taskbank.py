@@ -55,7 +55,9 @@ class TaskBank:
 
     Args:
         backbone: the backbone every task was trained on (fingerprints are checked against
-            the one computed here: the bank takes the backbone as it is now, as frozen).
+            the one computed here: the bank takes the backbone as it is now, as frozen); an
+            image backbone, or one that takes a dict (keras-hub's text backbones: the bank's
+            functions then take its inputs by name).
         slots: how many tasks' masked kernels are kept unpacked (floats) at once; >= 1.
 
     Example:
@@ -190,9 +192,6 @@ class TaskBank:
 
     def _graph_for(self, version):
         """The `BankGraph` for `version`'s layout: the last one made, while the layout is its."""
-        if isinstance(self.backbone.input, dict):
-            raise ValueError(f"a TaskBank serves backbones of one image input; {self.backbone.name!r} takes "
-                             f"{', '.join(self.backbone.input)}: export each of its tasks on its own")
         key = (version.feature_layer, version.layout, tuple(version.own_paths), version.features)
         with self._reading:  # a call's first build and a change's may ask at once: one graph a layout
             if self._graph[0] != key:
@@ -322,8 +321,13 @@ class TaskBank:
         """The current version's `BankModule`, its functions traced."""
         return self._version.module(self._graph_for)
 
-    def predict(self, images, task):
-        """Logits for `images` under `task`: a name or index, or one per image (mixed).
+    def predict(self, inputs, task):
+        """Logits for `inputs` under `task`: a name or index, or one per example (mixed).
+
+        Args:
+            inputs: a batch of images (raw pixels), or for a backbone that takes a dict (keras-hub's
+                text backbones) a dict of its inputs (`token_ids`, `padding_mask`, ...) by name.
+            task: a task's name or index, or a list of them, one per example.
 
         Returns:
             `[B, num_classes]` logits for one task; for one task per image, `[B, C_max]`
@@ -331,11 +335,12 @@ class TaskBank:
         """
         version = self._version  # one snapshot: its module and its indices agree
         module = version.module(self._graph_for)
-        images = tf.convert_to_tensor(images, tf.float32)
+        inputs = tf.nest.map_structure(lambda spec, value: tf.convert_to_tensor(value, spec.dtype),
+                                       module.graph.input_spec(), inputs)
         if isinstance(task, (str, int, np.integer)):
-            return module.forward(images, tf.constant(version.index(task), tf.int32)).numpy()
+            return module.forward(inputs, tf.constant(version.index(task), tf.int32)).numpy()
         indices = [version.index(t) for t in task]
-        return module.mixed(images, tf.constant(indices, tf.int32))["logits"].numpy()
+        return module.mixed(inputs, tf.constant(indices, tf.int32))["logits"].numpy()
 
     def serving_module(self, per_task=True):
         """What an export saves: `(module, {name: tf.function}, spec)`. The signatures are one per
@@ -358,17 +363,17 @@ class TaskBank:
         entries = [e for e in entries if per_task] + [("serving_default", *entries[0][1:])]
         spec = dataclasses.replace(module.spec, signatures=tuple(entries) + tuple(
             (name, None, None) for name in MIXED_SIGNATURES))
-        image = module.graph.image_spec()
+        inputs = module.graph.input_spec()
         signatures, by_task = {}, {}
         for name, index, classes in spec.signatures:  # what the signatures read while traced: the spec alone
             if index is not None:  # serving_default is the first task's function, not a copy of it
-                signatures[name] = by_task.setdefault(index, _task_signature(module, index, classes, image, name))
+                signatures[name] = by_task.setdefault(index, _task_signature(module, index, classes, inputs, name))
         signatures["tasks"] = tf.function(
-            lambda image, task: module.mixed(image, task), autograph=False,
-            input_signature=[image, tf.TensorSpec([None], tf.int32, name="task")])
+            lambda inputs, task: module.mixed(inputs, task), autograph=False,
+            input_signature=[inputs, tf.TensorSpec([None], tf.int32, name="task")])
         signatures["tasks_by_name"] = tf.function(
-            lambda image, task: module.mixed(image, module.lookup(task)), autograph=False,
-            input_signature=[image, tf.TensorSpec([None], tf.string, name="task")])
+            lambda inputs, task: module.mixed(inputs, module.lookup(task)), autograph=False,
+            input_signature=[inputs, tf.TensorSpec([None], tf.string, name="task")])
         return module, signatures, spec
 
     def listing(self):
@@ -395,9 +400,9 @@ def _claimed(plan, kind):
 def _warm_up(module, version):
     """Runs `module`'s functions once, so that TensorFlow instantiates them here and not in the
     next calls (ResNet-50 at 128 px: 2-4 s in all on 2 cores, after tracing): `forward` and
-    `mixed` on one blank image of a task whose kernels a slot holds (no fill, no eviction)."""
-    image = module.graph.image_spec()
-    blank = tf.zeros([1, *image.shape[1:]], image.dtype)
+    `mixed` on one blank example of a task whose kernels a slot holds (no fill, no eviction)."""
+    blank = tf.nest.map_structure(lambda spec: tf.zeros([1, *(d or 1 for d in spec.shape[1:])], spec.dtype),
+                                  module.graph.input_spec())
     held = set(module.graph.slot_uids.numpy().tolist())
     for index, task in enumerate(version.tasks):
         if task.uid in held or task.kind == "none":
@@ -407,8 +412,8 @@ def _warm_up(module, version):
 
 
 def _task_signature(module, index, num_classes, spec, name):
-    def serve(image):
-        logits = tf.ensure_shape(module.forward(image, tf.constant(index, tf.int32)), [None, num_classes])
+    def serve(inputs):
+        logits = tf.ensure_shape(module.forward(inputs, tf.constant(index, tf.int32)), [None, num_classes])
         return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
 
     serve.__name__ = name

@@ -100,8 +100,8 @@ def epoch_batches(examples, batch_size, *, seed=0, shuffle=True, buffer_size=Non
             paper protocol's crops come from `datasets.Splits.epoch`, cropped as decoded.)
     """
     if buffer_size is None:
-        shape = (examples(0) if callable(examples) else examples).element_spec[0].shape
-        image_bytes = 4 * int(np.prod(shape)) if shape.is_fully_defined() else 1
+        shapes = [spec.shape for spec in tf.nest.flatten((examples(0) if callable(examples) else examples).element_spec[0])]
+        image_bytes = sum(4 * int(np.prod(shape)) for shape in shapes) if all(s.is_fully_defined() for s in shapes) else 1
         buffer_size = int(min(MAX_SHUFFLE_BUFFER, max(batch_size, SHUFFLE_BUFFER_BYTES // image_bytes)))
 
     def make(epoch):
