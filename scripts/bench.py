@@ -7,6 +7,7 @@ python scripts/bench.py --preset=gpu            # cpu's and train's rows: ResNet
 python scripts/bench.py --preset=serving        # 1, 10, 100 ResNet50 tasks in one SavedModel
 python scripts/bench.py --preset=phone          # the phone file (3 ResNet50 tasks, 96 px): float32, float16, int8
 python scripts/bench.py --preset=phone --tflite_tasks=10 --image_size=224 --phone_quantize=int8
+python scripts/bench.py --preset=phone --tflite_tasks=2 --image_size=224 --int8_export_images=100 --repeats=2
 python scripts/bench.py --preset=pipeline --dataset=folder:runs/wikiart_like --image_size=224
 python scripts/bench.py --preset=many_tasks     # 10 to 10,000 ResNet50 tasks read from a version's files (64 GB disk)
 
@@ -59,6 +60,8 @@ def define_flags():
                          "for serving, 0: none; 3 for phone).")
     flags.DEFINE_list("phone_quantize", None, "serving, phone: the phone file's precisions, of none, float16, int8 "
                       "(default none for serving; all three for phone).")
+    flags.DEFINE_integer("int8_export_images", None, "phone: time int8 phone exports calibrated on this many images "
+                         "(one conversion against each task converted whole) instead of the phone rows.")
     flags.DEFINE_list("clients", None, "serving: concurrent clients per run of the saturation table (default 1,4,16; "
                       "empty: skipped).")
     flags.DEFINE_string("dataset", None, "pipeline: the dataset spec, as train.py takes it.")
@@ -73,7 +76,7 @@ def _serving():
     if FLAGS.preset == "phone":
         settings = {"image_size": 96, "tflite_tasks": 3, "phone_quantize": ("none", "float16", "int8"),
                     "workdir": os.path.join("runs", f"bench_phone_{FLAGS.image_size or 96}")}
-    for name in ("model", "image_size", "repeats", "slots", "workdir", "tflite_tasks"):
+    for name in ("model", "image_size", "repeats", "slots", "workdir", "tflite_tasks", "int8_export_images"):
         if getattr(FLAGS, name) is not None:
             settings[name] = getattr(FLAGS, name)
     if FLAGS.phone_quantize:

@@ -22,7 +22,7 @@ LEVELS = [
     {"trainer"},
     {"callbacks"},
     {"bankgraph", "tflite", "ondevice", "phonebytes"},
-    {"bankstore"},
+    {"bankstore", "phoneint8"},
     {"bankmodule"},
     {"taskbank", "phone"},
     {"export"},

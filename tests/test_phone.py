@@ -265,6 +265,53 @@ def test_int8_keeps_a_task_whose_mask_zeroes_a_channels_largest_weights(tmp_path
     assert np.mean(out.argmax(-1) == reference.argmax(-1)) >= 0.95
 
 
+def test_int8_tasks_quantize_as_their_own_conversions_from_one_conversion():
+    """Issue 41: the converter runs once, for the first task with every mask 1; each task's masks
+    and head are written into that float graph, its activation ranges measured there by LiteRT,
+    and the converter's own int8 step quantizes it. Each task's int8 model is then its own
+    conversion's: the same graph, int8 weights and activation scales and zero points (within
+    1e-5), and logits as close to float32. (Where TensorFlow's calibrator logs an in-place op's
+    result for its input, the range is float32's instead: on ResNet-50, every convolution before
+    a residual ADD; the digits CNN has none.)"""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tf_piggyback.phone import _kernel_masks, _padded, _padded_head, _unmasked
+    from tf_piggyback.phonebytes import buffer_data, tensor_list
+    from tf_piggyback.phoneint8 import int8_conversions, quantization_of
+    from tf_piggyback.tflite import model_flatbuffer
+
+    models = []
+    for seed, (classes, mask_type) in enumerate([(5, "binary"), (7, "ternary"), (3, "binary")]):
+        model = random_masks(pb.piggyback(pb.digits_backbone(), classes, mask_type=mask_type), seed)
+        rng = np.random.default_rng(seed)
+        model.get_layer("head").set_weights([rng.normal(0, 0.3, w.shape) for w in model.get_layer("head").get_weights()])
+        models.append(model)
+    files = int8_conversions(_padded(_unmasked(models[0])[0], 7, 0.0), [_kernel_masks(m) for m in models],
+                             [_padded_head(m, 7, 0.0) for m in models], None, DIGITS[:100])
+    x = DIGITS[256:]
+    for model, file in zip(models, files):
+        task = _padded(_unmasked(model, keep_masks=True)[0], 7, 0.0)
+        own_file = model_flatbuffer(task, "int8", DIGITS[:100])
+        fast, own = schema.Model.GetRootAs(file), schema.Model.GetRootAs(own_file)
+        mine, theirs = tensor_list(fast), tensor_list(own)
+        assert [t[1:3] for t in mine] == [t[1:3] for t in theirs]
+        other = []
+        for i in range(len(mine)):
+            a, b = quantization_of(fast, i)[0], quantization_of(own, i)[0]
+            if buffer_data(fast, mine[i][3]) is not None and mine[i][2] == schema.TensorType.INT8:
+                assert np.array_equal(buffer_data(fast, mine[i][3]), buffer_data(own, theirs[i][3]))
+            elif len(a.get("scale", [])) and not (np.allclose(a["scale"], b["scale"], rtol=1e-5)
+                                                  and np.array_equal(a["zero_point"], b["zero_point"])):
+                other.append(mine[i][0])
+        assert other == [], other
+        float32 = task.predict(x, verbose=0)
+        logits = [Interpreter(model_content=f).get_signature_runner("serving_default")(image=x)["logits"]
+                  for f in (file, own_file)]
+        errors = [float(np.sqrt(np.mean((out - float32) ** 2))) for out in logits]
+        assert errors[0] <= 1.05 * errors[1], errors
+
+
 def test_float16_phone_file_matches_each_tasks_own_float16_file(phone, tmp_path):
     """float16 filters are masked as stored (a product by 0 or ±1 is exact); a per-task BN's
     filter scale is rounded to float16 once more than in the task's own file."""

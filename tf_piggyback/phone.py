@@ -10,7 +10,7 @@ file (the payload: trailing bytes, which LiteRT ignores). Switching to a task wr
 its own tensors) into a copy of the model's bytes and builds a new interpreter from it
 (`PhoneTasks`); calls then run at the single-task file's speed. An int8
 file stores the backbone's filters quantized once and each task's own activation ranges
-(`phonebytes.int8_tasks`).
+(`phoneint8.int8_tasks`).
 
 Reference: Mallya et al., ECCV 2018, §3 (`W ⊙ m`, 1 bit per parameter per task), §5.3 (per-task
 BatchNormalization).
@@ -28,10 +28,10 @@ from ai_edge_litert import schema_py_generated as schema
 
 from tf_piggyback import coding
 from tf_piggyback.files import file_stat, write_atomic
-from tf_piggyback.phonebytes import (ALIGN, DTYPES, LAYOUTS, AlignedBuffer, Payload, add_mask, buffer_data,
-                                     buffer_spans, channel_scale, holds, in_layout, int8_tasks, refused, tensor_list,
-                                     vector_span)
-from tf_piggyback.surgery import bake_with_layers
+from tf_piggyback.phonebytes import (ALIGN, DTYPES, AlignedBuffer, Payload, add_mask, buffer_data, buffer_spans,
+                                     channel_scale, locate, refused, tensor_list, vector_span)
+from tf_piggyback.phoneint8 import int8_conversions, int8_tasks
+from tf_piggyback.surgery import bake_with_layers, masked_layers, task_weights
 from tf_piggyback.taskfile import load_task, named_tasks
 from tf_piggyback.tflite import model_flatbuffer
 
@@ -41,7 +41,7 @@ SIGNATURE = "unmasked"  # the stored bytes are the backbone with every mask 1: r
 PAD_LOGIT = -1e9  # a task with fewer classes than the file's widest: its extra logits (exp() is 0)
 QUANTIZE = ("none", "float16", "int8")
 # int8: a filter channel whose task keeps fewer of the 127 levels (4 bits) is logged at export; the
-# table's `levels` lists each task's fewest per filter (`phonebytes.int8_tasks`)
+# table's `levels` lists each task's fewest per filter (`phoneint8.int8_tasks`)
 COARSE_LEVELS = 16
 
 
@@ -59,10 +59,15 @@ def _padded(model, classes, logit=PAD_LOGIT):
                          f"with a bias; {head.name!r} is a {type(head).__name__}: export them to separate files")
     wide = type(head).from_config({**head.get_config(), key: classes})
     result = keras.models.clone_model(model, clone_function=lambda layer: wide if layer is head else layer)
-    kernel, bias = (keras.ops.convert_to_numpy(w) for w in head.weights)
-    pad = [(0, 0)] * (kernel.ndim - 1) + [(0, classes - have)]
-    wide.set_weights([np.pad(kernel, pad), np.pad(bias, (0, classes - have), constant_values=logit)])
+    wide.set_weights(_padded_head(model, classes, logit))
     return result
+
+
+def _padded_head(model, classes, logit=PAD_LOGIT):
+    """`[kernel, bias]` of `model`'s head widened to `classes` outputs, as `_padded` widens it."""
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.layers[-1].weights)
+    extra = classes - kernel.shape[-1]
+    return [np.pad(kernel, [(0, 0)] * (kernel.ndim - 1) + [(0, extra)]), np.pad(bias, (0, extra), constant_values=logit)]
 
 
 def _width_key(head):
@@ -73,33 +78,20 @@ def _width_key(head):
 
 def _unmasked(model, keep_masks=False):
     """The task's baked model with every masked kernel back to the backbone's `W` (with
-    `keep_masks`, `W ⊙ m` as baked), and `{kernel path: (W, int8 mask, mask type)}`."""
+    `keep_masks`, `W ⊙ m` as baked), and its `_kernel_masks`."""
     baked, pairs = bake_with_layers(model)
-    masks = {}
-    for wrapper, plain in pairs:
-        sources = list(wrapper.layer.weights)
-        for kernel, mask in zip(wrapper.kernels, wrapper.thresholded_masks()):
-            value = keras.ops.convert_to_numpy(kernel)
-            if not keep_masks:
-                plain.weights[next(i for i, w in enumerate(sources) if w is kernel)].assign(value)
-            masks[kernel.path] = (value, np.asarray(keras.ops.convert_to_numpy(mask), np.int8), wrapper.mask_type)
-    return baked, masks
+    if not keep_masks:
+        for wrapper, plain in pairs:
+            sources = list(wrapper.layer.weights)
+            for kernel in wrapper.kernels:
+                plain.weights[next(i for i, w in enumerate(sources) if w is kernel)].assign(keras.ops.convert_to_numpy(kernel))
+    return baked, _kernel_masks(model)
 
 
-def _locate(model, tensors, kernel, tolerance):
-    """The tensor whose constant data is `kernel` in one of `LAYOUTS` (times a per-channel scale,
-    where the converter folded a BatchNormalization): `(tensor index, layout)`, or None."""
-    for layout in LAYOUTS.get(kernel.ndim, []) + [((tuple(range(kernel.ndim))), kernel.ndim - 1, "keras")]:
-        candidate = in_layout(kernel, layout)
-        for index, (_, shape, dtype, buffer) in enumerate(tensors):
-            if shape != candidate.shape or dtype not in DTYPES:
-                continue
-            data = buffer_data(model, buffer)
-            if data is None or data.size != candidate.nbytes // 4 * np.dtype(DTYPES[dtype]).itemsize:
-                continue
-            if holds(candidate, data.view(DTYPES[dtype]).reshape(shape), layout[1], tolerance):
-                return index, layout
-    return None
+def _kernel_masks(model):
+    """`{kernel path: (W, int8 mask, mask type)}` of a task model's masked kernels."""
+    return {kernel.path: (keras.ops.convert_to_numpy(kernel), np.asarray(mask, np.int8), wrapper.mask_type)
+            for wrapper in masked_layers(model) for kernel, mask in zip(wrapper.kernels, wrapper.thresholded_masks())}
 
 
 def export_phone(backbone, task_paths, output_path, quantize="none", representative=None):
@@ -112,7 +104,7 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
         output_path: the `.tflite` file.
         quantize: `"none"` (float32), `"float16"` (float16 weights) or `"int8"` (full integer:
             the backbone's filters quantized once, per channel; each task's activation ranges
-            calibrated on its own model, `phonebytes.int8_tasks`).
+            calibrated on its own model, `phoneint8.int8_tasks`).
         representative: for int8, a NumPy array of raw images `[N, H, W, C]`.
 
     Returns:
@@ -128,13 +120,17 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
     names, paths = named_tasks(task_paths)
     models = [load_task(path, backbone) for path in paths]
     classes = [int(m.output_shape[-1]) for m in models]
-    # int8 converts each task's own baked model (its activation ranges); float the unmasked one
-    unmasked = [_unmasked(m, keep_masks=quantize == "int8") for m in models]
     if quantize == "int8":
-        # pad logits 0: inside every calibrated range (which always holds 0); probabilities renormalized
-        files = [model_flatbuffer(_padded(plain, max(classes), 0.0), quantize, representative)
-                 for plain, _ in unmasked]
+        # each task's own activation ranges (`phoneint8.int8_conversions`); pad logits 0: inside
+        # every calibrated range (which always holds 0); probabilities renormalized
+        unmasked = [(None, _kernel_masks(m)) for m in models]
+        heads = [None if any(id(w) not in {id(h) for h in m.layers[-1].weights} for w in task_weights(m))
+                 else _padded_head(m, max(classes), 0.0) for m in models]
+        files = int8_conversions(_padded(_unmasked(models[0])[0], max(classes), 0.0), [m for _, m in unmasked],
+                                 heads, lambda t: _padded(_unmasked(models[t], keep_masks=True)[0], max(classes), 0.0),
+                                 representative)
     else:
+        unmasked = [_unmasked(m) for m in models]
         # One column more than the widest task where the heads allow it: a head bias of zeros (a new
         # task's) is left out by the converter, which would give that task another graph.
         width = max(classes) + all(_width_key(m.layers[-1]) for m in models)
@@ -170,7 +166,7 @@ def _float_tasks(names, classes, task_masks, converted, kernels, tolerance):
     tensors = tensor_list(base)
     filters, where = [], {}
     for path, kernel in kernels.items():
-        found = _locate(base, tensors, kernel, tolerance)
+        found = locate(base, tensors, kernel, tolerance)
         if found is None or found[0] in where:
             raise refused(path)
         where[found[0]] = len(filters)

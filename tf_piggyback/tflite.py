@@ -106,10 +106,6 @@ def _tflite_module(backbone, task_paths):
     return module, {name: signature(with_outputs(f), spec, name) for name, f in zip(names, forwards)}
 
 
-def _restored(loaded, name):
-    return lambda inputs: loaded.signatures[name](**inputs if isinstance(inputs, dict) else {"image": inputs})
-
-
 def representative_images(spec, image_shape):
     """Up to `REPRESENTATIVE_SAMPLES` raw training images of a dataset spec, for int8 calibration."""
     from tf_piggyback.datasets import load_dataset, to_arrays
@@ -166,16 +162,71 @@ def model_flatbuffer(model, quantize="none", representative=None):
                     None if representative is None else np.asarray(representative, np.float32))
 
 
+def int8_quantizer(model, representative):
+    """`(template, quantize)` for full-int8 conversions of models that differ from `model` only in
+    constants (another task's masked filters and head: `phoneint8.int8_conversions`).
+
+    `template` is the float flatbuffer the TFLite converter hands its int8 step, calibrated on
+    the first representative image: every tensor the calibrator observes carries a minimum and
+    a maximum. `quantize(calibrated)` runs the converter's int8 step on a flatbuffer of that
+    graph whose constants and ranges the caller has written (the calibration is that flatbuffer
+    as it is), with the settings the converter chose for `model`: each model is quantized as its
+    own conversion would quantize it from those ranges, while the conversion itself (the
+    SavedModel and the float graph) runs once. This reaches into two private steps of the
+    converter (`_optimize_tflite_model` and its `Calibrator`, TensorFlow 2.21); a version
+    without them refuses here with NotImplementedError.
+    """
+    from tensorflow.lite.python import lite
+
+    step = getattr(lite.TFLiteConverterBase, "_optimize_tflite_model", None)
+    calibrator = getattr(getattr(lite, "_calibrator", None), "Calibrator", None)
+    if step is None or calibrator is None:
+        raise NotImplementedError("this TensorFlow's converter has no _optimize_tflite_model step or Calibrator")
+    captured = {}
+
+    def spy_step(converter, float_model, *args, **kwargs):
+        captured.update(converter=converter, float_model=float_model, args=args, kwargs=kwargs)
+        return step(converter, float_model, *args, **kwargs)
+
+    class SpyCalibrator(calibrator):
+        def calibrate(self, dataset_gen):
+            captured["template"] = super().calibrate(dataset_gen)
+            return captured["template"]
+
+    lite.TFLiteConverterBase._optimize_tflite_model, lite._calibrator.Calibrator = spy_step, SpyCalibrator
+    try:
+        model_flatbuffer(model, "int8", np.asarray(representative, np.float32)[:1])
+    finally:
+        lite.TFLiteConverterBase._optimize_tflite_model, lite._calibrator.Calibrator = step, calibrator
+
+    def quantize(calibrated):
+        class Calibrated:  # the calibration is the given flatbuffer's ranges
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def calibrate(self, dataset_gen):
+                return calibrated
+
+        lite._calibrator.Calibrator = Calibrated
+        try:
+            return step(captured["converter"], captured["float_model"], *captured["args"], **captured["kwargs"])
+        finally:
+            lite._calibrator.Calibrator = calibrator
+
+    return captured["template"], quantize
+
+
 def _convert(backbone, module, signatures, quantize, representative):
+    if len(signatures) == 1:  # a file of one signature names it serving_default, whatever its task
+        signatures = {"serving_default": next(iter(signatures.values()))}
     names = list(signatures)
-    # Through a SavedModel: functions restored from one read plain tf.Variables, which the
-    # converter freezes into the flatbuffer (Keras variables in memory stay READ_VARIABLE ops).
+    # Through a SavedModel: its functions read plain tf.Variables, which the converter freezes
+    # into the flatbuffer (Keras variables in memory stay READ_VARIABLE ops). Converted from the
+    # folder: from functions restored from it, the converter saved a second SavedModel first
+    # (ResNet-50 at 64 px: 6 of a conversion's 22 s, on a loaded machine).
     with tempfile.TemporaryDirectory() as tmp:
         save(module, tmp, signatures, type(backbone).__name__)
-        loaded = tf.saved_model.load(tmp)
-        spec = input_spec(backbone)
-        functions = [signature(_restored(loaded, name), spec, name).get_concrete_function() for name in names]
-        converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, loaded)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=names)
         if quantize == "float16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]

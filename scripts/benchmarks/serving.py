@@ -34,6 +34,8 @@ class ServingConfig:
     tflite_tasks: int = 10
     # The phone file's precisions (`phone_rows`), each against the first task's own file of it.
     phone_quantize: tuple = ("none",)
+    # phone: time int8 phone exports calibrated on this many images instead (`int8_export_rows`)
+    int8_export_images: int = 0
     # Concurrent clients (threads) per run of `concurrency_child`, each sending this many requests.
     clients: tuple = (1, 4, 16)
     concurrent_requests: int = 16
@@ -352,9 +354,58 @@ def run_phone(config, log=print):
 
     backbone = load_backbone(config.model, "none", config.image_size)
     paths = random_tasks(backbone, config.tflite_tasks, os.path.join(config.workdir, "tasks"), log=log)
+    if config.int8_export_images:
+        rows = int8_export_rows(backbone, paths, config, config.int8_export_images, log=log)
+        return rows, f"{config.model} at {config.image_size} px, {config.tflite_tasks} random tasks." + \
+            int8_export_table(rows)
     rows = phone_rows(backbone, paths, config, log=log)
     return rows, (f"{config.model} at {config.image_size} px, {config.tflite_tasks} random tasks; medians of "
                   f"{config.repeats} fresh processes.\n" + phone_file_table(rows, read_manifest(paths[0])["params"] / 8))
+
+
+def int8_export_rows(backbone, paths, config, images, log=print):
+    """An int8 phone file of `config.tflite_tasks` tasks calibrated on `images` random images,
+    exported as `export_phone` does (the converter once, each task's constants written into its
+    float graph and quantized: `phoneint8.int8_conversions`) and the old way (each task converted
+    whole), in turn, `config.repeats` times each (issue 41). Seconds per export, and their ratio."""
+    from tf_piggyback import phone
+
+    n = config.tflite_tasks
+    tasks = [f"t{i:03d}={p}" for i, p in enumerate(paths[:n])]
+    representative = np.random.default_rng(0).uniform(
+        0, 255, (images, *backbone.inputs[0].shape[1:])).astype(np.float32)
+    fast = phone.int8_conversions
+
+    def whole(base, masks, heads, baked, rep):  # no head given: every task converted whole
+        return fast(base, masks, [None] * len(masks), baked, rep)
+
+    seconds = {"one conversion": [], "each task converted": []}
+    folder = os.path.join(config.workdir, "tflite")
+    os.makedirs(folder, exist_ok=True)
+    for _ in range(config.repeats):
+        for key, conversions in (("one conversion", fast), ("each task converted", whole)):
+            phone.int8_conversions = conversions
+            try:
+                start = time.perf_counter()
+                phone.export_phone(backbone, tasks, os.path.join(folder, "int8_export.tflite"), "int8", representative)
+                seconds[key].append(time.perf_counter() - start)
+            finally:
+                phone.int8_conversions = fast
+            log(f"int8 phone export of {n} tasks, {images} images, {key}: {seconds[key][-1]:.1f} s")
+    return [{"format": "int8_export", "tasks": n, "images": images, "image_size": config.image_size,
+             "seconds": {k: float(np.median(v)) for k, v in seconds.items()}, "rounds": seconds,
+             "ratio": float(np.median(np.array(seconds["one conversion"]) / np.array(seconds["each task converted"])))}]
+
+
+def int8_export_table(rows):
+    """Markdown of `int8_export_rows`."""
+    text = ("\nint8 phone export (median seconds; ratio of the medians of each round):\n\n| tasks | images | one "
+            "conversion | each task converted | ratio | per task |\n|---|---|---|---|---|---|\n")
+    for r in rows:
+        new, old = r["seconds"]["one conversion"], r["seconds"]["each task converted"]
+        text += (f"| {r['tasks']} | {r['images']} | {new:.1f} s | {old:.1f} s | {r['ratio']:.2f} | "
+                 f"{new / r['tasks']:.1f} s (was {old / r['tasks']:.1f} s) |\n")
+    return text
 
 
 def phone_file_table(rows, packed_bytes):
