@@ -16,6 +16,7 @@ import tf_piggyback as pb
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
 from tf_piggyback.datasets import PROTOCOLS, SPLIT_SEED
 from tf_piggyback.evaluation import test_metrics
+from tf_piggyback.text import is_preset, load_preset, text_splits
 
 FLAGS = flags.FLAGS
 
@@ -35,13 +36,17 @@ def define_flags():
 @user_errors
 def main(argv):
     del argv
-    backbone = backbone_from_flags()
+    backbone, preprocessor = load_preset(FLAGS.backbone) if is_preset(FLAGS.backbone) else (backbone_from_flags(), None)
     model = pb.load_task(FLAGS.task, backbone)
     recorded = model.manifest["metrics"]  # how the task was trained and held out its test images
     split_seed = recorded.get("split_seed", SPLIT_SEED) if FLAGS.split_seed is None else FLAGS.split_seed
     protocol = recorded.get("protocol", "simple") if FLAGS.protocol is None else FLAGS.protocol
-    splits = pb.load_dataset(FLAGS.dataset, image_shape=backbone.inputs[0].shape[1:], split_seed=split_seed,
-                             protocol=protocol)
+    if preprocessor is not None:  # a text preset: the test texts tokenized as in training
+        preprocessor.sequence_length = recorded.get("sequence_length", preprocessor.sequence_length)
+        splits = text_splits(FLAGS.dataset, preprocessor, list(backbone.input), split_seed)
+    else:
+        splits = pb.load_dataset(FLAGS.dataset, image_shape=backbone.inputs[0].shape[1:], split_seed=split_seed,
+                                 protocol=protocol)
     print(json.dumps({"task": FLAGS.task, "dataset": FLAGS.dataset,
                       **test_metrics(model, splits, batch_size=FLAGS.batch_size), "examples": splits.test_size}))
 

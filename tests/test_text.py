@@ -49,6 +49,10 @@ def test_train_py_trains_a_text_task_from_a_local_preset_and_exports_it_taking_s
     # a random backbone (make_text_presets.py): well above chance (0.25), not near 1 (BUILD.md's text table)
     assert metrics["accuracy"] >= 1.5 * metrics["chance_accuracy"] and not metrics["warnings"], metrics
     assert metrics["config"]["backbone"] == presets["bert"] and metrics["sparsity"] > 0
+    evaluated = script("scripts/evaluate.py", f"--backbone={presets['bert']}", f"--task={run / 'task.npz'}",
+                       f"--dataset=folder:{presets['topics']}")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["accuracy"] == metrics["accuracy"]
     backbone, preprocessor = load_preset(presets["bert"])
     task = pb.load_task(str(run / "task.npz"), backbone)
     texts = TEXTS

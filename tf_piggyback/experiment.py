@@ -230,6 +230,8 @@ def _run(config, model_dir, strategy, log, verbose):
     # Only what the masks and head determine goes into the task file: reruns give the same bytes.
     recorded = {k: metrics[k] for k in ("dataset", "split_seed", "protocol", *scores, "sparsity")
                 if k != "chance_accuracy"}
+    if preprocessor is not None:  # what evaluate.py tokenizes the test texts at
+        recorded["sequence_length"] = int(preprocessor.sequence_length)
     if method.output == methods.TASK_FILE:
         save_task(model, path, class_names=splits.class_names, metrics=recorded)
     else:
