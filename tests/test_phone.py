@@ -281,12 +281,17 @@ def test_int8_tasks_quantize_as_their_own_conversions_from_one_conversion():
     from tf_piggyback.phoneint8 import int8_conversions, quantization_of
     from tf_piggyback.tflite import model_flatbuffer
 
-    models = []
-    for seed, (classes, mask_type) in enumerate([(5, "binary"), (7, "ternary"), (3, "binary")]):
-        model = random_masks(pb.piggyback(pb.digits_backbone(), classes, mask_type=mask_type), seed)
+    models = []  # the first masks conv3 on only (mask_from), the others every kernel or none
+    for seed, (classes, mask_type) in enumerate([(5, "binary"), (7, "ternary"), (3, "binary"), (4, None)]):
+        if mask_type is None:
+            model = pb.classifier_only(pb.digits_backbone(), classes)
+        else:
+            model = random_masks(pb.piggyback(pb.digits_backbone(), classes, mask_type=mask_type,
+                                              mask_from="conv3" if seed == 0 else None), seed)
         rng = np.random.default_rng(seed)
         model.get_layer("head").set_weights([rng.normal(0, 0.3, w.shape) for w in model.get_layer("head").get_weights()])
         models.append(model)
+    assert len(_kernel_masks(models[0])) < len(_kernel_masks(models[1]))
     files = int8_conversions(_padded(_unmasked(models[0])[0], 7, 0.0), [_kernel_masks(m) for m in models],
                              [_padded_head(m, 7, 0.0) for m in models], None, DIGITS[:100])
     x = DIGITS[256:]

@@ -15,7 +15,7 @@ from ai_edge_litert import schema_py_generated as schema
 
 from tf_piggyback.phonebytes import (LAYOUTS, AlignedBuffer, Payload, add_mask, buffer_data, buffer_spans,
                                      fitted_scale, holds, in_layout, locate, refused, tensor_list, vector_span)
-from tf_piggyback.tflite import int8_quantizer, model_flatbuffer
+from tf_piggyback.tflite import REPRESENTATIVE_SAMPLES, int8_quantizer, model_flatbuffer
 
 RANGE_BATCH = 10  # images per LiteRT call when measuring a task's activation ranges (`_ranges`)
 # the ops whose filter (input 1) is quantized per channel, with their input (0) and bias (2)
@@ -52,7 +52,8 @@ def int8_conversions(base, masks, heads, whole, representative):
     graph = schema.Model.GetRootAs(template)
     tensors = tensor_list(graph)
     kernel, bias = (np.asarray(w, np.float32) for w in base.layers[-1].get_weights())
-    targets = {path: locate(graph, tensors, value, 1e-5) for path, (value, _, _) in masks[0].items()}
+    kernels = {path: value for task_masks in masks for path, (value, _, _) in task_masks.items()}
+    targets = {path: locate(graph, tensors, value, 1e-5) for path, value in kernels.items()}
     targets.update(head=locate(graph, tensors, kernel, 1e-6), head_bias=_holding(graph, tensors, bias))
     if any(t is None for t in targets.values()) or len({t[0] for t in targets.values()}) < len(targets):
         return [model_flatbuffer(whole(t), "int8", representative) for t in range(len(masks))]
@@ -61,7 +62,7 @@ def int8_conversions(base, masks, heads, whole, representative):
     observed = [i for i in range(graph.Subgraphs(0).TensorsLength())
                 if (q := graph.Subgraphs(0).Tensors(i).Quantization()) is not None and q.MinLength() == 1]
     probe = _with_outputs(template, observed)
-    images = np.asarray(representative, np.float32)
+    images = np.asarray(representative, np.float32)[:REPRESENTATIVE_SAMPLES]  # as many as the converter takes
     files = []
     for t, (task_masks, head) in enumerate(zip(masks, heads)):
         if head is None:

@@ -15,6 +15,7 @@ Reference: §3 (one frozen backbone, a mask per task), which holds for any backb
 """
 
 import os
+import pathlib
 
 import keras
 import numpy as np
@@ -22,7 +23,7 @@ import tensorflow as tf
 
 from tf_piggyback.sources import Splits, folder_files, permuted, tfds_builder, tfds_split_names
 
-HANDLES = ("kaggle://", "hf://", "modelscope://")
+HANDLES = ("kaggle://", "hf://")
 TOKENIZE_BATCH = 256  # texts tokenized per preprocessor call
 
 
@@ -35,8 +36,9 @@ def load_preset(name, sequence_length=None):
     """`(backbone, preprocessor)` of a keras-hub preset (`is_preset`).
 
     A text backbone comes as it is, with its preprocessor (`text_preprocessor`). An image
-    backbone comes behind its preset's image converter (resizing, scaling), as one flat model of
-    raw 0-255 pixels `[H, W, 3]` at the converter's size; its preprocessor is None.
+    backbone comes behind its preset's image converter's scale and offset
+    (`with_image_converter`), taking raw 0-255 pixels at the converter's size; its preprocessor
+    is None.
     """
     import keras_hub
 
@@ -133,7 +135,7 @@ def text_examples(spec, split_seed):
         names, (files, labels), (test_files, test_labels) = folder_files(arg, split_seed, kind="text")
 
         def read(paths):
-            return np.array([open(p, encoding="utf-8").read() for p in paths], dtype=object)
+            return np.array([pathlib.Path(p).read_text(encoding="utf-8") for p in paths], dtype=object)
 
         return names, (read(files), labels), (read(test_files), test_labels)
     if kind == "tfds":
