@@ -36,6 +36,8 @@ def define_flags():
     flags.DEFINE_bool("phone", False, "Write the phone form (tf_piggyback.phone): the tasks run at the single-task "
                       "file's speed; switching rebuilds the interpreter from patched bytes. float32, float16 or "
                       "int8 (with --representative: each task's activations calibrated on it).")
+    flags.DEFINE_string("int8_cache", None, "--phone --quantize=int8: a folder that keeps each task's int8 model, so "
+                        "a file with one more task makes that task's alone.")
     for name in ("task", "output"):
         flags.mark_flag_as_required(name)
 
@@ -48,7 +50,7 @@ def main(argv):
     if FLAGS.representative:
         representative = representative_images(FLAGS.representative, backbone.inputs[0].shape[1:])
     if FLAGS.phone:
-        size = export_phone(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative)
+        size = export_phone(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative, FLAGS.int8_cache)
     else:
         size = export_tflite(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative)
     print(f"{FLAGS.output}: {size:,} bytes")

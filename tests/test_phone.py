@@ -292,7 +292,7 @@ def test_int8_tasks_quantize_as_their_own_conversions_from_one_conversion():
         model.get_layer("head").set_weights([rng.normal(0, 0.3, w.shape) for w in model.get_layer("head").get_weights()])
         models.append(model)
     assert len(_kernel_masks(models[0])) < len(_kernel_masks(models[1]))
-    files = int8_conversions(_padded(_unmasked(models[0])[0], 7, 0.0), [_kernel_masks(m) for m in models],
+    files = int8_conversions(lambda: _padded(_unmasked(models[0])[0], 7, 0.0), [_kernel_masks(m) for m in models],
                              [_padded_head(m, 7, 0.0) for m in models], None, DIGITS[:100])
     x = DIGITS[256:]
     for model, file in zip(models, files):
@@ -315,6 +315,37 @@ def test_int8_tasks_quantize_as_their_own_conversions_from_one_conversion():
                   for f in (file, own_file)]
         errors = [float(np.sqrt(np.mean((out - float32) ** 2))) for out in logits]
         assert errors[0] <= 1.05 * errors[1], errors
+
+
+def test_int8_cache_makes_only_the_new_task_of_a_file_with_one_more(phone, tmp_path, monkeypatch):
+    """Issue 41: with `int8_cache`, each task's int8 model is kept by what it depends on, so a
+    file with one more task quantizes that task alone, and with none new converts nothing; the
+    files are those an export without the cache writes, byte for byte."""
+    from tf_piggyback import phoneint8
+
+    # the new task no wider than the first (5 classes): a wider one widens every task's head, and
+    # each is made again
+    specs = phone[0][:1] + [f"second={tmp_path / 'second.npz'}"]
+    pb.save_task(random_masks(pb.piggyback(pb.digits_backbone(), 4), 5), str(tmp_path / "second.npz"))
+    made = []
+    real = phoneint8.int8_quantizer
+
+    def counting(*args):
+        template, quantize = real(*args)
+        return template, lambda calibrated: made.append(1) or quantize(calibrated)
+
+    monkeypatch.setattr(phoneint8, "int8_quantizer", counting)
+    cache, representative = str(tmp_path / "cache"), DIGITS[:32]
+    export_phone(pb.digits_backbone(), specs[:1], str(tmp_path / "one.tflite"), "int8", representative, int8_cache=cache)
+    assert len(made) == 1 and len(os.listdir(cache)) == 1
+    export_phone(pb.digits_backbone(), specs, str(tmp_path / "two.tflite"), "int8", representative, int8_cache=cache)
+    assert len(made) == 2 and len(os.listdir(cache)) == 2
+    export_phone(pb.digits_backbone(), specs, str(tmp_path / "again.tflite"), "int8", representative, int8_cache=cache)
+    assert len(made) == 2
+    export_phone(pb.digits_backbone(), specs, str(tmp_path / "fresh.tflite"), "int8", representative)
+    assert len(made) == 4
+    contents = [open(tmp_path / f"{name}.tflite", "rb").read() for name in ("two", "again", "fresh")]
+    assert contents[0] == contents[1] == contents[2]
 
 
 def test_float16_phone_file_matches_each_tasks_own_float16_file(phone, tmp_path):

@@ -16,18 +16,22 @@ Reference: Mallya et al., ECCV 2018, §3 (`W ⊙ m`, 1 bit per parameter per tas
 BatchNormalization).
 """
 
+import hashlib
 import json
 import logging
 import mmap
+import os
 import threading
 
 import flatbuffers
 import keras
 import numpy as np
+import tensorflow as tf
 from ai_edge_litert import schema_py_generated as schema
 
 from tf_piggyback import coding
-from tf_piggyback.files import file_stat, write_atomic
+from tf_piggyback.files import file_stat, sha256, write_atomic
+from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.phonebytes import (ALIGN, DTYPES, AlignedBuffer, Payload, add_mask, buffer_data, buffer_spans,
                                      channel_scale, locate, refused, tensor_list, vector_span)
 from tf_piggyback.phoneint8 import int8_conversions, int8_tasks
@@ -43,6 +47,7 @@ QUANTIZE = ("none", "float16", "int8")
 # int8: a filter channel whose task keeps fewer of the 127 levels (4 bits) is logged at export; the
 # table's `levels` lists each task's fewest per filter (`phoneint8.int8_tasks`)
 COARSE_LEVELS = 16
+INT8_CACHE_FORMAT = 1  # `_int8_cache_keys`: a new way of making a task's int8 model bumps it
 
 
 def _padded(model, classes, logit=PAD_LOGIT):
@@ -94,7 +99,7 @@ def _kernel_masks(model):
             for wrapper in masked_layers(model) for kernel, mask in zip(wrapper.kernels, wrapper.thresholded_masks())}
 
 
-def export_phone(backbone, task_paths, output_path, quantize="none", representative=None):
+def export_phone(backbone, task_paths, output_path, quantize="none", representative=None, int8_cache=None):
     """Writes a multi-task phone file (module docstring), atomically; returns its size.
 
     Args:
@@ -106,6 +111,8 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
             the backbone's filters quantized once, per channel; each task's activation ranges
             calibrated on its own model, `phoneint8.int8_tasks`).
         representative: for int8, a NumPy array of raw images `[N, H, W, C]`.
+        int8_cache: for int8, a folder that keeps each task's int8 model (`_int8_cache_keys`), so
+            a file with one more task makes that task's alone.
 
     Returns:
         The file's size in bytes. Run it with `PhoneTasks(output_path).task(name)(image=x)`.
@@ -126,9 +133,15 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
         unmasked = [(None, _kernel_masks(m)) for m in models]
         heads = [None if any(id(w) not in {id(h) for h in m.layers[-1].weights} for w in task_weights(m))
                  else _padded_head(m, max(classes), 0.0) for m in models]
-        files = int8_conversions(_padded(_unmasked(models[0])[0], max(classes), 0.0), [m for _, m in unmasked],
-                                 heads, lambda t: _padded(_unmasked(models[t], keep_masks=True)[0], max(classes), 0.0),
-                                 representative)
+        keys = _int8_cache_keys(backbone, models, max(classes), representative) if int8_cache else [None] * len(models)
+        cached = [_read_if_there(os.path.join(int8_cache, f"{key}.tflite")) if key else None for key in keys]
+        files = int8_conversions(lambda: _padded(_unmasked(models[0])[0], max(classes), 0.0),
+                                 [m for _, m in unmasked], heads,
+                                 lambda t: _padded(_unmasked(models[t], keep_masks=True)[0], max(classes), 0.0),
+                                 representative, cached)
+        for key, file, hit in zip(keys, files, cached):
+            if key and hit is None:
+                write_atomic(os.path.join(int8_cache, f"{key}.tflite"), lambda f, file=file: f.write(file))
     else:
         unmasked = [_unmasked(m) for m in models]
         # One column more than the widest task where the heads allow it: a head bias of zeros (a new
@@ -158,6 +171,24 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
     flatbuffer = _with_table(base, len(files[0]), tensors, filters, own, tasks, payload, quantize)
     write_atomic(output_path, lambda f: f.write(flatbuffer))
     return len(flatbuffer)
+
+
+def _int8_cache_keys(backbone, models, classes, representative):
+    """Per task, the SHA-256 of what its int8 model depends on: its manifest as loaded (which holds
+    every array's SHA-256, checked at loading), the backbone's fingerprint, the file's class count
+    (its padded head), the representative images' bytes, TensorFlow's version and
+    `INT8_CACHE_FORMAT` (the way it is made)."""
+    images = sha256(np.asarray(representative, np.float32))
+    common = [INT8_CACHE_FORMAT, tf.__version__, fingerprint(backbone), int(classes), images]
+    return [hashlib.sha256(json.dumps([*common, m.manifest], sort_keys=True).encode()).hexdigest() for m in models]
+
+
+def _read_if_there(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def _float_tasks(names, classes, task_masks, converted, kernels, tolerance):

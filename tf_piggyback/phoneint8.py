@@ -23,7 +23,7 @@ FILTER_OPS = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_C
               schema.BuiltinOperator.FULLY_CONNECTED)
 
 
-def int8_conversions(base, masks, heads, whole, representative):
+def int8_conversions(base, masks, heads, whole, representative, cached=None):
     """Each task's full-int8 flatbuffer, as the converter quantizes it from that task's activation
     ranges over `representative`, with the converter run once (`tflite.int8_quantizer`; issue 41).
 
@@ -41,13 +41,19 @@ def int8_conversions(base, masks, heads, whole, representative):
     converted whole, as is every task where a filter or the head is not found.
 
     Args:
-        base: the first task's baked model with every mask 1, its head as wide as the file's.
+        base: `() ->` the first task's baked model with every mask 1, its head as wide as the file's.
         masks: per task, `{kernel path: (W, int8 mask, mask type)}`.
         heads: per task, its head's `(kernel, bias)` as wide as the file's, or None for a task
             that owns other weights.
         whole: `task index -> its baked model, head as wide` (for those).
         representative: raw images.
+        cached: per task, its int8 flatbuffer from an earlier export, or None: only the others
+            are made (none converts anything when every task is cached).
     """
+    cached = cached or [None] * len(masks)
+    if all(c is not None for c in cached):
+        return list(cached)
+    base = base()
     template, quantize = int8_quantizer(base, representative)
     graph = schema.Model.GetRootAs(template)
     tensors = tensor_list(graph)
@@ -56,7 +62,7 @@ def int8_conversions(base, masks, heads, whole, representative):
     targets = {path: locate(graph, tensors, value, 1e-5) for path, value in kernels.items()}
     targets.update(head=locate(graph, tensors, kernel, 1e-6), head_bias=_holding(graph, tensors, bias))
     if any(t is None for t in targets.values()) or len({t[0] for t in targets.values()}) < len(targets):
-        return [model_flatbuffer(whole(t), "int8", representative) for t in range(len(masks))]
+        return [c or model_flatbuffer(whole(t), "int8", representative) for t, c in enumerate(cached)]
     template = _own_buffers(template, [index for index, _ in targets.values()])
     graph = schema.Model.GetRootAs(template)
     observed = [i for i in range(graph.Subgraphs(0).TensorsLength())
@@ -65,6 +71,9 @@ def int8_conversions(base, masks, heads, whole, representative):
     images = np.asarray(representative, np.float32)[:REPRESENTATIVE_SAMPLES]  # as many as the converter takes
     files = []
     for t, (task_masks, head) in enumerate(zip(masks, heads)):
+        if cached[t] is not None:
+            files.append(cached[t])
+            continue
         if head is None:
             files.append(model_flatbuffer(whole(t), "int8", representative))
             continue

@@ -376,8 +376,8 @@ def int8_export_rows(backbone, paths, config, images, log=print):
         0, 255, (images, *backbone.inputs[0].shape[1:])).astype(np.float32)
     fast = phone.int8_conversions
 
-    def whole(base, masks, heads, baked, rep):  # no head given: every task converted whole
-        return fast(base, masks, [None] * len(masks), baked, rep)
+    def whole(base, masks, heads, baked, rep, cached=None):  # no head given: every task converted whole
+        return fast(base, masks, [None] * len(masks), baked, rep, cached)
 
     seconds = {"one conversion": [], "each task converted": []}
     folder = os.path.join(config.workdir, "tflite")
