@@ -10,7 +10,7 @@ file (the payload: trailing bytes, which LiteRT ignores). Switching to a task wr
 its own tensors) into a copy of the model's bytes and builds a new interpreter from it
 (`PhoneTasks`); calls then run at the single-task file's speed. An int8
 file stores the backbone's filters quantized once and each task's own activation ranges
-(`phoneint8.int8_tasks`).
+(`phoneint8`: one conversion for every task, then the file's tables).
 
 Reference: Mallya et al., ECCV 2018, §3 (`W ⊙ m`, 1 bit per parameter per task), §5.3 (per-task
 BatchNormalization).
@@ -109,7 +109,7 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
         output_path: the `.tflite` file.
         quantize: `"none"` (float32), `"float16"` (float16 weights) or `"int8"` (full integer:
             the backbone's filters quantized once, per channel; each task's activation ranges
-            calibrated on its own model, `phoneint8.int8_tasks`).
+            measured on its own graph over `representative`, `phoneint8.int8_conversions`).
         representative: for int8, a NumPy array of raw images `[N, H, W, C]`.
         int8_cache: for int8, a folder that keeps each task's int8 model (`_int8_cache_keys`), so
             a file with one more task makes that task's alone.
