@@ -8,6 +8,7 @@
   phone form instead (`tf_piggyback.phone`, BUILD.md "Many tasks in one phone file").
 """
 
+import contextlib
 import re
 import tempfile
 import warnings
@@ -167,37 +168,37 @@ def int8_quantizer(model, representative):
     constants (another task's masked filters and head: `phoneint8.int8_conversions`).
 
     `template` is the float flatbuffer the TFLite converter hands its int8 step, calibrated on
-    the first representative image: every tensor the calibrator observes carries a minimum and
-    a maximum. `quantize(calibrated)` runs the converter's int8 step on a flatbuffer of that
-    graph whose constants and ranges the caller has written (the calibration is that flatbuffer
-    as it is), with the settings the converter chose for `model`: each model is quantized as its
-    own conversion would quantize it from those ranges, while the conversion itself (the
-    SavedModel and the float graph) runs once. This reaches into two private steps of the
-    converter (`_optimize_tflite_model` and its `Calibrator`, TensorFlow 2.21); a version
-    without them refuses here with NotImplementedError.
+    the first representative image as that step calibrates (every tensor the calibrator
+    observes carries a minimum and a maximum). `quantize(calibrated)` runs the converter's int8
+    step on a flatbuffer of that graph whose constants and ranges the caller has written (the
+    calibration is that flatbuffer as it is), with the settings the converter chose for
+    `model`: each model is quantized as its own conversion would quantize it from those ranges,
+    while the conversion itself (the SavedModel and the float graph) runs once, and `model`'s
+    own int8 step not at all. This reaches into private parts of the converter
+    (`_optimize_tflite_model`, `add_intermediate_tensors` and `Calibrator`, TensorFlow 2.21); a
+    version without them refuses here with NotImplementedError.
     """
     from tensorflow.lite.python import lite
 
     step = getattr(lite.TFLiteConverterBase, "_optimize_tflite_model", None)
-    calibrator = getattr(getattr(lite, "_calibrator", None), "Calibrator", None)
-    if step is None or calibrator is None:
+    calibration = getattr(lite, "_calibrator", None)
+    if step is None or not all(hasattr(calibration, name) for name in ("Calibrator", "add_intermediate_tensors")):
         raise NotImplementedError("this TensorFlow's converter has no _optimize_tflite_model step or Calibrator")
-    captured = {}
+    calibrator, captured = calibration.Calibrator, {}
 
     def spy_step(converter, float_model, *args, **kwargs):
         captured.update(converter=converter, float_model=float_model, args=args, kwargs=kwargs)
-        return step(converter, float_model, *args, **kwargs)
+        return float_model  # the int8 step runs in `quantize`, for each model given it
 
-    class SpyCalibrator(calibrator):
-        def calibrate(self, dataset_gen):
-            captured["template"] = super().calibrate(dataset_gen)
-            return captured["template"]
-
-    lite.TFLiteConverterBase._optimize_tflite_model, lite._calibrator.Calibrator = spy_step, SpyCalibrator
+    images = np.asarray(representative, np.float32)[:1]
+    lite.TFLiteConverterBase._optimize_tflite_model = spy_step
     try:
-        model_flatbuffer(model, "int8", np.asarray(representative, np.float32)[:1])
+        model_flatbuffer(model, "int8", images)
     finally:
-        lite.TFLiteConverterBase._optimize_tflite_model, lite._calibrator.Calibrator = step, calibrator
+        lite.TFLiteConverterBase._optimize_tflite_model = step
+    with _calibration_warnings_ignored():  # what the int8 step calibrates first (`_quantize`)
+        template = calibrator(calibration.add_intermediate_tensors(captured["float_model"])).calibrate(
+            lambda: iter([{"image": images}]))
 
     def quantize(calibrated):
         class Calibrated:  # the calibration is the given flatbuffer's ranges
@@ -213,7 +214,15 @@ def int8_quantizer(model, representative):
         finally:
             lite._calibrator.Calibrator = calibrator
 
-    return captured["template"], quantize
+    return template, quantize
+
+
+@contextlib.contextmanager
+def _calibration_warnings_ignored():
+    """int8 calibration runs TensorFlow's own deprecated tf.lite.Interpreter: nothing to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated")
+        yield
 
 
 def _convert(backbone, module, signatures, quantize, representative):
@@ -240,9 +249,7 @@ def _convert(backbone, module, signatures, quantize, representative):
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.representative_dataset = samples
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        with warnings.catch_warnings():
-            # int8 calibration runs TensorFlow's own deprecated tf.lite.Interpreter: nothing to act on
-            warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated")
+        with _calibration_warnings_ignored():
             try:
                 flatbuffer = converter.convert()
             except ConverterError as error:
