@@ -33,7 +33,7 @@ from tf_piggyback import coding
 from tf_piggyback.files import file_stat, sha256, write_atomic
 from tf_piggyback.fingerprint import fingerprint
 from tf_piggyback.phonebytes import (ALIGN, DTYPES, AlignedBuffer, Payload, add_mask, buffer_data, buffer_spans,
-                                     channel_scale, locate, refused, tensor_list, vector_span)
+                                     channel_scale, editable, locate, refused, split_shared, tensor_list, vector_span)
 from tf_piggyback.phoneint8 import int8_conversions, int8_tasks
 from tf_piggyback.surgery import bake_with_layers, masked_layers, task_weights
 from tf_piggyback.taskfile import load_task, named_tasks
@@ -72,7 +72,8 @@ def _padded_head(model, classes, logit=PAD_LOGIT):
     """`[kernel, bias]` of `model`'s head widened to `classes` outputs, as `_padded` widens it."""
     kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.layers[-1].weights)
     extra = classes - kernel.shape[-1]
-    return [np.pad(kernel, [(0, 0)] * (kernel.ndim - 1) + [(0, extra)]), np.pad(bias, (0, extra), constant_values=logit)]
+    return [np.pad(kernel, [(0, 0)] * (kernel.ndim - 1) + [(0, extra)]),
+            np.pad(bias, (0, extra), constant_values=logit)]
 
 
 def _width_key(head):
@@ -89,8 +90,15 @@ def _unmasked(model, keep_masks=False):
         for wrapper, plain in pairs:
             sources = list(wrapper.layer.weights)
             for kernel in wrapper.kernels:
-                plain.weights[next(i for i, w in enumerate(sources) if w is kernel)].assign(keras.ops.convert_to_numpy(kernel))
+                index = next(i for i, w in enumerate(sources) if w is kernel)
+                plain.weights[index].assign(keras.ops.convert_to_numpy(kernel))
     return baked, _kernel_masks(model)
+
+
+def _owns_head_only(model):
+    """Whether a task model owns no weight besides its head (no per-task BatchNormalization)."""
+    head = {id(w) for w in model.layers[-1].weights}
+    return all(id(w) in head for w in task_weights(model))
 
 
 def _kernel_masks(model):
@@ -131,8 +139,7 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
         # each task's own activation ranges (`phoneint8.int8_conversions`); pad logits 0: inside
         # every calibrated range (which always holds 0); probabilities renormalized
         unmasked = [(None, _kernel_masks(m)) for m in models]
-        heads = [None if any(id(w) not in {id(h) for h in m.layers[-1].weights} for w in task_weights(m))
-                 else _padded_head(m, max(classes), 0.0) for m in models]
+        heads = [_padded_head(m, max(classes), 0.0) if _owns_head_only(m) else None for m in models]
         keys = _int8_cache_keys(backbone, models, max(classes), representative) if int8_cache else [None] * len(models)
         cached = [_read_if_there(os.path.join(int8_cache, f"{key}.tflite")) if key else None for key in keys]
         files = int8_conversions(lambda: _padded(_unmasked(models[0])[0], max(classes), 0.0),
@@ -230,21 +237,11 @@ def _with_table(base, size, tensors, filters, own, tasks, payload, quantize):
     """The base model's flatbuffer with each patched tensor on a buffer of its own and the table
     (`METADATA`) as one more buffer, followed by the payload (aligned to `ALIGN`); every offset in
     the table is a file offset, and `model_bytes` is where the model ends (what a switch copies)."""
-    model = schema.ModelT.InitFromObj(base)
+    model = editable(base)
     model.signatureDefs[0].signatureKey = SIGNATURE  # the converter names one function serving_default
-    buffers = [AlignedBuffer() for _ in model.buffers]
-    for mine, theirs in zip(buffers, model.buffers):
-        mine.data = theirs.data
-    model.buffers = buffers
-    graph = model.subgraphs[0]
-    users = np.bincount([t.buffer for g in model.subgraphs for t in g.tensors], minlength=len(buffers))
+    graph, buffers = model.subgraphs[0], model.buffers
     patched = [f["tensor_index"] for f in filters] + [i for i, field in own if field == "data"]
-    for index in patched:  # a buffer the converter shares between equal constants is split
-        if users[graph.tensors[index].buffer] > 1:
-            copy = AlignedBuffer()
-            copy.data = np.array(buffers[graph.tensors[index].buffer].data)
-            graph.tensors[index].buffer = len(buffers)
-            buffers.append(copy)
+    split_shared(model, patched)
     table_buffer = AlignedBuffer()
     buffers.append(table_buffer)
     model.metadata = (model.metadata or []) + [schema.MetadataT()]

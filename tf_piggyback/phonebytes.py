@@ -7,6 +7,7 @@ Reference: Mallya et al., ECCV 2018, §3 (`W ⊙ m`, 1 bit per parameter per tas
 BatchNormalization).
 """
 
+import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
@@ -143,6 +144,38 @@ class AlignedBuffer(schema.BufferT):
         if data is not None:
             schema.BufferAddData(builder, data)
         return schema.BufferEnd(builder)
+
+
+def editable(model):
+    """`schema.ModelT` of a flatbuffer's model (`schema.Model`) whose buffers are `AlignedBuffer`s,
+    so that packing it keeps every buffer's data aligned."""
+    objects = schema.ModelT.InitFromObj(model)
+    buffers = [AlignedBuffer() for _ in objects.buffers]
+    for mine, theirs in zip(buffers, objects.buffers):
+        mine.data = theirs.data
+    objects.buffers = buffers
+    return objects
+
+
+def split_shared(objects, indices):
+    """Gives each tensor of `indices` (in an `editable` model's first subgraph) whose buffer the
+    converter shares between equal constants (a random backbone's zero biases) a copy of its own,
+    so that writing one tensor's data leaves the others'."""
+    graph = objects.subgraphs[0]
+    users = np.bincount([t.buffer for g in objects.subgraphs for t in g.tensors], minlength=len(objects.buffers))
+    for index in indices:
+        if users[graph.tensors[index].buffer] > 1:
+            copy = AlignedBuffer()
+            copy.data = np.array(objects.buffers[graph.tensors[index].buffer].data)
+            graph.tensors[index].buffer = len(objects.buffers)
+            objects.buffers.append(copy)
+
+
+def packed(objects, size):
+    """The flatbuffer bytes of an `editable` model (`size`: about how many bytes it takes)."""
+    builder = flatbuffers.Builder(size + 2 ** 20)
+    builder.Finish(objects.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def vector_span(flatbuffer, index, field):

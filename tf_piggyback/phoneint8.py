@@ -13,8 +13,9 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from tf_piggyback.phonebytes import (LAYOUTS, AlignedBuffer, Payload, add_mask, buffer_data, buffer_spans,
-                                     fitted_scale, holds, in_layout, locate, refused, tensor_list, vector_span)
+from tf_piggyback.phonebytes import (LAYOUTS, Payload, add_mask, buffer_data, buffer_spans, editable, fitted_scale,
+                                     holds, in_layout, locate, packed, refused, split_shared, tensor_list,
+                                     vector_span)
 from tf_piggyback.tflite import REPRESENTATIVE_SAMPLES, int8_quantizer, model_flatbuffer
 
 RANGE_BATCH = 10  # images per LiteRT call when measuring a task's activation ranges (`_ranges`)
@@ -68,6 +69,11 @@ def int8_conversions(base, masks, heads, whole, representative, cached=None):
     observed = [i for i in range(graph.Subgraphs(0).TensorsLength())
                 if (q := graph.Subgraphs(0).Tensors(i).Quantization()) is not None and q.MinLength() == 1]
     probe = _with_outputs(template, observed)
+    # where each target's data and each observed tensor's range sit: the same for every task
+    at_template, at_probe = _spans(template, targets), _spans(probe, targets)
+    limits = [[vector_span(template, i, field)["offset"] for i in observed] for field in ("min", "max")]
+    stored = {path: np.frombuffer(template, np.float32, size // 4, offset)
+              for path, (offset, size) in at_template.items() if path in kernels}
     images = np.asarray(representative, np.float32)[:REPRESENTATIVE_SAMPLES]  # as many as the converter takes
     files = []
     for t, (task_masks, head) in enumerate(zip(masks, heads)):
@@ -78,46 +84,39 @@ def int8_conversions(base, masks, heads, whole, representative, cached=None):
             files.append(model_flatbuffer(whole(t), "int8", representative))
             continue
         values = {"head": in_layout(head[0], targets["head"][1]), "head_bias": head[1]}
-        for path, (_, mask, _) in task_masks.items():
-            values[path] = mask  # times the stored filter, in `_patched`
-        low, high = _ranges(_patched(probe, targets, values), observed, images)
-        calibrated = _patched(template, targets, values)
-        for field, vector in (("min", low), ("max", high)):
-            for index, value in zip(observed, vector):
-                span = vector_span(calibrated, index, field)
-                calibrated[span["offset"]:span["offset"] + 4] = np.float32(value).tobytes()
+        values.update({path: stored[path] * in_layout(mask, targets[path][1]).ravel()
+                       for path, (_, mask, _) in task_masks.items()})
+        low, high = _ranges(_written(probe, at_probe, values), observed, images)
+        calibrated = _written(template, at_template, values)
+        for offsets, vector in zip(limits, (low, high)):
+            for offset, value in zip(offsets, vector):
+                calibrated[offset:offset + 4] = np.float32(value).tobytes()
         files.append(quantize(bytes(calibrated)))
     return files
 
 
-def _patched(content, targets, values):
-    """A copy of flatbuffer `content` with each target tensor's data replaced: a head's kernel
-    and bias as given, a filter times its mask (`targets[path][1]` its layout)."""
-    patched = bytearray(content)
+def _spans(content, targets):
+    """`{target: (offset, bytes)}` of each target tensor's data in flatbuffer `content`."""
     tensors, spans = tensor_list(schema.Model.GetRootAs(content)), buffer_spans(content)
+    return {key: spans[tensors[index][3]] for key, (index, _) in targets.items()}
+
+
+def _written(content, spans, values):
+    """A copy of flatbuffer `content` with `values[target]` (float32) as that target's data."""
+    copy = bytearray(content)
     for key, value in values.items():
-        index, layout = targets[key]
-        offset, size = spans[tensors[index][3]]
-        if key not in ("head", "head_bias"):
-            stored = np.frombuffer(content, np.float32, size // 4, offset)
-            value = stored * in_layout(value, layout).ravel()
-        patched[offset:offset + size] = np.ascontiguousarray(value, np.float32).tobytes()
-    return patched
+        offset, size = spans[key]
+        copy[offset:offset + size] = np.ascontiguousarray(value, np.float32).tobytes()
+    return copy
 
 
 def _with_outputs(content, indices):
     """Flatbuffer `content` with the tensors of `indices` among its outputs, so LiteRT keeps their
     values (XNNPACK included)."""
-    objects = schema.ModelT.InitFromObj(schema.Model.GetRootAs(content))
-    buffers = [AlignedBuffer() for _ in objects.buffers]
-    for mine, theirs in zip(buffers, objects.buffers):
-        mine.data = theirs.data
-    objects.buffers = buffers
+    objects = editable(schema.Model.GetRootAs(content))
     graph = objects.subgraphs[0]
     graph.outputs = list(graph.outputs) + [i for i in indices if i not in set(graph.outputs)]
-    builder = flatbuffers.Builder(len(content) + 2 ** 20)
-    builder.Finish(objects.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return packed(objects, len(content))
 
 
 def _ranges(probe, indices, images):
@@ -162,22 +161,9 @@ def _own_buffers(flatbuffer, indices):
                         minlength=model.BuffersLength())
     if all(users[graph.Tensors(i).Buffer()] == 1 for i in indices):
         return bytes(flatbuffer)
-    objects = schema.ModelT.InitFromObj(model)
-    buffers = [AlignedBuffer() for _ in objects.buffers]
-    for mine, theirs in zip(buffers, objects.buffers):
-        mine.data = theirs.data
-    objects.buffers = buffers
-    for i in indices:
-        tensor = objects.subgraphs[0].tensors[i]
-        if users[tensor.buffer] > 1:
-            users[tensor.buffer] -= 1
-            copy = AlignedBuffer()
-            copy.data = np.array(buffers[tensor.buffer].data)
-            tensor.buffer = len(buffers)
-            buffers.append(copy)
-    builder = flatbuffers.Builder(len(flatbuffer) + 2 ** 20)
-    builder.Finish(objects.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    objects = editable(model)
+    split_shared(objects, indices)
+    return packed(objects, len(flatbuffer))
 
 
 def quantization_of(model, index):
