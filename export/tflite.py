@@ -49,6 +49,9 @@ def main(argv):
     representative = None
     if FLAGS.representative:
         representative = representative_images(FLAGS.representative, backbone.inputs[0].shape[1:])
+    if FLAGS.int8_cache and not FLAGS.phone:
+        raise ValueError(f"--int8_cache keeps a phone file's int8 tasks: add --phone. "
+                         f"Received: --int8_cache={FLAGS.int8_cache}")
     if FLAGS.phone:
         size = export_phone(backbone, FLAGS.task, FLAGS.output, FLAGS.quantize, representative, FLAGS.int8_cache)
     else:

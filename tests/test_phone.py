@@ -170,6 +170,14 @@ def test_phone_refuses_unknown_precisions_in_one_line(phone, tmp_path):
                              *[f"--task={s}" for s in specs], f"--output={tmp_path}/y.tflite", "--phone",
                              "--quantize=int8"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "error: an int8 phone file calibrates" in result.stderr, result.stderr
+    with pytest.raises(ValueError, match="int8_cache keeps int8 tasks; this file is float16"):
+        export_phone(pb.digits_backbone(), specs, str(tmp_path / "x.tflite"), "float16", int8_cache=str(tmp_path))
+    result = subprocess.run([sys.executable, os.path.join(REPO, "export", "tflite.py"), "--backbone=digits",
+                             f"--task={specs[0]}", f"--output={tmp_path}/z.tflite", f"--int8_cache={tmp_path}"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        "error: --int8_cache keeps a phone file's int8 tasks: add --phone"), result.stderr
+    assert not os.path.exists(tmp_path / "z.tflite")
     assert not os.path.exists(tmp_path / "y.tflite")
 
 

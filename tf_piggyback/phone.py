@@ -128,6 +128,8 @@ def export_phone(backbone, task_paths, output_path, quantize="none", representat
     if quantize not in QUANTIZE:
         raise ValueError(f"a phone file is {', '.join(QUANTIZE[:-1])} or {QUANTIZE[-1]}. "
                          f"Received: quantize={quantize!r}")
+    if int8_cache and quantize != "int8":
+        raise ValueError(f"int8_cache keeps int8 tasks; this file is {quantize}. Received: int8_cache={int8_cache}")
     if quantize == "int8" and (representative is None or len(representative) == 0):
         raise ValueError("an int8 phone file calibrates each task's activations: pass a representative dataset "
                          "(--representative=DATASET_SPEC)")
