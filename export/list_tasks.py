@@ -16,7 +16,7 @@ import json
 from absl import app, flags
 
 from tf_piggyback.cli import user_errors
-from tf_piggyback.export import list_tasks
+from tf_piggyback.serving.saved_model import list_tasks
 
 FLAGS = flags.FLAGS
 

@@ -13,10 +13,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: n
 
 from absl import app, flags
 
-from tf_piggyback.binarizers import DEFAULT_THRESHOLD
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
-from tf_piggyback.layers import DEFAULT_MASK_SCALE
-from tf_piggyback.ondevice import OPTIMIZERS, export_ondevice
+from tf_piggyback.core.binarizers import DEFAULT_THRESHOLD
+from tf_piggyback.core.layers import DEFAULT_MASK_SCALE
+from tf_piggyback.devices.ondevice import OPTIMIZERS, export_ondevice
 
 FLAGS = flags.FLAGS
 

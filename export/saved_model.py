@@ -20,9 +20,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: n
 from absl import app, flags
 
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
-from tf_piggyback.export import export_saved_model
-from tf_piggyback.taskbank import DEFAULT_SLOTS
-from tf_piggyback.text import is_preset, load_preset
+from tf_piggyback.data.text import is_preset, load_preset
+from tf_piggyback.serving.saved_model import export_saved_model
+from tf_piggyback.serving.taskbank import DEFAULT_SLOTS
 
 FLAGS = flags.FLAGS
 

@@ -17,7 +17,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from tf_piggyback.cli import user_errors
-from tf_piggyback.files import write_atomic
+from tf_piggyback.core.files import write_atomic
 
 FLAGS = flags.FLAGS
 

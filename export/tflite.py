@@ -8,7 +8,7 @@ task gives `serving_default`; each call of a task unpacks its masks. Run it with
 `ai_edge_litert.interpreter.Interpreter(model_path=F).get_signature_runner(NAME)(image=x)`.
 
 `--phone` writes the phone form instead: one constant-filter model of the backbone and a table of
-where each task's masked filters sit in the bytes; `tf_piggyback.phone.PhoneTasks(F).task(NAME)(image=x)`
+where each task's masked filters sit in the bytes; `tf_piggyback.devices.phone.PhoneTasks(F).task(NAME)(image=x)`
 rebuilds the interpreter from patched bytes on a switch, then runs at the single-task file's speed.
 `--phone --quantize=int8 --representative=digits:upper` quantizes the backbone's filters once and
 calibrates each task's activations on its own model.
@@ -21,8 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: n
 from absl import app, flags
 
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
-from tf_piggyback.export import QUANTIZATIONS, export_tflite, representative_images
-from tf_piggyback.phone import export_phone
+from tf_piggyback.devices.phone import export_phone
+from tf_piggyback.devices.tflite import QUANTIZATIONS, export_tflite, representative_images
 
 FLAGS = flags.FLAGS
 
@@ -33,7 +33,7 @@ def define_flags():
     flags.DEFINE_string("output", None, "The .tflite file to write.")
     flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "none (float32), float16, or int8 (full integer).")
     flags.DEFINE_string("representative", None, "For int8: a dataset spec whose training images calibrate.")
-    flags.DEFINE_bool("phone", False, "Write the phone form (tf_piggyback.phone): the tasks run at the single-task "
+    flags.DEFINE_bool("phone", False, "Write the phone form (tf_piggyback.devices.phone): the tasks run at the single-task "
                       "file's speed; switching rebuilds the interpreter from patched bytes. float32, float16 or "
                       "int8 (with --representative: each task's activations calibrated on it).")
     flags.DEFINE_string("int8_cache", None, "--phone --quantize=int8: a folder that keeps each task's int8 model, so "

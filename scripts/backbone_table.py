@@ -15,7 +15,7 @@ import tempfile
 
 from absl import app, flags
 
-from tf_piggyback.files import write_atomic
+from tf_piggyback.core.files import write_atomic
 
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

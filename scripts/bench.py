@@ -29,10 +29,10 @@ from benchmarks import pipeline as bench_pipeline
 from benchmarks import serving as bench_serving
 from benchmarks import suite as bench
 from tf_piggyback.cli import user_errors
-from tf_piggyback.datasets import DEFAULT_CACHE_MB, PROTOCOLS
-from tf_piggyback.experiment import RunConfig
-from tf_piggyback.files import write_atomic
-from tf_piggyback.trainer import TrainConfig
+from tf_piggyback.core.files import write_atomic
+from tf_piggyback.data.datasets import DEFAULT_CACHE_MB, PROTOCOLS
+from tf_piggyback.training.experiment import RunConfig
+from tf_piggyback.training.trainer import TrainConfig
 
 FLAGS = flags.FLAGS
 

@@ -22,15 +22,16 @@ import numpy as np
 from absl import app, flags
 
 import tf_piggyback as pb
-from tf_piggyback import methods
 from tf_piggyback.cli import user_errors
-from tf_piggyback.datasets import to_arrays
-from tf_piggyback.experiment import RunConfig, run
-from tf_piggyback.export import export_saved_model, export_tflite, representative_images
-from tf_piggyback.files import write_atomic
-from tf_piggyback.methods.packnet import retrain_epochs
-from tf_piggyback.ondevice import LiteRTTrainer, export_ondevice
-from tf_piggyback.report import backbone_bytes, collect, comparison, markdown_table, sparsity_plot
+from tf_piggyback.core import methods
+from tf_piggyback.core.files import write_atomic
+from tf_piggyback.core.methods.packnet import retrain_epochs
+from tf_piggyback.data.datasets import to_arrays
+from tf_piggyback.devices.ondevice import LiteRTTrainer, export_ondevice
+from tf_piggyback.devices.tflite import export_tflite, representative_images
+from tf_piggyback.serving.saved_model import export_saved_model
+from tf_piggyback.training.experiment import RunConfig, run
+from tf_piggyback.training.report import backbone_bytes, collect, comparison, markdown_table, sparsity_plot
 
 FLAGS = flags.FLAGS
 TASKS = ("upper", "inverted")

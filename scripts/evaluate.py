@@ -14,9 +14,9 @@ from absl import app, flags
 
 import tf_piggyback as pb
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
-from tf_piggyback.datasets import PROTOCOLS, SPLIT_SEED
-from tf_piggyback.evaluation import test_metrics
-from tf_piggyback.text import is_preset, load_preset, text_splits
+from tf_piggyback.data.datasets import PROTOCOLS, SPLIT_SEED
+from tf_piggyback.data.text import is_preset, load_preset, text_splits
+from tf_piggyback.training.evaluation import test_metrics
 
 FLAGS = flags.FLAGS
 

@@ -31,7 +31,7 @@ def define_flags():
 def build():
     import keras_hub
 
-    from tf_piggyback.datasets import DIGITS_IMAGE_SIZE
+    from tf_piggyback.data.datasets import DIGITS_IMAGE_SIZE
 
     return keras_hub.models.ViTBackbone(image_shape=(DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE, 1), patch_size=8,
                                         num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
@@ -42,7 +42,7 @@ def main(argv):
     del argv
     import keras
 
-    from tf_piggyback.backbones import pretrain_digits_backbone
+    from tf_piggyback.training.backbones import pretrain_digits_backbone
 
     if not FLAGS.output.endswith(".keras"):
         raise ValueError(f"--output must end in .keras. Received: --output={FLAGS.output}")

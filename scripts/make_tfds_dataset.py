@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: n
 from absl import app, flags
 
 from tf_piggyback.cli import user_errors
-from tf_piggyback.sources import SPLIT_SEED, folder_files
+from tf_piggyback.data.sources import SPLIT_SEED, folder_files
 
 FLAGS = flags.FLAGS
 FORMATS = ("tfrecord", "array_record")

@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: n
 from absl import app, flags
 
 from tf_piggyback.cli import user_errors
-from tf_piggyback.report import build_report
+from tf_piggyback.training.report import build_report
 
 FLAGS = flags.FLAGS
 

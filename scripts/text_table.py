@@ -36,7 +36,7 @@ def define_flags():
 def main(argv):
     del argv
     import tf_piggyback as pb
-    from tf_piggyback.experiment import RunConfig, run
+    from tf_piggyback.training.experiment import RunConfig, run
 
     rows = ["| family | method | accuracy | task bytes | train s |", "|---|---|---|---|---|"]
     for family in FLAGS.families:

@@ -23,14 +23,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: n
 
 from absl import app, flags
 
-from tf_piggyback.binarizers import DEFAULT_THRESHOLD, MASK_TYPES
 from tf_piggyback.cli import define_backbone_flags, user_errors
-from tf_piggyback.datasets import DEFAULT_CACHE_MB, PROTOCOLS, SPLIT_SEED
-from tf_piggyback.distribute import STRATEGIES, make_strategy
-from tf_piggyback.experiment import HEADS, RunConfig, run
-from tf_piggyback.layers import DEFAULT_MASK_SCALE, MASK_INITS
-from tf_piggyback.methods.packnet import DEFAULT_PRUNE, validate_prune
-from tf_piggyback.trainer import METHODS, PRECISIONS, TrainConfig
+from tf_piggyback.core.binarizers import DEFAULT_THRESHOLD, MASK_TYPES
+from tf_piggyback.core.layers import DEFAULT_MASK_SCALE, MASK_INITS
+from tf_piggyback.core.methods.packnet import DEFAULT_PRUNE, validate_prune
+from tf_piggyback.data.datasets import DEFAULT_CACHE_MB, PROTOCOLS, SPLIT_SEED
+from tf_piggyback.training.distribute import STRATEGIES, make_strategy
+from tf_piggyback.training.experiment import HEADS, RunConfig, run
+from tf_piggyback.training.trainer import METHODS, PRECISIONS, TrainConfig
 
 FLAGS = flags.FLAGS
 

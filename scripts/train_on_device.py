@@ -17,8 +17,8 @@ import numpy as np
 from absl import app, flags
 
 from tf_piggyback.cli import backbone_from_flags, define_backbone_flags, user_errors
-from tf_piggyback.datasets import load_dataset, to_arrays
-from tf_piggyback.ondevice import LiteRTTrainer
+from tf_piggyback.data.datasets import load_dataset, to_arrays
+from tf_piggyback.devices.ondevice import LiteRTTrainer
 
 FLAGS = flags.FLAGS
 

@@ -44,7 +44,7 @@ def random_masks(model, seed, sparsity=0.3):
     """Sets `model`'s masks at random, as if trained: a fraction `sparsity` of each off."""
     import numpy as np
 
-    from tf_piggyback.surgery import masked_layers
+    from tf_piggyback.core.surgery import masked_layers
 
     rng = np.random.default_rng(seed)
     for layer in masked_layers(model):
@@ -60,7 +60,7 @@ def digits_task_files(root, classifier_classes=4, count=12):
     import numpy as np
 
     import tf_piggyback as pb
-    from tf_piggyback.layers import MASK_VARIABLE_SCALE
+    from tf_piggyback.core.layers import MASK_VARIABLE_SCALE
 
     kinds = {"bin": dict(), "ter": dict(mask_type="ternary"), "bn": dict(train_bn=True)}
     rng = np.random.default_rng(0)

@@ -21,8 +21,9 @@ import keras_hub_zoo as zoo
 import tf_piggyback as pb
 from conftest import random_masks, tflite_ops
 from test_keras_hub import in_fresh_process
-from tf_piggyback.export import export_saved_model, export_tflite
-from tf_piggyback.surgery import feature_model, head_name, iter_layers, kernel_weights, masked_layers
+from tf_piggyback.core.surgery import feature_model, head_name, iter_layers, kernel_weights, masked_layers
+from tf_piggyback.devices.tflite import export_tflite
+from tf_piggyback.serving.saved_model import export_saved_model
 
 # One of each kind, fast to build: a decoder language model, an encoder and a ViT-like (CNNs:
 # test_keras_hub.py's ResNet).

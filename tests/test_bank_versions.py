@@ -15,8 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import tf_piggyback as pb
 from conftest import digits_task_files
-from tf_piggyback.export import export_saved_model, list_tasks
-from tf_piggyback.taskbank import TaskBank
+from tf_piggyback.serving.saved_model import export_saved_model, list_tasks
+from tf_piggyback.serving.taskbank import TaskBank
 
 KINDS = ("bin", "ter", "bn", "cls")
 

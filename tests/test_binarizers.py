@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_piggyback.binarizers import binarize, ternarize, threshold_mask, threshold_mask_numpy, validate_threshold
-from tf_piggyback.layers import MaskedDense
+from tf_piggyback.core.binarizers import binarize, ternarize, threshold_mask, threshold_mask_numpy, validate_threshold
+from tf_piggyback.core.layers import MaskedDense
 
 
 def test_binarize_forward_matches_eq4():

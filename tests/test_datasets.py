@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_piggyback.datasets import load_dataset, load_digits_variant
-from tf_piggyback.images import fit_image
+from tf_piggyback.data.datasets import load_dataset, load_digits_variant
+from tf_piggyback.data.images import fit_image
 
 
 def test_digits_variants():
@@ -100,8 +100,8 @@ def test_channel_counts_that_cannot_be_converted():
 def test_tfds_dataset_with_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
-    from tf_piggyback.experiment import RunConfig, run
-    from tf_piggyback.trainer import TrainConfig
+    from tf_piggyback.training.experiment import RunConfig, run
+    from tf_piggyback.training.trainer import TrainConfig
 
     with tfds.testing.mock_data(num_examples=24):
         splits = load_dataset("tfds:mnist", image_shape=(32, 32, 1))
@@ -116,7 +116,7 @@ def test_tfds_dataset_with_mock_data(tmp_path):
 
 
 def test_augmentation_is_seeded_so_resumed_epochs_repeat():
-    from tf_piggyback.trainer import augment, epoch_batches
+    from tf_piggyback.training.trainer import augment, epoch_batches
 
     image = tf.reshape(tf.range(32 * 32, dtype=tf.float32), (32, 32, 1))
     a, b = augment(image, tf.constant([1, 2], tf.int64)), augment(image, tf.constant([1, 3], tf.int64))
@@ -132,8 +132,8 @@ def test_augmentation_is_seeded_so_resumed_epochs_repeat():
 
 
 def test_random_digits_backbone_is_the_same_everywhere():
-    from tf_piggyback.backbones import load_backbone
-    from tf_piggyback.fingerprint import fingerprint
+    from tf_piggyback.core.fingerprint import fingerprint
+    from tf_piggyback.training.backbones import load_backbone
 
     random = load_backbone("digits", "none")
     assert fingerprint(random) == fingerprint(load_backbone("digits", "none"))
@@ -292,7 +292,7 @@ def test_paper_protocol_boxes_flowers_splits_and_crops():
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from tf_piggyback.trainer import epoch_batches
+    from tf_piggyback.training.trainer import epoch_batches
 
     sizes = {"train": 6, "validation": 4, "test": 5}
 
@@ -335,7 +335,7 @@ def test_int8_calibration_images_span_the_classes(tmp_path, monkeypatch):
     the first classes only; now they are drawn across classes."""
     import tensorflow as tf
 
-    from tf_piggyback import tflite
+    from tf_piggyback.devices import tflite
 
     root = tmp_path / "images"
     for label in range(3):
@@ -399,7 +399,7 @@ def test_every_epoch_visits_the_images_in_a_fresh_order(tmp_path, spec, monkeypa
     epoch visits every image once; a resumed run repeats an epoch's batches; batches span as
     many classes as a full shuffle gives. A tfds set stored as TFRecord can only stream in its
     stored order (window-shuffled); stored as ArrayRecord, it is read in a fresh order."""
-    from tf_piggyback.trainer import epoch_batches
+    from tf_piggyback.training.trainer import epoch_batches
 
     if spec == "folder":
         root = str(tmp_path / "numbered")
@@ -486,7 +486,7 @@ def test_paper_cache_counts_each_images_own_bytes(tmp_path):
     epoch's crops, of the input's size, whatever the images' shapes."""
     import tensorflow_datasets as tfds
 
-    from tf_piggyback.datasets import scaled_bytes
+    from tf_piggyback.data.datasets import scaled_bytes
 
     root = tmp_path / "wide"
     rng = np.random.default_rng(0)
@@ -525,7 +525,7 @@ def test_paper_crops_decode_only_their_window_and_repeat_per_seed(tmp_path):
     (tf.io.decode_and_crop_jpeg) and equals the crop of the image decoded whole, inside a tfds
     box too; a PNG takes the same crop; an epoch's crops are seeded by (seed, place), cached
     images' and streamed ones' alike, so a resumed run repeats them."""
-    from tf_piggyback.images import box_pixels, decode_random_sized_crop, random_sized_crop
+    from tf_piggyback.data.images import box_pixels, decode_random_sized_crop, random_sized_crop
 
     rng = np.random.default_rng(0)
     pixels = np.kron(rng.integers(0, 256, (15, 20, 3)), np.ones((4, 4, 1))).astype(np.uint8)  # 60x80

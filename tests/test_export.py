@@ -12,10 +12,10 @@ import pytest
 import tensorflow as tf
 
 import tf_piggyback as pb
-from tf_piggyback.datasets import to_arrays
+from tf_piggyback.data.datasets import to_arrays
 from conftest import REPO, tflite_ops
-from tf_piggyback.export import (build_serving_module, export_saved_model, export_tflite, next_version,
-                                 representative_images)
+from tf_piggyback.devices.tflite import export_tflite, representative_images
+from tf_piggyback.serving.saved_model import build_serving_module, export_saved_model, next_version
 
 SUBPROCESS_LOAD = """
 import sys, numpy as np, tensorflow as tf
@@ -37,7 +37,7 @@ def tasks(tmp_path_factory):
         model = pb.piggyback(pb.digits_backbone(), len(splits.class_names))
         config = pb.TrainConfig(epochs=30, head_lr=1e-3) if variant == "upper" else \
             pb.TrainConfig(epochs=8, head_lr=1e-3, mask_lr=1e-3)
-        pb.train(model, pb.trainer.epoch_batches(splits.train, 32), config, log=lambda line: None)
+        pb.train(model, pb.training.trainer.epoch_batches(splits.train, 32), config, log=lambda line: None)
         path = str(root / variant / "task.npz")
         pb.save_task(model, path)
         paths.append(path)
@@ -129,7 +129,7 @@ def test_multi_task_saved_model_under_concurrent_requests(tasks, tmp_path):
     for name, logits in results:
         np.testing.assert_allclose(logits, expected[name], atol=1e-5)
     # the working slots are saved holding only their id: the export stays 1 bit per parameter
-    assert [v.numpy().tolist() for v in tf.saved_model.load(path).graph.slots] == [[-1.0]] * 2
+    assert [v.numpy().tolist() for v in tf.saved_model.load(path).graph.working.slots] == [[-1.0]] * 2
 
 
 def test_versions_and_overwrite(tasks, tmp_path):
@@ -288,7 +288,7 @@ def test_a_model_that_cannot_be_traced_is_refused_in_one_line(tmp_path):
     """A layer that loops in Python over a size known only when called (keras-hub 0.32's RWKV-7)
     cannot be traced over inputs of unknown size: the export says so in one line, naming the
     model, instead of TensorFlow's page-long `TypeError` (the sweep's RWKV-7 row is `slow`)."""
-    from tf_piggyback.signatures import save
+    from tf_piggyback.serving.signatures import save
 
     def loop(tokens):
         for _ in range(tf.shape(tokens)[1]):

@@ -14,9 +14,9 @@ import tensorflow as tf
 
 import tf_piggyback as pb
 from conftest import REPO
-from tf_piggyback.experiment import RunConfig, input_pipeline
-from tf_piggyback.evaluation import sparsity_by_kernel
-from tf_piggyback.trainer import epoch_batches
+from tf_piggyback.training.evaluation import sparsity_by_kernel
+from tf_piggyback.training.experiment import RunConfig, input_pipeline
+from tf_piggyback.training.trainer import epoch_batches
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 BUILD = {"piggyback": lambda b, c: pb.piggyback(b, c), "classifier": lambda b, c: pb.classifier_only(b, c),

@@ -13,11 +13,12 @@ import tensorflow as tf
 
 import tf_piggyback as pb
 from conftest import REPO, random_masks, tflite_ops
-from tf_piggyback.export import export_saved_model, export_tflite
-from tf_piggyback.fingerprint import old_fingerprint
-from tf_piggyback.layers import is_kernel
-from tf_piggyback.surgery import masked_layers
-from tf_piggyback.taskbank import TaskBank
+from tf_piggyback.core.fingerprint import old_fingerprint
+from tf_piggyback.core.layers import is_kernel
+from tf_piggyback.core.surgery import masked_layers
+from tf_piggyback.devices.tflite import export_tflite
+from tf_piggyback.serving.saved_model import export_saved_model
+from tf_piggyback.serving.taskbank import TaskBank
 
 FRESH_PROCESS = """
 import sys, keras, numpy as np
@@ -101,7 +102,7 @@ def test_keras_hub_backbone(name, tmp_path):
     paths = [k.path for layer in masked_layers(model) for k in layer.kernels]
     masked = set(paths)
     assert len(paths) == len(masked)  # a variable used twice (Gemma's tied embedding) has one mask
-    features = pb.surgery.feature_model(backbone, options.get("feature_layer"))
+    features = pb.core.surgery.feature_model(backbone, options.get("feature_layer"))
     assert masked >= {w.path for w in features.weights if is_kernel(w)}
     assert masked - {w.path for w in features.weights if is_kernel(w)} <= {
         w.path for w in features.weights if w.path.endswith("embeddings") and "position" not in w.path}
@@ -192,7 +193,7 @@ def test_lora_adapts_the_kernels_inside_keras_hub_layers(name, tmp_path):
     backbone = build()
     before = [w.numpy().copy() for w in backbone.weights]
     model = pb.lora(backbone, 3, rank=2, **options)
-    features = pb.surgery.feature_model(backbone, options.get("feature_layer"))
+    features = pb.core.surgery.feature_model(backbone, options.get("feature_layer"))
     adapted = {p.rsplit("/", 1)[0] for p in (w.path for w in model.trainable_variables) if "lora_kernel" in p}
     assert adapted == {w.path.rsplit("/", 1)[0] for w in features.weights if is_kernel(w)}
     assert {w.path for w in model.trainable_variables} == {
@@ -413,8 +414,8 @@ def test_head_takes_a_name_the_backbone_does_not_use(tmp_path):
 
     backbone = zoo.build("SigLIPVisionEncoder")
     model = random_masks(pb.piggyback(backbone, 3), 1)
-    assert pb.surgery.head_name(model) == "head_1"
-    assert [w.path for w in pb.surgery.task_weights(model)] == ["head_1/kernel", "head_1/bias"]
+    assert pb.core.surgery.head_name(model) == "head_1"
+    assert [w.path for w in pb.core.surgery.task_weights(model)] == ["head_1/kernel", "head_1/bias"]
     assert any(k.path.startswith("head/") for layer in masked_layers(model) for k in layer.kernels)
     x = zoo.images(4)
     path = str(tmp_path / "task.npz")

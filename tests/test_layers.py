@@ -4,16 +4,16 @@ import keras
 import numpy as np
 import pytest
 
-from tf_piggyback.layers import (
-    MaskedConv,
-    MaskedDense,
-    MaskedDepthwiseConv2D,
-    MaskedLayer,
-    MaskedSeparableConv2D,
-    wrapper_for,
-)
-from tf_piggyback.layers import MASK_VARIABLE_SCALE
-from tf_piggyback.trainer import precision_policy
+from tf_piggyback.core.layers import (
+                                      MaskedConv,
+                                      MaskedDense,
+                                      MaskedDepthwiseConv2D,
+                                      MaskedLayer,
+                                      MaskedSeparableConv2D,
+                                      wrapper_for,
+                                      )
+from tf_piggyback.core.layers import MASK_VARIABLE_SCALE
+from tf_piggyback.training.trainer import precision_policy
 
 CASES = [
     (lambda: keras.layers.Dense(7, activation="tanh"), (5, 6)),

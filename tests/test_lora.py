@@ -12,10 +12,11 @@ import tensorflow as tf
 
 import tf_piggyback as pb
 from conftest import REPO, composite_backbone
-from tf_piggyback.backbones import digits_vit_backbone
-from tf_piggyback.datasets import to_arrays
-from tf_piggyback.export import export_saved_model, export_tflite
 from tf_piggyback import lora
+from tf_piggyback.data.datasets import to_arrays
+from tf_piggyback.devices.tflite import export_tflite
+from tf_piggyback.serving.saved_model import export_saved_model
+from tf_piggyback.training.backbones import digits_vit_backbone
 
 
 def script(*args):
@@ -80,7 +81,7 @@ def test_adapters_train_and_nothing_else_changes():
     assert all(p.endswith(("lora_kernel_a", "lora_kernel_b")) or p.startswith("head/") for p in trained), trained
     copy = {w.path: w.numpy().copy() for w in model.weights if "lora" not in w.path and not w.path.startswith("head/")}
     splits = pb.load_dataset("digits:upper")
-    pb.train(model, pb.trainer.epoch_batches(splits.train.take(128), 32),
+    pb.train(model, pb.training.trainer.epoch_batches(splits.train.take(128), 32),
              pb.TrainConfig(method="lora", epochs=1, head_lr=1e-3), log=lambda line: None)
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, backbone.weights))
     assert all(np.array_equal(copy[w.path], w.numpy()) for w in model.weights if w.path in copy)

@@ -11,12 +11,13 @@ import tensorflow as tf
 
 import tf_piggyback as pb
 from conftest import REPO
-from tf_piggyback.backbones import load_backbone
-from tf_piggyback.datasets import to_arrays
-from tf_piggyback.export import export_saved_model, export_tflite
-from tf_piggyback.ondevice import LiteRTTrainer, export_ondevice
-from tf_piggyback.surgery import masked_layers
-from tf_piggyback.trainer import TrainConfig, make_optimizers, make_train_step
+from tf_piggyback.core.surgery import masked_layers
+from tf_piggyback.data.datasets import to_arrays
+from tf_piggyback.devices.ondevice import LiteRTTrainer, export_ondevice
+from tf_piggyback.devices.tflite import export_tflite
+from tf_piggyback.serving.saved_model import export_saved_model
+from tf_piggyback.training.backbones import load_backbone
+from tf_piggyback.training.trainer import TrainConfig, make_optimizers, make_train_step
 
 BASE = ["--backbone=digits", "--dataset=digits:upper", "--head_lr=1e-3", "--verbose=0"]
 UPSTREAM = ("rescale", "conv1", "bn1", "relu1", "pool1", "conv2", "bn2", "relu2", "pool2")  # before conv3

@@ -6,11 +6,11 @@ import keras
 import pytest
 
 import tf_piggyback as pb
-from tf_piggyback import methods
-from tf_piggyback.experiment import RunConfig, run
-from tf_piggyback.methods import base
-from tf_piggyback.report import collect, comparison
-from tf_piggyback import evaluation, trainer
+from tf_piggyback.core import methods
+from tf_piggyback.core.methods import base
+from tf_piggyback.training import evaluation, trainer
+from tf_piggyback.training.experiment import RunConfig, run
+from tf_piggyback.training.report import collect, comparison
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pytest
 
 import tf_piggyback as pb
 from conftest import REPO, tflite_ops
-from tf_piggyback.datasets import to_arrays
-from tf_piggyback.ondevice import LiteRTTrainer
+from tf_piggyback.data.datasets import to_arrays
+from tf_piggyback.devices.ondevice import LiteRTTrainer
 
 EPOCHS = 5
 
@@ -49,7 +49,7 @@ def test_learns_like_tensorflow_and_writes_an_ordinary_task_file(trained):
     splits = pb.load_dataset("digits:upper")
     keras.utils.set_random_seed(0)
     reference = pb.piggyback(pb.digits_backbone(), 5)
-    pb.train(reference, pb.trainer.epoch_batches(splits.train, 32),
+    pb.train(reference, pb.training.trainer.epoch_batches(splits.train, 32),
              pb.TrainConfig(epochs=EPOCHS, mask_lr=1e-4, head_lr=1e-3, lr_decay_epochs=EPOCHS), log=lambda line: None)
     assert accuracy >= pb.evaluate(reference, splits.test) - 0.05 and accuracy > 0.5, stdout
     # the task file it wrote, in TensorFlow, predicts what the device predicts
@@ -96,7 +96,7 @@ def test_builtin_gradients_equal_tensorflows():
     """The ReLU, max-pooling and kernel gradients written with builtins give TensorFlow's gradients."""
     import tensorflow as tf
 
-    from tf_piggyback.ondevice import build_ondevice_module
+    from tf_piggyback.devices.ondevice import build_ondevice_module
 
     module, model = build_ondevice_module(pb.digits_backbone(), 5, 8)
     splits = pb.load_dataset("digits:upper")

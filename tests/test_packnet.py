@@ -10,9 +10,9 @@ import pytest
 
 import tf_piggyback as pb
 from conftest import REPO
-from tf_piggyback.experiment import RunConfig, run
-from tf_piggyback.methods.packnet import FREE, PackNet, _kernels
-from tf_piggyback.trainer import epoch_batches, train
+from tf_piggyback.core.methods.packnet import FREE, PackNet, _kernels
+from tf_piggyback.training.experiment import RunConfig, run
+from tf_piggyback.training.trainer import epoch_batches, train
 
 
 def fitter(pack, spec, epochs=1):

@@ -1,4 +1,4 @@
-"""tf_piggyback.phone: many tasks in one phone file, each run at the single-task file's speed,
+"""tf_piggyback.devices.phone: many tasks in one phone file, each run at the single-task file's speed,
 checked against each task's own single-task `.tflite` as an app would run them."""
 
 import os
@@ -14,10 +14,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import tf_piggyback as pb
 from conftest import REPO, random_masks
-from tf_piggyback.export import representative_images
-from tf_piggyback.phone import PhoneTasks, export_phone, read_table
-from tf_piggyback.surgery import task_weights
-from tf_piggyback.tflite import export_tflite
+from tf_piggyback.core.surgery import task_weights
+from tf_piggyback.devices.phone import PhoneTasks, export_phone, read_table
+from tf_piggyback.devices.tflite import representative_images
+from tf_piggyback.devices.tflite import export_tflite
 
 DIGITS = representative_images("digits:upper", (32, 32, 1))  # 500 training images
 
@@ -99,7 +99,7 @@ def test_the_file_runs_in_a_plain_interpreter_and_holds_the_backbone_once(phone)
     single = os.path.getsize(singles["plain"])
     assert os.path.getsize(file) <= single + 1.1 * bits / 8 + 20_000 * len(specs), (os.path.getsize(file), single)
     # the payload follows the model: a switch copies the model's bytes alone
-    from tf_piggyback.phone import patched
+    from tf_piggyback.devices.phone import patched
 
     content = open(file, "rb").read()
     table = read_table(content)
@@ -164,7 +164,7 @@ def test_phone_refuses_unknown_precisions_in_one_line(phone, tmp_path):
     with pytest.raises(ValueError, match=r"an int8 phone file calibrates .* \(--representative=DATASET_SPEC\)"):
         export_phone(pb.digits_backbone(), specs, str(tmp_path / "x.tflite"), "int8")
     assert not os.path.exists(tmp_path / "x.tflite")
-    with pytest.raises(ValueError, match="not a tf_piggyback.phone file"):
+    with pytest.raises(ValueError, match="not a tf_piggyback.devices.phone file"):
         PhoneTasks(phone[1]["plain"])
     result = subprocess.run([sys.executable, os.path.join(REPO, "export", "tflite.py"), "--backbone=digits",
                              *[f"--task={s}" for s in specs], f"--output={tmp_path}/y.tflite", "--phone",
@@ -191,8 +191,8 @@ def test_int8_phone_file_agrees_with_each_tasks_own_int8_file(phone, tmp_path):
     the own int8 file 0.95, 1.0, 0.73 on 244 digits images), switching back and forth."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from tf_piggyback.coding import unpack
-    from tf_piggyback.phone import patched
+    from tf_piggyback.core.coding import unpack
+    from tf_piggyback.devices.phone import patched
 
     specs, singles, _ = phone
     representative, x = DIGITS[:64], DIGITS[256:]
@@ -241,7 +241,7 @@ def test_int8_keeps_a_task_whose_mask_zeroes_a_channels_largest_weights(tmp_path
     task is as close to float32 as its own int8 file."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from tf_piggyback.surgery import masked_layers
+    from tf_piggyback.core.surgery import masked_layers
 
     model = random_masks(pb.piggyback(pb.digits_backbone(), 5), 0)
     layer = masked_layers(model)[1]
@@ -284,10 +284,10 @@ def test_int8_tasks_quantize_as_their_own_conversions_from_one_conversion():
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.interpreter import Interpreter
 
-    from tf_piggyback.phone import _kernel_masks, _padded, _padded_head, _unmasked
-    from tf_piggyback.phonebytes import buffer_data, tensor_list
-    from tf_piggyback.phoneint8 import int8_conversions, quantization_of
-    from tf_piggyback.tflite import model_flatbuffer
+    from tf_piggyback.devices.phone import _kernel_masks, _padded, _padded_head, _unmasked
+    from tf_piggyback.devices.phonebytes import buffer_data, tensor_list
+    from tf_piggyback.devices.phoneint8 import int8_conversions, quantization_of
+    from tf_piggyback.devices.tflite import model_flatbuffer
 
     models = []  # the first masks conv3 on only (mask_from), the others every kernel or none
     for seed, (classes, mask_type) in enumerate([(5, "binary"), (7, "ternary"), (3, "binary"), (4, None)]):
@@ -329,7 +329,7 @@ def test_int8_cache_makes_only_the_new_task_of_a_file_with_one_more(phone, tmp_p
     """Issue 41: with `int8_cache`, each task's int8 model is kept by what it depends on, so a
     file with one more task quantizes that task alone, and with none new converts nothing; the
     files are those an export without the cache writes, byte for byte."""
-    from tf_piggyback import phoneint8
+    from tf_piggyback.devices import phoneint8
 
     # the new task no wider than the first (5 classes): a wider one widens every task's head, and
     # each is made again
@@ -409,7 +409,7 @@ def test_attention_kernels_are_filters_too(tmp_path):
 REWRITTEN = """
 import shutil, sys
 import numpy as np
-from tf_piggyback.phone import PhoneTasks
+from tf_piggyback.devices.phone import PhoneTasks
 file, other, names = sys.argv[1], sys.argv[2], sys.argv[3:]
 tasks = PhoneTasks(file)
 x = np.zeros((1, 32, 32, 1), "float32")
@@ -445,7 +445,7 @@ def test_a_phone_file_rewritten_under_a_running_runtime_is_refused_not_a_signal(
 def test_an_all_zero_tensor_holds_no_kernel():
     """Issue 39, 7: `_locate` took a scale of 0 as a fit, so an all-zero tensor of a kernel's
     shape matched every kernel. A channel may still be 0 where the kernel's is (pruned, masked off)."""
-    from tf_piggyback.phonebytes import holds
+    from tf_piggyback.devices.phonebytes import holds
 
     kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 8)).astype("float32")
     assert not holds(kernel, np.zeros_like(kernel), 3, 1e-5)

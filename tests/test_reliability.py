@@ -18,7 +18,7 @@ from conftest import REPO
 DYING_SAVE = """
 import os, signal, sys
 import tf_piggyback as pb
-from tf_piggyback import taskfile
+from tf_piggyback.core import taskfile
 
 path, mode = sys.argv[1], sys.argv[2]
 model = pb.piggyback(pb.digits_backbone(), 5)
@@ -111,7 +111,7 @@ def test_adding_five_tasks_never_changes_earlier_ones(tmp_path):
         keras.utils.set_random_seed(k)
         model = pb.piggyback(backbone, len(splits.class_names), train_bn=k % 2 == 1)
         config = pb.TrainConfig(epochs=1, mask_lr=1e-3, head_lr=1e-3, seed=k)
-        pb.train(model, pb.trainer.epoch_batches(splits.train.take(256), 32, seed=k), config, log=lambda line: None)
+        pb.train(model, pb.training.trainer.epoch_batches(splits.train.take(256), 32, seed=k), config, log=lambda line: None)
         pb.save_task(model, path)
         return model
 

@@ -9,8 +9,8 @@ import pytest
 
 import tf_piggyback as pb
 from conftest import REPO
-from tf_piggyback.report import DECATHLON_BASELINE_ERRORS, backbone_bytes, collect, comparison, decathlon_score, \
-    write_csv
+from tf_piggyback.training.report import (DECATHLON_BASELINE_ERRORS, backbone_bytes, collect, comparison,
+                                          decathlon_score, write_csv)
 
 
 def test_decathlon_score_by_hand_and_against_table_8():
@@ -85,7 +85,7 @@ def test_a_run_at_chance_is_marked_in_every_table(tmp_path):
     """Issue 33: a run whose metrics.json holds `warnings` (it trained at chance level) is marked in
     Table 2's layout, in the runs table and in the CSV, and named under each table: never shown as
     a clean result, alone or among seeds."""
-    from tf_piggyback.report import AT_CHANCE, markdown_table
+    from tf_piggyback.training.report import AT_CHANCE, markdown_table
 
     root = str(tmp_path)
     warning = "epoch 2 trained at chance level: loss 2.3025 ..."

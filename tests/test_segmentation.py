@@ -12,10 +12,11 @@ import tensorflow as tf
 
 import tf_piggyback as pb
 from conftest import REPO
-from tf_piggyback.datasets import load_digits_segmentation, load_digits_variant, to_arrays
-from tf_piggyback.export import export_saved_model, export_tflite
-from tf_piggyback.surgery import fcn_head
-from tf_piggyback.evaluation import segmentation_scores
+from tf_piggyback.core.surgery import fcn_head
+from tf_piggyback.data.datasets import load_digits_segmentation, load_digits_variant, to_arrays
+from tf_piggyback.devices.tflite import export_tflite
+from tf_piggyback.serving.saved_model import export_saved_model
+from tf_piggyback.training.evaluation import segmentation_scores
 
 BASE = ["--backbone=digits", "--dataset=digits_seg:upper", "--feature_layer=relu3", "--head_lr=1e-3", "--verbose=0"]
 
@@ -90,7 +91,7 @@ def test_a_user_head_is_the_tasks_own_and_reloads_from_its_config(tmp_path):
         model = make(backbone, 6, feature_layer="relu3", head=fcn_head(6, 4))
         assert set(model.task_spec.owned) == {"head_conv", "head_up"}
         data = pb.load_dataset("digits_seg:upper").train.take(64)
-        pb.train(model, pb.trainer.epoch_batches(data, 32), pb.TrainConfig(method=model.task_spec.method, epochs=1,
+        pb.train(model, pb.training.trainer.epoch_batches(data, 32), pb.TrainConfig(method=model.task_spec.method, epochs=1,
                                                                           head_lr=1e-3), log=lambda line: None)
         path = str(tmp_path / make.__name__ / "task.npz")
         pb.save_task(model, path)

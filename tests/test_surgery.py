@@ -4,10 +4,10 @@ import pytest
 
 from conftest import tiny_backbone
 from tf_piggyback import bake, classifier_only, finetune, fingerprint, masked_layers, piggyback
-from tf_piggyback.layers import MaskedWrapper
+from tf_piggyback.core.layers import MaskedWrapper
 import tensorflow as tf
 
-from tf_piggyback.trainer import TrainConfig, epoch_batches, train
+from tf_piggyback.training.trainer import TrainConfig, epoch_batches, train
 
 # Every model keras.applications has, at a small input size (their smallest, where above 32).
 SIZES = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
@@ -153,7 +153,7 @@ def test_num_classes_validated():
 @pytest.mark.parametrize("name,module", [("ResNet50", "resnet50"), ("MobileNetV2", "mobilenet_v2"),
                                          ("DenseNet121", "densenet"), ("EfficientNetB0", "efficientnet")])
 def test_load_backbone_takes_raw_pixels(name, module):
-    from tf_piggyback.backbones import load_backbone
+    from tf_piggyback.training.backbones import load_backbone
 
     backbone = load_backbone(name, weights="none", image_size=32)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
@@ -168,7 +168,7 @@ def test_load_backbone_takes_raw_pixels(name, module):
 
 def test_vgg_keeps_fc6_and_fc7_and_replaces_only_the_classifier():
     """Table 2 and Fig. 3 mask VGG-16's fc6 and fc7; classifier-only reads fc7's features."""
-    from tf_piggyback.backbones import load_backbone
+    from tf_piggyback.training.backbones import load_backbone
 
     import tf_piggyback as pb
 

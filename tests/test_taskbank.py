@@ -12,11 +12,12 @@ import tensorflow as tf
 
 import tf_piggyback as pb
 from conftest import REPO, digits_task_files
-from tf_piggyback import taskbank
-from tf_piggyback.bankstore import STORE
-from tf_piggyback.export import export_saved_model, export_tflite, list_tasks
-from tf_piggyback.taskbank import TaskBank
-from tf_piggyback.taskfile import TaskRecord
+from tf_piggyback.core.taskfile import TaskRecord
+from tf_piggyback.devices.tflite import export_tflite
+from tf_piggyback.serving import reader
+from tf_piggyback.serving.saved_model import export_saved_model, list_tasks
+from tf_piggyback.serving.store import STORE
+from tf_piggyback.serving.taskbank import TaskBank
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +313,7 @@ def test_add_all_reads_on_threads_what_add_reads_one_by_one(task_files, tmp_path
     assert at_once.add_all(list(paths.values()), workers=4) == list(paths)
     for a, b in zip(one_by_one.records, at_once.records):
         assert (a.name, a.uid, a.kind, a.info) == (b.name, b.uid, b.kind, b.info)
-        np.testing.assert_array_equal(one_by_one.packed(a), at_once.packed(b))
+        np.testing.assert_array_equal(one_by_one.version.packed(a), at_once.version.packed(b))
     np.testing.assert_allclose(at_once.predict(images, task="ter"), expected["ter"], atol=1e-5)
 
     broken = tmp_path / "broken.npz"
@@ -353,10 +354,10 @@ def test_a_new_version_decodes_only_the_task_files_the_last_one_lacks(task_files
     decoded.clear()
     reused.add_all(files, names, previous=os.path.join(base, "2"))
     assert decoded == {"ter"}
-    assert fresh.kernel_paths == reused.kernel_paths
+    assert fresh.version.layout.paths == reused.version.layout.paths
     for a, b in zip(fresh.records, reused.records):
         assert (a.name, a.uid, a.kind, a.info, list(a.masks)) == (b.name, b.uid, b.kind, b.info, list(b.masks))
-        np.testing.assert_array_equal(fresh.packed(a), reused.packed(b))
+        np.testing.assert_array_equal(fresh.version.packed(a), reused.version.packed(b))
 
     loaded = tf.saved_model.load(latest)
     for name, task in zip(names, ("cls", "bn", "bin", "ter")):
@@ -398,8 +399,8 @@ def test_a_new_version_reads_only_the_task_files_that_changed(task_files, tmp_pa
     read, original = [], TaskRecord.__init__
     monkeypatch.setattr(TaskRecord, "__init__", lambda record, path, *args, **kwargs: read.append(
         os.path.basename(path)) or original(record, path, *args, **kwargs))
-    manifests, read_manifest = [], taskbank.read_npz_manifest
-    monkeypatch.setattr(taskbank, "read_npz_manifest", lambda path, *args: manifests.append(
+    manifests, read_manifest = [], reader.read_npz_manifest
+    monkeypatch.setattr(reader, "read_npz_manifest", lambda path, *args: manifests.append(
         os.path.basename(path)) or read_manifest(path, *args))
     tasks = [f"{n}={files[n]}" for n in ("bin", "bn")]
     export_saved_model(backbone, tasks, base)
@@ -424,7 +425,7 @@ def test_a_new_version_without_per_task_signatures_keeps_the_last_graph(task_fil
     the tasks' own weights) is traced; one with the same per-task signatures keeps its graph too."""
     import shutil
 
-    from tf_piggyback.bankgraph import BankGraph
+    from tf_piggyback.serving.graph import BankGraph
 
     paths, images, expected = task_files
     backbone = pb.digits_backbone()
@@ -466,16 +467,17 @@ def test_a_new_version_without_per_task_signatures_keeps_the_last_graph(task_fil
 def test_adding_a_task_does_not_fingerprint_the_backbone_again(task_files, monkeypatch):
     """`add` costs reading and packing one task file: the backbone's fingerprint (a hash over
     every weight) is computed once per bank, the feature model once per feature layer."""
-    import tf_piggyback.taskbank
+    import tf_piggyback.serving.reader
+    import tf_piggyback.serving.taskbank
 
     paths, images, expected = task_files
     bank = TaskBank(pb.digits_backbone(), slots=1)
     calls = []
-    for module in (sys.modules["tf_piggyback.fingerprint"], tf_piggyback.taskbank):
+    for module in (sys.modules["tf_piggyback.core.fingerprint"], tf_piggyback.serving.taskbank):
         monkeypatch.setattr(module, "fingerprint", lambda model: calls.append(model) or "unused")
     built = []
-    original = tf_piggyback.taskbank.feature_model
-    monkeypatch.setattr(tf_piggyback.taskbank, "feature_model", lambda *a: built.append(a) or original(*a))
+    original = tf_piggyback.serving.reader.feature_model
+    monkeypatch.setattr(tf_piggyback.serving.reader, "feature_model", lambda *a: built.append(a) or original(*a))
     for path in paths.values():
         bank.add(path)
     assert calls == [] and len(built) == 1

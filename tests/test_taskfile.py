@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_backbone
 from tf_piggyback import TaskFileError, classifier_only, load_task, masked_layers, piggyback, read_manifest, save_task
-from tf_piggyback import coding
+from tf_piggyback.core import coding
 
 
 def trained_like(model, sparsity=0.2, seed=0):
@@ -187,7 +187,7 @@ def test_fingerprint_covers_image_size_and_preprocessing(tmp_path):
     import keras
 
     from tf_piggyback import fingerprint
-    from tf_piggyback.backbones import ImagePreprocessing, load_backbone
+    from tf_piggyback.training.backbones import ImagePreprocessing, load_backbone
 
     keras.utils.set_random_seed(0)
     small = load_backbone("MobileNetV2", "none", 32)
@@ -214,8 +214,8 @@ def test_one_threshold_rule_and_one_bit_order_everywhere(mask_type):
     on-device export all threshold and pack masks the same way: one definition each, pinned here."""
     import tensorflow as tf
 
-    from tf_piggyback.binarizers import threshold_mask, threshold_mask_numpy
-    from tf_piggyback.bankgraph import unpack_binary, unpack_ternary
+    from tf_piggyback.core.binarizers import threshold_mask, threshold_mask_numpy
+    from tf_piggyback.serving.packing import unpack_binary, unpack_ternary
 
     rng = np.random.default_rng(0)
     real = rng.uniform(-0.02, 0.02, 1001).astype(np.float32)
@@ -303,7 +303,7 @@ def test_the_fingerprint_covers_a_custom_layers_settings(tmp_path):
     fingerprint described a layer without a `get_config` of its own by its weights alone, and
     Scale has none). Keras' automatic config now counts; a file written before still loads."""
     from tf_piggyback import fingerprint
-    from tf_piggyback.fingerprint import lacks_config
+    from tf_piggyback.core.fingerprint import lacks_config
 
     two, minus = scaled_backbone(2.0), scaled_backbone(-100.0)
     assert fingerprint(two) != fingerprint(minus)

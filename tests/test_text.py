@@ -3,7 +3,6 @@ writes one) with its preprocessor, text datasets (a folder of `.txt` files per c
 under `tfds.testing.mock_data`), and SavedModels that take strings beside token ids."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,9 +13,9 @@ import tensorflow as tf
 
 import tf_piggyback as pb
 from conftest import REPO, random_masks
-from tf_piggyback.backbones import load_backbone
-from tf_piggyback.export import export_saved_model
-from tf_piggyback.text import load_preset, preprocess
+from tf_piggyback.data.text import load_preset, preprocess
+from tf_piggyback.serving.saved_model import export_saved_model
+from tf_piggyback.training.backbones import load_backbone
 
 @pytest.fixture(scope="module")
 def presets(tmp_path_factory):
@@ -91,8 +90,8 @@ def test_a_tfds_text_set_trains_over_a_llama_preset(presets, tmp_path):
     preprocessor; the run writes a task file that reloads over the preset."""
     import tensorflow_datasets as tfds
 
-    from tf_piggyback.experiment import RunConfig, run
-    from tf_piggyback.text import text_examples
+    from tf_piggyback.data.text import text_examples
+    from tf_piggyback.training.experiment import RunConfig, run
 
     with tfds.testing.mock_data(num_examples=24):
         names, (texts, labels), (test_texts, _) = text_examples("tfds:imdb_reviews", 0)

@@ -78,8 +78,8 @@ MIRRORED = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     import tf_piggyback as pb
-    from tf_piggyback.distribute import make_strategy
-    from tf_piggyback.trainer import epoch_batches
+    from tf_piggyback.training.distribute import make_strategy
+    from tf_piggyback.training.trainer import epoch_batches
 
     splits = pb.load_dataset("digits:upper")
     config = pb.TrainConfig(epochs=2, head_lr=1e-3, mask_lr=1e-3)
@@ -178,7 +178,7 @@ def test_mixed_float16_task_file_is_float32_and_predicts_as_trained(tmp_path):
     import keras
 
     import tf_piggyback as pb
-    from tf_piggyback.trainer import epoch_batches, precision_policy
+    from tf_piggyback.training.trainer import epoch_batches, precision_policy
 
     splits = pb.load_dataset("digits:upper")
     keras.utils.set_random_seed(0)
@@ -202,7 +202,7 @@ def test_xla_train_step_learns_what_graph_mode_learns():
     import keras
 
     import tf_piggyback as pb
-    from tf_piggyback.trainer import epoch_batches
+    from tf_piggyback.training.trainer import epoch_batches
 
     batches = epoch_batches(pb.load_dataset("digits:upper").train, 32)
     results = {}
@@ -223,7 +223,7 @@ def test_loss_scaling_keeps_every_group_on_its_own_scale():
     import tensorflow as tf
 
     import tf_piggyback as pb
-    from tf_piggyback.trainer import make_optimizers, make_train_step, precision_policy
+    from tf_piggyback.training.trainer import make_optimizers, make_train_step, precision_policy
 
     images, labels = next(iter(pb.load_dataset("digits:upper").train.batch(32)))
     first_moments = {}
@@ -280,7 +280,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     import tensorflow as tf
 
     import tf_piggyback as pb
-    from tf_piggyback.trainer import epoch_batches
+    from tf_piggyback.training.trainer import epoch_batches
 
     splits = pb.load_dataset("digits:upper")
     good = epoch_batches(splits.train, 32)
@@ -305,7 +305,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 
 
 def test_at_chance_is_a_dead_network_not_a_loss_falling_through_ln_c():
-    from tf_piggyback.trainer import at_chance, chance_levels
+    from tf_piggyback.training.trainer import at_chance, chance_levels
 
     assert chance_levels([10, 10, 10, 10]) == pytest.approx((np.log(4), 0.25))
     assert at_chance(0.0850, 0.1013)  # the issue's VGG16: one class answered
@@ -370,8 +370,8 @@ def test_no_trainable_flag_a_user_can_touch_changes_the_backbone(train_bn):
     """Flip every `trainable` flag a user could reach (the task model, the backbone, each layer,
     each masked wrapper and the layer it wraps), train: the backbone's weights, BatchNormalization
     statistics included, stay bit-identical, and only what the task owns is optimized."""
-    from tf_piggyback.surgery import freeze_backbone
-    from tf_piggyback.trainer import epoch_batches, make_optimizers
+    from tf_piggyback.core.surgery import freeze_backbone
+    from tf_piggyback.training.trainer import epoch_batches, make_optimizers
 
     assert freeze_backbone(pb.piggyback(pb.digits_backbone(), 5, train_bn=train_bn)) == 0  # nothing to refreeze
     backbone = pb.digits_backbone()
@@ -442,7 +442,7 @@ def test_a_diverging_run_stops_or_is_marked_never_a_clean_result(tmp_path):
     the console's last line says so, and every report table marks it: never a clean row."""
     import keras
 
-    from tf_piggyback.report import AT_CHANCE, build_report
+    from tf_piggyback.training.report import AT_CHANCE, build_report
 
     inputs = keras.Input((32, 32, 1), name="image")  # no ReLU to die: the weights grow to inf
     x = keras.layers.Conv2D(8, 3, strides=2, name="conv")(keras.layers.Rescaling(1 / 255)(inputs))
@@ -483,7 +483,7 @@ def test_a_progress_bar_on_a_terminal_one_line_per_epoch_elsewhere(monkeypatch):
     a file or a pipe; it is drawn only when stdout is a terminal."""
     import io
 
-    from tf_piggyback.trainer import epoch_batches
+    from tf_piggyback.training.trainer import epoch_batches
 
     class Stdout(io.StringIO):
         def __init__(self, tty):
@@ -511,8 +511,8 @@ def test_a_checkpoint_from_before_the_mask_scale_resumes_with_the_same_masks(tmp
     import keras
     import tensorflow as tf
 
-    from tf_piggyback.layers import MASK_VARIABLE_SCALE
-    from tf_piggyback.trainer import epoch_batches, make_optimizers
+    from tf_piggyback.core.layers import MASK_VARIABLE_SCALE
+    from tf_piggyback.training.trainer import epoch_batches, make_optimizers
 
     batches, config = epoch_batches(pb.load_dataset("digits:upper").train, 32), pb.TrainConfig(epochs=2, mask_lr=1e-3)
     backbone = pb.digits_backbone()
@@ -551,7 +551,7 @@ def test_non_finite_weights_never_reach_a_checkpoint_or_a_task_file(tmp_path):
     last epoch written to the task file, and a resume restored them as the "last finite" state."""
     import tensorflow as tf
 
-    from tf_piggyback.trainer import epoch_batches
+    from tf_piggyback.training.trainer import epoch_batches
 
     one_batch = pb.load_dataset("digits:upper").train.take(32)
     model = pb.piggyback(pb.digits_backbone(), 5)
@@ -571,9 +571,9 @@ def test_chance_marks_describe_the_result_the_tables_show():
     """Issue 39, 6: on data 97% of one class, 97.8% was marked "at chance" (majority + 1 point);
     an epoch at chance that the run recovered from marked it in every table; a 5-epoch finetune
     spent all 5 epochs in its 5-epoch warm-up."""
-    from tf_piggyback.experiment import run_warnings
-    from tf_piggyback.methods.base import momentum_sgd, warmup_epochs
-    from tf_piggyback.trainer import at_chance
+    from tf_piggyback.core.methods.base import momentum_sgd, warmup_epochs
+    from tf_piggyback.training.experiment import run_warnings
+    from tf_piggyback.training.trainer import at_chance
 
     assert not at_chance(0.978, 0.97) and at_chance(0.9702, 0.97)
     assert at_chance(0.2044, 0.2044) and at_chance(0.207, 0.2) and not at_chance(0.2206, 0.2027)

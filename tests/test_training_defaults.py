@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import tf_piggyback as pb
-from tf_piggyback import methods
-from tf_piggyback.experiment import RunConfig, run
+from tf_piggyback.core import methods
+from tf_piggyback.training.experiment import RunConfig, run
 
 
 def no_bn_backbone(path):

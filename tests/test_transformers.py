@@ -12,11 +12,12 @@ import tensorflow as tf
 
 import tf_piggyback as pb
 from conftest import REPO, random_masks, tflite_ops
-from tf_piggyback.backbones import digits_vit_backbone
-from tf_piggyback.datasets import to_arrays
-from tf_piggyback.export import export_saved_model, export_tflite
-from tf_piggyback.layers import MaskedLayer
-from tf_piggyback.surgery import masked_layers
+from tf_piggyback.core.layers import MaskedLayer
+from tf_piggyback.core.surgery import masked_layers
+from tf_piggyback.data.datasets import to_arrays
+from tf_piggyback.devices.tflite import export_tflite
+from tf_piggyback.serving.saved_model import export_saved_model
+from tf_piggyback.training.backbones import digits_vit_backbone
 
 ATTENTION_KERNELS = ["query/kernel", "key/kernel", "value/kernel", "attention_output/kernel"]
 
@@ -64,7 +65,7 @@ def test_training_round_trip_exports_and_an_unchanged_backbone(tmp_path):
     before = [w.numpy().copy() for w in backbone.weights]
     splits = pb.load_dataset("digits:upper")
     model = pb.piggyback(backbone, 5, train_bn=True)
-    history = pb.train(model, pb.trainer.epoch_batches(splits.train.take(256), 32),
+    history = pb.train(model, pb.training.trainer.epoch_batches(splits.train.take(256), 32),
                        pb.TrainConfig(epochs=2, mask_lr=1e-3, head_lr=1e-3), log=lambda line: None)
     assert history[-1]["loss"] < history[0]["loss"]
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, backbone.weights))
@@ -115,7 +116,7 @@ def test_cli_trains_and_evaluates_a_vit_task(tmp_path):
 
 @pytest.mark.parametrize("weights", ["pretrained", None])
 def test_digits_vit_is_the_same_in_every_process(weights):
-    code = ("import tf_piggyback as pb; from tf_piggyback.backbones import digits_vit_backbone; "
+    code = ("import tf_piggyback as pb; from tf_piggyback.training.backbones import digits_vit_backbone; "
             f"print(pb.fingerprint(digits_vit_backbone({weights!r})))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert other.stdout.strip().splitlines()[-1] == pb.fingerprint(digits_vit_backbone(weights))

@@ -15,22 +15,31 @@ Example:
 []
 """
 
-from tf_piggyback.backbones import digits_backbone, load_backbone
-from tf_piggyback.binarizers import binarize, ternarize
-from tf_piggyback.callbacks import MaskSparsity, TrainingMonitor
-from tf_piggyback.datasets import load_dataset, load_digits_variant
-from tf_piggyback.evaluation import evaluate
-from tf_piggyback.fingerprint import fingerprint
-from tf_piggyback.layers import (MaskedComposite, MaskedConv, MaskedDense, MaskedDepthwiseConv2D, MaskedEmbedding,
-                                 MaskedLayer, MaskedSeparableConv2D, MaskedWrapper)
-from tf_piggyback.methods.classifier import classifier_only
-from tf_piggyback.methods.finetune import finetune
-from tf_piggyback.methods.lora import lora
-from tf_piggyback.methods.packnet import PackNet
-from tf_piggyback.methods.piggyback import piggyback
-from tf_piggyback.surgery import bake, masked_layers
-from tf_piggyback.taskfile import TaskFileError, load_task, read_manifest, save_task
-from tf_piggyback.trainer import TrainConfig, train
+from tf_piggyback import deprecated
+from tf_piggyback.core.binarizers import binarize, ternarize
+from tf_piggyback.core.fingerprint import fingerprint
+from tf_piggyback.core.layers import (MaskedComposite, MaskedConv, MaskedDense, MaskedDepthwiseConv2D, MaskedEmbedding,
+                                      MaskedLayer, MaskedSeparableConv2D, MaskedWrapper)
+from tf_piggyback.core.methods.classifier import classifier_only
+from tf_piggyback.core.methods.finetune import finetune
+from tf_piggyback.core.methods.lora import lora
+from tf_piggyback.core.methods.packnet import PackNet
+from tf_piggyback.core.methods.piggyback import piggyback
+from tf_piggyback.core.surgery import bake, masked_layers
+from tf_piggyback.core.taskfile import TaskFileError, load_task, read_manifest, save_task
+from tf_piggyback.data.datasets import load_dataset, load_digits_variant
+from tf_piggyback.training.backbones import digits_backbone, load_backbone
+from tf_piggyback.training.callbacks import MaskSparsity, TrainingMonitor
+from tf_piggyback.training.evaluation import evaluate
+from tf_piggyback.training.trainer import TrainConfig, train
+
+deprecated.install()  # `tf_piggyback.phone` and the other paths before the wings, for one release
+
+
+def __getattr__(name):
+    """`pb.trainer`, `pb.surgery`, ...: the flat layout's modules as attributes, for one release."""
+    return deprecated.attribute(name)
+
 
 __all__ = [
     "MaskedComposite", "MaskedConv", "MaskedDense", "MaskedDepthwiseConv2D", "MaskedEmbedding", "MaskedLayer",

@@ -48,6 +48,6 @@ def define_backbone_flags():
 
 
 def backbone_from_flags():
-    from tf_piggyback.backbones import load_backbone
+    from tf_piggyback.training.backbones import load_backbone
 
     return load_backbone(flags.FLAGS.backbone, flags.FLAGS.weights, flags.FLAGS.image_size)

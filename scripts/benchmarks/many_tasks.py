@@ -1,5 +1,5 @@
 """Tasks beyond RAM (`scripts/bench.py --preset=many_tasks`): 10 to 10,000 ResNet-50 tasks in one
-SavedModel, whose tasks stay in the version's files (`tf_piggyback.bankstore`).
+SavedModel, whose tasks stay in the version's files (`tf_piggyback.serving.store`).
 
 Builds `max(tasks)` synthetic task files (`synthetic_tasks`: one real random piggyback task file,
 then copies with fresh random masks and heads, written directly: `random_tasks` takes ~1 s a
@@ -30,7 +30,7 @@ class ManyTasksConfig:
     model: str = "ResNet50"
     image_size: int = 128
     tasks: tuple = (10, 100, 1000, 10000)
-    # Tasks in files against tasks in variables (exports before `bankstore`) at this N, served
+    # Tasks in files against tasks in variables (exports before `serving.store`) at this N, served
     # in turn `rounds` times each (0: skipped).
     compare: int = 100
     rounds: int = 3
@@ -43,9 +43,9 @@ class ManyTasksConfig:
 def synthetic_tasks(backbone, count, folder, log=print):
     """`count` task files over `backbone` in `folder/tNNNNN.npz`: the first real task file's
     manifest (`random_tasks`), each with its own random masks (stored as plain bits) and head."""
-    from tf_piggyback.files import sha256, write_npz
-    from tf_piggyback.fingerprint import fingerprint
-    from tf_piggyback.taskfile import read_manifest, read_task
+    from tf_piggyback.core.files import sha256, write_npz
+    from tf_piggyback.core.fingerprint import fingerprint
+    from tf_piggyback.core.taskfile import read_manifest, read_task
 
     paths = [os.path.join(folder, f"t{i:05d}.npz") for i in range(count)]
     current = fingerprint(backbone)
@@ -76,7 +76,7 @@ def synthetic_tasks(backbone, count, folder, log=print):
 def _backbone(model, image_size):
     import keras
 
-    from tf_piggyback.backbones import load_backbone
+    from tf_piggyback.training.backbones import load_backbone
 
     keras.utils.set_random_seed(0)  # the backbone `run` built the tasks on
     return load_backbone(model, "none", image_size)
@@ -85,10 +85,10 @@ def _backbone(model, image_size):
 def export_child(model, image_size, tasks_folder, count, folder, slots, in_variables=False):
     """Exports the first `count` task files of `tasks_folder` as version 1 of `folder`, then one
     more as version 2 (the others' files are linked from version 1); seconds of each, peak memory.
-    `in_variables`: version 1 alone, its tasks in variables, as exports were before `bankstore`."""
+    `in_variables`: version 1 alone, its tasks in variables, as exports were before `serving.store`."""
     import tensorflow as tf
 
-    from tf_piggyback.export import build_serving_module, export_saved_model
+    from tf_piggyback.serving.saved_model import build_serving_module, export_saved_model
 
     backbone = _backbone(model, image_size)
     tasks = [f"t{i:05d}={os.path.join(tasks_folder, f't{i:05d}.npz')}" for i in range(count + 1)]

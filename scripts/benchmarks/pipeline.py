@@ -18,7 +18,7 @@ def run(config, image_shape, epochs=1, log=print):
     returns the row dict (keys `pipeline_images_per_s`, `pipeline_peak_rss_bytes`,
     `pipeline_classes_per_batch`, ...) that `bench.json` holds."""
     from benchmarks.suite import memory_bytes
-    from tf_piggyback.experiment import input_pipeline
+    from tf_piggyback.training.experiment import input_pipeline
 
     start = time.perf_counter()
     splits, batches = input_pipeline(config, image_shape)

@@ -51,10 +51,10 @@ def random_tasks(backbone, count, folder, num_classes=10, log=print):
     """`count` task files of random piggyback masks over `backbone`, in `folder/tNNN/task.npz`
     (reused when already there and made for this backbone: the same seeds give the same files)."""
     from benchmarks.suite import paper_sparsities
-    from tf_piggyback.fingerprint import fingerprint
     from tf_piggyback import piggyback
-    from tf_piggyback.surgery import head_name
-    from tf_piggyback.taskfile import read_manifest, save_task
+    from tf_piggyback.core.fingerprint import fingerprint
+    from tf_piggyback.core.surgery import head_name
+    from tf_piggyback.core.taskfile import read_manifest, save_task
 
     paths = [os.path.join(folder, f"t{i:03d}", "task.npz") for i in range(count)]
     current = fingerprint(backbone)
@@ -235,7 +235,7 @@ def tflite_rows(backbone, paths, config, log=print):
     int8 and in float16, the tasks' file in float16. Bytes (a multi-task file against one task's
     file + N * n/8 * 1.1), load and first-call seconds in LiteRT, warm calls, RSS: medians of
     `config.repeats` fresh processes each, in turn."""
-    from tf_piggyback.export import export_tflite
+    from tf_piggyback.devices.tflite import export_tflite
 
     n = config.tflite_tasks
     image_shape = list(backbone.inputs[0].shape[1:])
@@ -266,13 +266,13 @@ def tflite_rows(backbone, paths, config, log=print):
 
 
 def phone_child(path, single, names, image_shape, calls):
-    """The phone form (`tf_piggyback.phone`) in a fresh process, as an app runs it: RSS with the
+    """The phone form (`tf_piggyback.devices.phone`) in a fresh process, as an app runs it: RSS with the
     file opened and one task called; the call that switches to another task (interpreter rebuilt
     from patched bytes, first call) and its `switch` alone; warm calls of one task against the
     task's own single-task file's in the same process, call by call in turn (their ratio)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from tf_piggyback.phone import PhoneTasks
+    from tf_piggyback.devices.phone import PhoneTasks
 
     image = np.random.default_rng(0).uniform(0, 255, (1, *image_shape)).astype("float32")
     tasks = PhoneTasks(path)
@@ -312,8 +312,8 @@ def phone_rows(backbone, paths, config, log=print):
 
 
 def _phone_row(backbone, paths, config, quantize, log):
-    from tf_piggyback.export import export_tflite
-    from tf_piggyback.phone import export_phone
+    from tf_piggyback.devices.phone import export_phone
+    from tf_piggyback.devices.tflite import export_tflite
 
     n = config.tflite_tasks
     folder = os.path.join(config.workdir, "tflite")
@@ -349,8 +349,8 @@ def _phone_row(backbone, paths, config, quantize, log):
 def run_phone(config, log=print):
     """The phone rows alone (`scripts/bench.py --preset=phone`) over `config.tflite_tasks` random
     tasks; returns `(rows, table)`."""
-    from tf_piggyback.backbones import load_backbone
-    from tf_piggyback.taskfile import read_manifest
+    from tf_piggyback.core.taskfile import read_manifest
+    from tf_piggyback.training.backbones import load_backbone
 
     backbone = load_backbone(config.model, "none", config.image_size)
     paths = random_tasks(backbone, config.tflite_tasks, os.path.join(config.workdir, "tasks"), log=log)
@@ -368,7 +368,7 @@ def int8_export_rows(backbone, paths, config, images, log=print):
     exported as `export_phone` does (the converter once, each task's constants written into its
     float graph and quantized: `phoneint8.int8_conversions`) and the old way (each task converted
     whole), in turn, `config.repeats` times each (issue 41). Seconds per export, and their ratio."""
-    from tf_piggyback import phone
+    from tf_piggyback.devices import phone
 
     n = config.tflite_tasks
     tasks = [f"t{i:03d}={p}" for i, p in enumerate(paths[:n])]
@@ -524,8 +524,8 @@ def export_child(model, image_size, paths, per_task, folder):
     model folder that holds all but the last (whose tasks it reads back packed), one after the other."""
     import keras
 
-    from tf_piggyback.backbones import load_backbone
-    from tf_piggyback.export import export_saved_model
+    from tf_piggyback.serving.saved_model import export_saved_model
+    from tf_piggyback.training.backbones import load_backbone
 
     keras.utils.set_random_seed(0)  # the backbone `run` built the tasks on (as bench.py seeds it)
     backbone = load_backbone(model, "none", image_size)
@@ -560,15 +560,15 @@ def _child(function, **kwargs):
 
 def run(config, log=print):
     """Builds the tasks and exports, measures; returns `(rows, table)`: JSON rows and Markdown."""
-    from tf_piggyback.backbones import load_backbone
-    from tf_piggyback.export import export_saved_model
-    from tf_piggyback.taskbank import TaskBank
+    from tf_piggyback.serving.saved_model import export_saved_model
+    from tf_piggyback.serving.taskbank import TaskBank
+    from tf_piggyback.training.backbones import load_backbone
 
     backbone = load_backbone(config.model, "none", config.image_size)
     paths = random_tasks(backbone, max(config.tasks), os.path.join(config.workdir, "tasks"), log=log)
     bank = TaskBank(backbone)
     bank.add(paths[0])
-    kernel_bytes = 4 * bank.flat_size
+    kernel_bytes = 4 * bank.version.layout.flat_size
     packed_bytes = bank.tasks()[0]["packed_bytes"]
     models = {}
     exports = [("baked" if n == 1 else f"n{n}", n, True) for n in config.tasks]

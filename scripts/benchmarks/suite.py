@@ -20,14 +20,15 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import CHILD_PATH
-from tf_piggyback import classifier_only, coding, finetune, lora, masked_layers, piggyback
-from tf_piggyback.backbones import load_backbone
-from tf_piggyback.datasets import load_dataset
-from tf_piggyback.export import export_saved_model
-from tf_piggyback.signatures import image_spec, signature, with_outputs
-from tf_piggyback.surgery import add_head, feature_model
-from tf_piggyback.taskfile import save_task
-from tf_piggyback.trainer import TrainConfig, epoch_batches, make_optimizers, make_train_step, precision_policy
+from tf_piggyback import classifier_only, finetune, lora, masked_layers, piggyback
+from tf_piggyback.core import coding
+from tf_piggyback.core.surgery import add_head, feature_model
+from tf_piggyback.core.taskfile import save_task
+from tf_piggyback.data.datasets import load_dataset
+from tf_piggyback.serving.saved_model import export_saved_model
+from tf_piggyback.serving.signatures import image_spec, signature, with_outputs
+from tf_piggyback.training.backbones import load_backbone
+from tf_piggyback.training.trainer import TrainConfig, epoch_batches, make_optimizers, make_train_step, precision_policy
 
 PRESETS = {
     "cpu": dict(model="ResNet50", image_size=64, batch_size=8, repeats=5, jit_compile=False,
@@ -221,7 +222,7 @@ def paper_sparsities(model, seed=0):
 
 def _saved_signature(model, path):
     module = tf.Module()
-    module.variables_ = [v.value for v in model.variables]  # as export.build_serving_module does
+    module.variables_ = [v.value for v in model.variables]  # as saved_model.build_serving_module does
     serve = signature(with_outputs(lambda image: model(image, training=False)), image_spec(model), "serving_default")
     tf.saved_model.save(module, path, signatures={"serving_default": serve})
     return tf.saved_model.load(path).signatures["serving_default"]
