@@ -67,11 +67,10 @@ class WorkingSlots(tf.Module):
         # functions finds by this name, in the Python API and in a loaded SavedModel alike.
         self._lock_name = f"tf_piggyback_bank_fill_{uuid.uuid4().hex}"
 
-
     def kernels(self, weights, packed, kind, uid):
         """`[flat_size + ID_BITS]`: `weights` (the backbone's kernels, flat, then `ID_WEIGHTS`)
-        masked by the task whose packed masks (flat, aligned, then its id) `packed()` gives (called only to fill a slot: it may read a file),
-        then its id's entries.
+        masked by the task whose packed masks (flat, aligned, then its id) `packed()` gives
+        (called only to fill a slot: it may read a file), then its id's entries.
 
         A hit reads a slot without a lock. A miss takes the fill lock, looks again (a request
         that waited may find its task filled by the one before it) and otherwise fills the
