@@ -1,6 +1,6 @@
 """Task files into a `TaskBank`'s tasks (BUILD.md, "Many tasks in one SavedModel"): each file read
 once, its fingerprint checked, its masks decoded and packed over the bank's layout (`BankTask`), in
-memory or into an export's files (`store`), or taken from the latest version (`store.Exported`)
+memory or into an export's files (`serving.store`), or taken from the latest version (`store.Exported`)
 when it holds the file's task already.
 
 Reference: §3, last paragraph (only the thresholded masks are kept).
@@ -40,9 +40,9 @@ class TaskReader:
             entry = previous.entry(file_stat(path)) if previous is not None else None
             if entry is not None:
                 layer = previous.feature_layer
-                claimed = previous.claims(entry)
-                masked.update(claimed[0])
-                owned.update(claimed[1])
+                claimed_masks, claimed_own = previous.claims(entry)
+                masked.update(claimed_masks)
+                owned.update(claimed_own)
                 continue
             manifest = read_npz_manifest(path, FORMAT, VERSION)
             if not served_alone(manifest):
@@ -57,9 +57,9 @@ class TaskReader:
 
     def read(self, path, previous=None, plan=None):
         """`(feature_layer, {path: variable} of its feature model, BankTask)` of a task file, not
-        yet named or numbered (`TaskBank.add_all` runs this on several threads at once); from `previous`
-        (an `Exported`) when it holds the file's task; into files when `plan` (`plan`) says
-        where. The file is read once: its SHA-256 is that of the bytes decoded (`TaskRecord.sha256`).
+        yet named or numbered (`TaskBank.add_all` runs this on several threads at once); from
+        `previous` (an `Exported`) when it holds the file's task; into files when `plan` (a `Plan`
+        from `plan`) says where. The file is read once: its SHA-256 is that of the bytes decoded (`TaskRecord.sha256`).
         Into files, a task file that is as `previous` recorded it (`_unchanged`) is not read."""
         stat = file_stat(path)  # before the read: a file changed after it is read again next time
         if plan is not None and previous is not None:

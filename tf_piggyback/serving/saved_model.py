@@ -44,7 +44,7 @@ def build_serving_module(backbone, task_paths, slots=DEFAULT_SLOTS, per_task_sig
     backbone has a Keras config. Tasks that the multi-task
     SavedModel `previous` holds are taken from it, not decoded again (`TaskBank.add_all`).
     With `store` (the `assets/tf_piggyback_tasks` folder of the SavedModel being written) the
-    tasks go to files there, not to variables (`store`); the module must then be given the
+    tasks go to files there, not to variables (`serving.store`); the module must then be given the
     listing as its `listing` asset before it is saved. With a text preset's `preprocessor`, the
     module also takes strings (`text_signatures`).
 

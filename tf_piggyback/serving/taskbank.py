@@ -17,7 +17,7 @@ backbone and the working slots (`graph.BankGraph`): a change retraces no backbon
 
 The same `tf.Module` is what `export_saved_model` saves for several tasks, so the Python API
 and TensorFlow Serving run one implementation; an export keeps each task in files of its own
-(`store`) rather than in variables, so a loaded version's memory does not grow with its tasks.
+(`serving.store`) rather than in variables, so a loaded version's memory does not grow with its tasks.
 
 The bank keeps the registry: names, versions and their swap. Reading task files is
 `reader.TaskReader`'s; the TensorFlow side is `versions.BankModule`, and how concurrent requests
@@ -134,7 +134,7 @@ class TaskBank:
         being decoded again: a new version with one more task decodes one file.
 
         `store`: a folder (an export's `assets/tf_piggyback_tasks`) to write each task's packed
-        masks and own weights to as it is read, keeping none of them in memory (`store`): a
+        masks and own weights to as it is read, keeping none of them in memory (`serving.store`): a
         task the latest version holds with the same bytes is linked from it, not written. The
         layout is planned from every file's manifest first, then each file is read once. Only an
         empty bank takes a store: its module is then for export, not for calls.

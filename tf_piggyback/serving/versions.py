@@ -37,7 +37,7 @@ class BankTask:
         info: manifest summary for listings (classes, head input width `features`, sparsity,
             source file SHA-256).
         blob: the name of the task's files when they hold its masks and own weights
-            (`store`; `masks` and `own` then name what the files are written over, with
+            (`serving.store`; `masks` and `own` then name what the files are written over, with
             values None), else None.
     """
 
