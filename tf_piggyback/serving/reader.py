@@ -104,7 +104,7 @@ class TaskReader:
         if not previous.link(name, plan.folder, plan.sizes(entry["mask_type"], head_size)):
             return None
         info = {k: v for k, v in entry.items() if k not in ("name", "blob")}
-        masks, own = (dict.fromkeys(paths) for paths in plan.claims(entry["mask_type"]))
+        masks, own = plan.claims(entry["mask_type"])
         return previous.feature_layer, variables, BankTask(None, None, entry["mask_type"], masks, own, None, info, name)
 
     def _store(self, record, variables, previous, plan, own, head):
@@ -123,7 +123,7 @@ class TaskReader:
             write_blob(folder, name, layout.pack(masks, kind),
                        np.concatenate([own.get(p, defaults.get(p)).ravel() for p in own_paths]
                                       + [head[0].ravel(), head[1].ravel()]))
-        return (name, kind, *(dict.fromkeys(paths) for paths in plan.claims(kind)), sizes[0])
+        return (name, kind, *plan.claims(kind), sizes[0])
 
     def feature_variables(self, feature_layer):
         """`{path: variable}` of the feature model ending at `feature_layer`, built once."""

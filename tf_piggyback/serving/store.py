@@ -64,10 +64,11 @@ def task_paths(folder, name):
 
 def claims(layout, own_paths, kind):
     """`(masked, owned)`: the kernel and weight paths that a task kept in files counts as masking
-    and owning: the whole `layout` (none for a classifier-only task, `kind` "none") and every owned
-    weight, which its files are written over, so a version's layout is its plan's whatever each
-    task masks (an unmasked kernel is all ones, an unowned weight the backbone's)."""
-    return ([] if kind == "none" else list(layout.paths)), list(own_paths)
+    and owning, as `BankTask.masks` and `.own` name them (values None: they are in the files): the
+    whole `layout` (none for a classifier-only task, `kind` "none") and every owned weight, which
+    its files are written over, so a version's layout is its plan's whatever each task masks (an
+    unmasked kernel is all ones, an unowned weight the backbone's)."""
+    return dict.fromkeys([] if kind == "none" else layout.paths), dict.fromkeys(own_paths)
 
 
 class Plan(typing.NamedTuple):

@@ -205,7 +205,7 @@ class TaskBank:
     @property
     def module(self):
         """The current version's `BankModule`, its functions traced."""
-        return self._version.module(self._graph_for)
+        return self.snapshot()[1]
 
     def snapshot(self, traced=True):
         """`(version, module)`: the current `BankVersion` and its `BankModule`, which agree (a later
